@@ -1,0 +1,38 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Layers (see ARCHITECTURE.md): dependencies point down only.
+// CGodwit -> GodwitSystem -> GuestMemory -> {KVM, Virtio} -> Machine -> godwit
+let swift5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+
+let package = Package(
+    name: "Godwit",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "godwit", targets: ["godwit"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .target(name: "CGodwit"),
+        .target(name: "GodwitSystem", dependencies: ["CGodwit"], swiftSettings: swift5),
+        .target(name: "GuestMemory", dependencies: ["GodwitSystem"], swiftSettings: swift5),
+        .target(name: "KVM", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory"], swiftSettings: swift5),
+        .target(name: "Virtio", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
+        .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio"], swiftSettings: swift5),
+        .executableTarget(
+            name: "godwit",
+            dependencies: ["Machine", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swift5),
+        .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
+        .testTarget(
+            name: "UnitTests",
+            dependencies: ["GodwitSystem", "GuestMemory", "Virtio", "Machine", "GodwitTestSupport"],
+            swiftSettings: swift5),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["GodwitSystem", "KVM", "Machine", "GodwitTestSupport"],
+            swiftSettings: swift5),
+    ]
+)

@@ -1,0 +1,86 @@
+// CGodwit: the C shim for what Swift cannot import — variadic calls (ioctl, open, fcntl),
+// function-like macros (KVM_* ioctl numbers, CMSG_*), and kvm_run's anonymous union.
+#ifndef CGODWIT_H
+#define CGODWIT_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <linux/kvm.h>
+
+// Syscalls Swift cannot call directly (variadic in libc).
+int godwit_ioctl_ptr(int fd, unsigned long request, void *arg);
+int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg);
+int godwit_open(const char *path, int flags, unsigned int mode);
+/// memfd_create with MFD_CLOEXEC.
+int godwit_memfd_create(const char *name);
+/// eventfd with EFD_CLOEXEC, and EFD_NONBLOCK when `nonblocking`.
+int godwit_eventfd(unsigned int initval, int nonblocking);
+int godwit_fallocate(int fd, int mode, int64_t offset, int64_t length);
+extern const int GODWIT_FALLOC_FL_KEEP_SIZE;
+extern const int GODWIT_FALLOC_FL_PUNCH_HOLE;
+extern const int GODWIT_FALLOC_FL_ZERO_RANGE;
+int godwit_set_nonblocking(int fd, int on);
+int godwit_errno(void);
+
+// A full memory barrier (guest memory is shared with running vCPUs and other processes).
+void godwit_fence(void);
+
+// Signal used to kick a vCPU thread out of KVM_RUN; the handler does nothing.
+int godwit_install_kick_handler(int signo);
+int godwit_kick_signal(void);
+
+// KVM ioctl numbers (function-like macros in <linux/kvm.h>).
+extern const unsigned long GODWIT_KVM_GET_API_VERSION;
+extern const unsigned long GODWIT_KVM_CREATE_VM;
+extern const unsigned long GODWIT_KVM_CHECK_EXTENSION;
+extern const unsigned long GODWIT_KVM_GET_VCPU_MMAP_SIZE;
+extern const unsigned long GODWIT_KVM_GET_SUPPORTED_CPUID;
+extern const unsigned long GODWIT_KVM_GET_MSR_INDEX_LIST;
+extern const unsigned long GODWIT_KVM_CREATE_VCPU;
+extern const unsigned long GODWIT_KVM_SET_USER_MEMORY_REGION;
+extern const unsigned long GODWIT_KVM_SET_TSS_ADDR;
+extern const unsigned long GODWIT_KVM_SET_IDENTITY_MAP_ADDR;
+extern const unsigned long GODWIT_KVM_CREATE_IRQCHIP;
+extern const unsigned long GODWIT_KVM_CREATE_PIT2;
+extern const unsigned long GODWIT_KVM_IRQ_LINE;
+extern const unsigned long GODWIT_KVM_IRQFD;
+extern const unsigned long GODWIT_KVM_IOEVENTFD;
+extern const unsigned long GODWIT_KVM_GET_DIRTY_LOG;
+extern const unsigned long GODWIT_KVM_RUN;
+extern const unsigned long GODWIT_KVM_GET_REGS;
+extern const unsigned long GODWIT_KVM_SET_REGS;
+extern const unsigned long GODWIT_KVM_GET_SREGS;
+extern const unsigned long GODWIT_KVM_SET_SREGS;
+extern const unsigned long GODWIT_KVM_SET_CPUID2;
+extern const unsigned long GODWIT_KVM_GET_MSRS;
+extern const unsigned long GODWIT_KVM_SET_MSRS;
+extern const unsigned long GODWIT_KVM_GET_MP_STATE;
+extern const unsigned long GODWIT_KVM_SET_MP_STATE;
+extern const unsigned long GODWIT_KVM_GET_LAPIC;
+extern const unsigned long GODWIT_KVM_SET_LAPIC;
+extern const unsigned long GODWIT_KVM_GET_FPU;
+extern const unsigned long GODWIT_KVM_SET_FPU;
+extern const unsigned long GODWIT_KVM_GET_CLOCK;
+extern const unsigned long GODWIT_KVM_SET_CLOCK;
+extern const unsigned long GODWIT_KVM_GET_VCPU_EVENTS;
+extern const unsigned long GODWIT_KVM_SET_VCPU_EVENTS;
+extern const unsigned long GODWIT_KVM_ENABLE_CAP;
+extern const unsigned long GODWIT_KVM_GET_TSC_KHZ;
+
+// kvm_run accessors (the exit payload is an anonymous union).
+uint32_t godwit_run_exit_reason(const struct kvm_run *run);
+void godwit_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
+/// KVM_EXIT_IO: direction (0 in, 1 out), size, port, count, and the data offset into the run page.
+void godwit_run_io(const struct kvm_run *run, uint8_t *direction, uint8_t *size, uint16_t *port,
+                   uint32_t *count, uint64_t *data_offset);
+/// KVM_EXIT_MMIO: address, length, is_write, and a pointer to the 8 data bytes.
+uint8_t *godwit_run_mmio(struct kvm_run *run, uint64_t *address, uint32_t *length, uint8_t *is_write);
+/// KVM_EXIT_INTERNAL_ERROR: suberror, number of data words, and a pointer to them (at most 16).
+const uint64_t *godwit_run_internal(struct kvm_run *run, uint32_t *suberror, uint32_t *ndata);
+/// KVM_EXIT_FAIL_ENTRY: hardware entry failure reason.
+uint64_t godwit_run_fail_entry_reason(const struct kvm_run *run);
+/// KVM_EXIT_SYSTEM_EVENT: type.
+uint32_t godwit_run_system_event_type(const struct kvm_run *run);
+
+#endif

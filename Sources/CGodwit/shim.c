@@ -1,0 +1,108 @@
+#define _GNU_SOURCE
+#include "CGodwit.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+
+int godwit_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
+int godwit_open(const char *path, int flags, unsigned int mode) { return open(path, flags | O_CLOEXEC, (mode_t)mode); }
+int godwit_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+int godwit_eventfd(unsigned int initval, int nonblocking) { return eventfd(initval, EFD_CLOEXEC | (nonblocking ? EFD_NONBLOCK : 0)); }
+int godwit_fallocate(int fd, int mode, int64_t offset, int64_t length) { return fallocate(fd, mode, offset, length); }
+const int GODWIT_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
+const int GODWIT_FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
+const int GODWIT_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
+int godwit_errno(void) { return errno; }
+void godwit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+int godwit_set_nonblocking(int fd, int on) {
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) return -1;
+    flags = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+    return fcntl(fd, F_SETFL, flags);
+}
+
+static void godwit_kick_handler(int signo) { (void)signo; }
+
+int godwit_kick_signal(void) { return SIGRTMIN + 1; }
+
+int godwit_install_kick_handler(int signo) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = godwit_kick_handler;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(signo, &sa, NULL);
+}
+
+const unsigned long GODWIT_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
+const unsigned long GODWIT_KVM_CREATE_VM = KVM_CREATE_VM;
+const unsigned long GODWIT_KVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+const unsigned long GODWIT_KVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+const unsigned long GODWIT_KVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+const unsigned long GODWIT_KVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+const unsigned long GODWIT_KVM_CREATE_VCPU = KVM_CREATE_VCPU;
+const unsigned long GODWIT_KVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+const unsigned long GODWIT_KVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
+const unsigned long GODWIT_KVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
+const unsigned long GODWIT_KVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+const unsigned long GODWIT_KVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+const unsigned long GODWIT_KVM_IRQ_LINE = KVM_IRQ_LINE;
+const unsigned long GODWIT_KVM_IRQFD = KVM_IRQFD;
+const unsigned long GODWIT_KVM_IOEVENTFD = KVM_IOEVENTFD;
+const unsigned long GODWIT_KVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
+const unsigned long GODWIT_KVM_RUN = KVM_RUN;
+const unsigned long GODWIT_KVM_GET_REGS = KVM_GET_REGS;
+const unsigned long GODWIT_KVM_SET_REGS = KVM_SET_REGS;
+const unsigned long GODWIT_KVM_GET_SREGS = KVM_GET_SREGS;
+const unsigned long GODWIT_KVM_SET_SREGS = KVM_SET_SREGS;
+const unsigned long GODWIT_KVM_SET_CPUID2 = KVM_SET_CPUID2;
+const unsigned long GODWIT_KVM_GET_MSRS = KVM_GET_MSRS;
+const unsigned long GODWIT_KVM_SET_MSRS = KVM_SET_MSRS;
+const unsigned long GODWIT_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
+const unsigned long GODWIT_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
+const unsigned long GODWIT_KVM_GET_LAPIC = KVM_GET_LAPIC;
+const unsigned long GODWIT_KVM_SET_LAPIC = KVM_SET_LAPIC;
+const unsigned long GODWIT_KVM_GET_FPU = KVM_GET_FPU;
+const unsigned long GODWIT_KVM_SET_FPU = KVM_SET_FPU;
+const unsigned long GODWIT_KVM_GET_CLOCK = KVM_GET_CLOCK;
+const unsigned long GODWIT_KVM_SET_CLOCK = KVM_SET_CLOCK;
+const unsigned long GODWIT_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+const unsigned long GODWIT_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+const unsigned long GODWIT_KVM_ENABLE_CAP = KVM_ENABLE_CAP;
+const unsigned long GODWIT_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+
+uint32_t godwit_run_exit_reason(const struct kvm_run *run) { return run->exit_reason; }
+void godwit_run_set_immediate_exit(struct kvm_run *run, uint8_t value) { run->immediate_exit = value; }
+
+void godwit_run_io(const struct kvm_run *run, uint8_t *direction, uint8_t *size, uint16_t *port,
+                   uint32_t *count, uint64_t *data_offset) {
+    *direction = run->io.direction;
+    *size = run->io.size;
+    *port = run->io.port;
+    *count = run->io.count;
+    *data_offset = run->io.data_offset;
+}
+
+uint8_t *godwit_run_mmio(struct kvm_run *run, uint64_t *address, uint32_t *length, uint8_t *is_write) {
+    *address = run->mmio.phys_addr;
+    *length = run->mmio.len;
+    *is_write = run->mmio.is_write;
+    return run->mmio.data;
+}
+
+const uint64_t *godwit_run_internal(struct kvm_run *run, uint32_t *suberror, uint32_t *ndata) {
+    *suberror = run->internal.suberror;
+    uint32_t n = run->internal.ndata;
+    *ndata = n > 16 ? 16 : n;
+    return (const uint64_t *)run->internal.data;
+}
+
+uint64_t godwit_run_fail_entry_reason(const struct kvm_run *run) { return run->fail_entry.hardware_entry_failure_reason; }
+uint32_t godwit_run_system_event_type(const struct kvm_run *run) { return run->system_event.type; }

@@ -1,0 +1,62 @@
+import CGodwit
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An owned mmap(2) region, unmapped on deinit.
+public final class MemoryMapping: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let size: Int
+
+    /// Maps `size` bytes of `fd` at `offset` shared, or anonymous memory when `fd` is nil.
+    public init(size: Int, fd: FileDescriptor?, offset: Int = 0, protection: Int32 = PROT_READ | PROT_WRITE,
+                flags: Int32 = MAP_SHARED) throws(SystemError) {
+        let anonymous = fd == nil ? MAP_ANONYMOUS : 0
+        let address = mmap(nil, size, protection, flags | anonymous, fd?.rawValue ?? -1, off_t(offset))
+        guard let address, address != MAP_FAILED else {
+            throw SystemError(operation: "mmap", errno: godwit_errno(), context: "of \(size) bytes")
+        }
+        self.base = address
+        self.size = size
+    }
+
+    deinit { munmap(base, size) }
+
+    public var buffer: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: size) }
+}
+
+/// An anonymous memory file (memfd) that another process can map.
+public enum MemFD {
+    public static func create(name: String, size: UInt64) throws(SystemError) -> FileDescriptor {
+        let raw = try systemCall("memfd_create", context: name) { godwit_memfd_create(name) }
+        let fd = FileDescriptor(owning: raw)
+        try fd.truncate(to: size)
+        return fd
+    }
+}
+
+/// A Linux eventfd: a counter one side signals and the other waits on (ioeventfd, irqfd).
+public final class EventFD: @unchecked Sendable {
+    public let descriptor: FileDescriptor
+
+    public init(initialValue: UInt32 = 0, nonBlocking: Bool = false) throws(SystemError) {
+        let raw = try systemCall("eventfd") { godwit_eventfd(initialValue, nonBlocking ? 1 : 0) }
+        descriptor = FileDescriptor(owning: raw)
+    }
+
+    public func signal(_ value: UInt64 = 1) throws(SystemError) {
+        var v = value
+        _ = try withUnsafeBytes(of: &v) { (b) throws(SystemError) -> Int in try descriptor.write(from: b) }
+    }
+
+    /// Reads and resets the counter; nil when non-blocking and nothing was signalled.
+    public func wait() throws(SystemError) -> UInt64? {
+        var v: UInt64 = 0
+        do {
+            _ = try withUnsafeMutableBytes(of: &v) { (b) throws(SystemError) -> Int in try descriptor.read(into: b) }
+        } catch where error.errno == EAGAIN {
+            return nil
+        }
+        return v
+    }
+}

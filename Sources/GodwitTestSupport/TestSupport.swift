@@ -1,0 +1,145 @@
+import Foundation
+
+/// Shared helpers for Godwit's test tiers: where the artifacts are, running VMMs, reading guest results.
+public enum TestEnvironment {
+    /// The repository root (found from this file's path).
+    public static let repositoryRoot: URL = {
+        var url = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { url.deleteLastPathComponent() }
+        return url
+    }()
+
+    /// The test guest ELF built by `make guest`.
+    public static var guestPath: String {
+        ProcessInfo.processInfo.environment["GODWIT_GUEST"]
+            ?? repositoryRoot.appendingPathComponent("guest/out/guest.elf").path
+    }
+
+    /// The `godwit` binary built by SwiftPM next to the test bundle.
+    public static var godwitPath: String {
+        if let path = ProcessInfo.processInfo.environment["GODWIT_BIN"] { return path }
+        let candidates = [".build/debug/godwit", ".build/release/godwit"].map { repositoryRoot.appendingPathComponent($0).path }
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
+    }
+
+    /// Why the KVM tier cannot run here, or nil when it can.
+    public static var kvmUnavailableReason: String? {
+        if getuid() != 0 && access("/dev/kvm", R_OK | W_OK) != 0 { return "no access to /dev/kvm (not root and not in the kvm group)" }
+        if access("/dev/kvm", F_OK) != 0 { return "/dev/kvm does not exist (KVM not loaded)" }
+        if access("/dev/kvm", R_OK | W_OK) != 0 { return "/dev/kvm is not readable and writable by this user" }
+        if !FileManager.default.fileExists(atPath: guestPath) { return "the test guest is not built (\(guestPath)); run `make guest`" }
+        if !FileManager.default.isExecutableFile(atPath: godwitPath) { return "godwit is not built (\(godwitPath)); run `swift build`" }
+        return nil
+    }
+
+    public static var hasKVM: Bool {
+        if let reason = kvmUnavailableReason {
+            FileHandle.standardError.write("skipping KVM test: \(reason)\n".data(using: .utf8)!)
+            return false
+        }
+        return true
+    }
+
+    /// A fresh temporary directory.
+    public static func temporaryDirectory() throws -> URL {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-test-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        return url
+    }
+
+    /// Creates a sparse file of `size` bytes.
+    public static func makeImage(at url: URL, size: UInt64) throws {
+        FileManager.default.createFile(atPath: url.path, contents: nil)
+        let handle = try FileHandle(forWritingTo: url)
+        try handle.truncate(atOffset: size)
+        try handle.close()
+    }
+}
+
+/// The outcome of running a program: exit status and what it printed.
+public struct ProcessResult: Sendable {
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
+    public var timedOut: Bool
+
+    /// The guest's `@godwit` result lines, parsed.
+    public var guestLines: [GuestLine] { stdout.split(separator: "\n").compactMap { GuestLine(String($0)) } }
+
+    public func lines(job: String) -> [GuestLine] { guestLines.filter { $0.job == job } }
+}
+
+/// One `@godwit job=NAME boot=ID t_us=T key=value...` line from the test guest.
+public struct GuestLine: Sendable, CustomStringConvertible {
+    public var job: String
+    public var fields: [String: String]
+    public var raw: String
+
+    public init?(_ line: String) {
+        let trimmed = line.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let start = trimmed.range(of: "@godwit ") else { return nil }
+        var fields: [String: String] = [:]
+        for token in trimmed[start.upperBound...].split(separator: " ") {
+            guard let eq = token.firstIndex(of: "=") else { continue }
+            fields[String(token[..<eq])] = String(token[token.index(after: eq)...])
+        }
+        guard let job = fields["job"] else { return nil }
+        self.job = job
+        self.fields = fields
+        self.raw = trimmed
+    }
+
+    public subscript(_ key: String) -> String? { fields[key] }
+    public func int(_ key: String) -> Int? { fields[key].flatMap { Int($0) } }
+    public func double(_ key: String) -> Double? { fields[key].flatMap { Double($0) } }
+    public var description: String { raw }
+}
+
+/// Runs a program with a time limit, optional standard input, and captures its output.
+public func runProcess(_ path: String, _ arguments: [String], input: String? = nil, inputDelay: Double = 0,
+                       timeout: Double = 120) throws -> ProcessResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: path)
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe(), inPipe = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    process.standardInput = inPipe
+    let outData = LockedData(), errData = LockedData()
+    out.fileHandleForReading.readabilityHandler = { outData.append($0.availableData) }
+    err.fileHandleForReading.readabilityHandler = { errData.append($0.availableData) }
+    try process.run()
+    if let input {
+        DispatchQueue.global().asyncAfter(deadline: .now() + inputDelay) {
+            inPipe.fileHandleForWriting.write(input.data(using: .utf8)!)
+        }
+    }
+    let deadline = Date().addingTimeInterval(timeout)
+    var timedOut = false
+    while process.isRunning {
+        if Date() > deadline { timedOut = true; process.terminate(); usleep(200_000); if process.isRunning { kill(process.processIdentifier, SIGKILL) } ; break }
+        usleep(10_000)
+    }
+    process.waitUntilExit()
+    out.fileHandleForReading.readabilityHandler = nil
+    err.fileHandleForReading.readabilityHandler = nil
+    outData.append(out.fileHandleForReading.readDataToEndOfFile())
+    errData.append(err.fileHandleForReading.readDataToEndOfFile())
+    return ProcessResult(status: process.terminationStatus, stdout: outData.string, stderr: errData.string, timedOut: timedOut)
+}
+
+/// Runs `godwit vm` with the test guest and `append` as the command line.
+public func runGodwit(jobs: String, cpus: Int = 1, memory: String = "128M", disks: [String] = [], extra: [String] = [],
+                      kernel: String? = nil, input: String? = nil, inputDelay: Double = 0, timeout: Double = 120) throws -> ProcessResult {
+    var args = ["vm", "--kernel", kernel ?? TestEnvironment.guestPath, "--cpus", String(cpus), "--memory", memory, "--cmdline", jobs]
+    for d in disks { args += ["--disk", d] }
+    args += extra
+    return try runProcess(TestEnvironment.godwitPath, args, input: input, inputDelay: inputDelay, timeout: timeout)
+}
+
+final class LockedData: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data = Data()
+    func append(_ d: Data) { lock.lock(); data.append(d); lock.unlock() }
+    var string: String { lock.lock(); defer { lock.unlock() }; return String(decoding: data, as: UTF8.self) }
+}

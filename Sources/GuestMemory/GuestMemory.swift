@@ -1,0 +1,152 @@
+import CGodwit
+import GodwitSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Errors from guest-memory access: the guest-physical range that was refused.
+public enum GuestMemoryError: Error, CustomStringConvertible, Equatable, Sendable {
+    /// The range is not entirely inside one RAM region.
+    case outOfRange(address: UInt64, length: UInt64)
+    /// Regions overlap or are empty.
+    case badLayout(String)
+
+    public var description: String {
+        switch self {
+        case let .outOfRange(address, length):
+            return "guest range 0x\(String(address, radix: 16)) length \(length) is outside guest RAM"
+        case let .badLayout(why):
+            return "bad guest memory layout: \(why)"
+        }
+    }
+}
+
+/// One contiguous range of guest-physical RAM, backed by host memory (a memfd when shareable).
+public final class GuestRegion: @unchecked Sendable {
+    public let guestBase: UInt64
+    public let size: UInt64
+    /// The memfd behind this region and its offset, so another process can map it (vhost-user).
+    public let backing: FileDescriptor?
+    public let backingOffset: UInt64
+    let mapping: MemoryMapping
+
+    public var hostBase: UnsafeMutableRawPointer { mapping.base }
+
+    init(guestBase: UInt64, size: UInt64, backing: FileDescriptor?, backingOffset: UInt64, mapping: MemoryMapping) {
+        self.guestBase = guestBase
+        self.size = size
+        self.backing = backing
+        self.backingOffset = backingOffset
+        self.mapping = mapping
+    }
+
+    func contains(_ address: UInt64, _ length: UInt64) -> Bool {
+        guard address >= guestBase else { return false }
+        let offset = address - guestBase
+        return offset <= size && length <= size - offset
+    }
+}
+
+/// Guest-physical memory: the RAM regions of one VM, with bounds-checked access.
+///
+/// Every access names a guest-physical range; a range that is not wholly inside one region
+/// is refused with `GuestMemoryError.outOfRange`, never trapped on.
+public final class GuestMemory: @unchecked Sendable {
+    public let regions: [GuestRegion]
+
+    /// Creates RAM for `layout` (guest base, size) in one memfd, each region at its own offset.
+    public static func create(layout: [(base: UInt64, size: UInt64)], name: String = "godwit-ram") throws -> GuestMemory {
+        try validate(layout)
+        let total = layout.reduce(UInt64(0)) { $0 + $1.size }
+        let fd = try MemFD.create(name: name, size: total)
+        var offset: UInt64 = 0
+        var regions: [GuestRegion] = []
+        for item in layout {
+            let mapping = try MemoryMapping(size: Int(item.size), fd: fd, offset: Int(offset))
+            regions.append(GuestRegion(guestBase: item.base, size: item.size, backing: fd, backingOffset: offset, mapping: mapping))
+            offset += item.size
+        }
+        return GuestMemory(regions: regions)
+    }
+
+    /// Anonymous, unshared RAM: for tests of device logic over plain memory.
+    public static func anonymous(layout: [(base: UInt64, size: UInt64)]) throws -> GuestMemory {
+        try validate(layout)
+        let regions = try layout.map { item in
+            GuestRegion(guestBase: item.base, size: item.size, backing: nil, backingOffset: 0,
+                        mapping: try MemoryMapping(size: Int(item.size), fd: nil, flags: MAP_PRIVATE))
+        }
+        return GuestMemory(regions: regions)
+    }
+
+    static func validate(_ layout: [(base: UInt64, size: UInt64)]) throws {
+        guard !layout.isEmpty else { throw GuestMemoryError.badLayout("no regions") }
+        let sorted = layout.sorted { $0.base < $1.base }
+        for (i, item) in sorted.enumerated() {
+            guard item.size > 0, item.size % 4096 == 0, item.base % 4096 == 0 else {
+                throw GuestMemoryError.badLayout("region at 0x\(String(item.base, radix: 16)) is empty or not page aligned")
+            }
+            guard item.base &+ item.size > item.base else { throw GuestMemoryError.badLayout("region wraps") }
+            if i > 0, sorted[i - 1].base + sorted[i - 1].size > item.base {
+                throw GuestMemoryError.badLayout("regions overlap at 0x\(String(item.base, radix: 16))")
+            }
+        }
+    }
+
+    init(regions: [GuestRegion]) {
+        self.regions = regions.sorted { $0.guestBase < $1.guestBase }
+    }
+
+    public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
+
+    /// True when `[address, address+length)` lies inside one region.
+    public func contains(_ address: UInt64, length: UInt64) -> Bool {
+        regions.contains { $0.contains(address, length) }
+    }
+
+    /// Host view of a guest range that lies inside one region.
+    public func buffer(at address: UInt64, length: Int) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
+        guard length >= 0 else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }
+        for region in regions where region.contains(address, UInt64(length)) {
+            // In bounds: contains() checked address >= guestBase and offset + length <= size.
+            return UnsafeMutableRawBufferPointer(start: region.hostBase + Int(address - region.guestBase), count: length)
+        }
+        throw .outOfRange(address: address, length: UInt64(length))
+    }
+
+    public func read(at address: UInt64, into destination: UnsafeMutableRawBufferPointer) throws(GuestMemoryError) {
+        let source = try buffer(at: address, length: destination.count)
+        destination.copyMemory(from: UnsafeRawBufferPointer(source))
+    }
+
+    public func write(at address: UInt64, from source: UnsafeRawBufferPointer) throws(GuestMemoryError) {
+        let destination = try buffer(at: address, length: source.count)
+        destination.copyMemory(from: source)
+    }
+
+    public func readBytes(at address: UInt64, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        let source = try buffer(at: address, length: count)
+        return Array(source)
+    }
+
+    public func writeBytes(_ bytes: [UInt8], at address: UInt64) throws(GuestMemoryError) {
+        let destination = try buffer(at: address, length: bytes.count)
+        bytes.withUnsafeBytes { destination.copyMemory(from: $0) }
+    }
+
+    /// Loads a little-endian integer.
+    public func load<T: FixedWidthInteger>(_ type: T.Type = T.self, at address: UInt64) throws(GuestMemoryError) -> T {
+        let source = try buffer(at: address, length: MemoryLayout<T>.size)
+        return T(littleEndian: source.loadUnaligned(as: T.self))
+    }
+
+    /// Stores a little-endian integer.
+    public func store<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws(GuestMemoryError) {
+        let destination = try buffer(at: address, length: MemoryLayout<T>.size)
+        destination.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    /// A full memory barrier, for ring protocols shared with running vCPUs.
+    @inline(__always)
+    public static func fence() { godwit_fence() }
+}

@@ -1,0 +1,347 @@
+import CGodwit
+import GodwitSystem
+import GuestMemory
+import KVM
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One disk as the user gave it: a raw image file or block device.
+public struct DiskConfig: Equatable, Sendable {
+    public var path: String
+    public var readOnly: Bool
+    public var direct: Bool
+
+    public init(path: String, readOnly: Bool = false, direct: Bool = false) {
+        self.path = path
+        self.readOnly = readOnly
+        self.direct = direct
+    }
+}
+
+/// Everything needed to build a VM.
+public struct MachineConfig: Sendable {
+    public var kernelPath: String
+    public var commandLine: String
+    public var cpus: Int
+    public var memoryBytes: UInt64
+    public var disks: [DiskConfig]
+    /// Where the guest's serial output goes (stdout or a file).
+    public var serialOutput: FileDescriptor
+    /// Where serial input comes from, if anywhere.
+    public var serialInput: FileDescriptor?
+    public var kvmPath: String
+
+    public static let maxCPUs = 32
+    public static let minMemory: UInt64 = 8 << 20
+
+    public init(kernelPath: String, commandLine: String = "", cpus: Int = 1, memoryBytes: UInt64 = 128 << 20,
+                disks: [DiskConfig] = [], serialOutput: FileDescriptor, serialInput: FileDescriptor? = nil,
+                kvmPath: String = KVMSystem.defaultPath) {
+        self.kernelPath = kernelPath
+        self.commandLine = commandLine
+        self.cpus = cpus
+        self.memoryBytes = memoryBytes
+        self.disks = disks
+        self.serialOutput = serialOutput
+        self.serialInput = serialInput
+        self.kvmPath = kvmPath
+    }
+}
+
+/// A running (or runnable) microVM: KVM VM, guest RAM, devices and vCPU threads.
+public final class MicroVM: @unchecked Sendable {
+    public let config: MachineConfig
+    public let memory: GuestMemory
+    public let kvm: KVMSystem
+    public let vm: VirtualMachine
+    public private(set) var vcpus: [VirtualCPU] = []
+    public let serial: Serial
+    public let pio = IOBus()
+    public let mmio = IOBus()
+    public private(set) var virtioDevices: [VirtioMMIODevice] = []
+    /// The full guest command line, with the virtio-mmio device declarations the VMM added.
+    public private(set) var guestCommandLine: String = ""
+
+    private let stateLock = Lock()
+    private var state: VMState = .configured
+    private var threads: [pthread_t] = []
+    private var finished: pthread_cond_t = pthread_cond_t()
+    private var finishedMutex = pthread_mutex_t()
+
+    public init(config: MachineConfig) throws {
+        self.config = config
+        guard (1...MachineConfig.maxCPUs).contains(config.cpus) else {
+            throw MachineError.cpus(requested: config.cpus, max: MachineConfig.maxCPUs)
+        }
+        try MicroVM.checkMemory(config.memoryBytes)
+        // Read and check the kernel before touching KVM: a bad file is the commonest mistake.
+        let kernelBytes = try MicroVM.readKernel(config.kernelPath)
+        let image: ElfImage
+        do { image = try ElfImage.parse(kernelBytes) } catch {
+            throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
+        }
+        guard let pvhEntry = image.pvhEntry else {
+            throw MachineError.kernel(path: config.kernelPath, reason: ElfError.noPVHNote.description)
+        }
+
+        kvm = try KVMSystem(path: config.kvmPath)
+        let kvmMax = kvm.maxVCPUs
+        guard config.cpus <= kvmMax else { throw MachineError.cpus(requested: config.cpus, max: kvmMax) }
+        let regions = Layout.ramRegions(size: config.memoryBytes)
+        do {
+            memory = try GuestMemory.create(layout: regions)
+        } catch {
+            throw MachineError.memory("cannot allocate \(config.memoryBytes >> 20) MiB: \(error)")
+        }
+        vm = try kvm.createVM()
+        try? vm.setTSSAddress(Layout.tssAddress)
+        try vm.createIRQChip()
+        try vm.createPIT2()
+        for (slot, region) in memory.regions.enumerated() {
+            try vm.setUserMemoryRegion(slot: UInt32(slot), guestAddress: region.guestBase, size: region.size,
+                                       hostAddress: region.hostBase)
+        }
+
+        let vmRef = vm
+        let output = config.serialOutput
+        serial = Serial(output: { bytes in try? output.writeAll(bytes) },
+                        setInterrupt: { level in try? vmRef.setIRQLine(Serial.com1IRQ, level: level) })
+        pthread_cond_init(&finished, nil)
+        pthread_mutex_init(&finishedMutex, nil)
+
+        try addLegacyDevices()
+        try addDisks()
+
+        do {
+            try image.load(from: kernelBytes, into: memory)
+        } catch {
+            throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
+        }
+        guestCommandLine = ([config.commandLine] + virtioDevices.map(\.commandLineEntry))
+            .filter { !$0.isEmpty }.joined(separator: " ")
+        let startInfo = try PVHBoot.write(commandLine: guestCommandLine, memoryMap: Layout.memoryMap(for: regions), into: memory)
+        try memory.writeBytes(try MPTable.build(cpus: config.cpus, at: Layout.ebda), at: Layout.ebda)
+        try memory.store(UInt16(Layout.ebda >> 4), at: 0x40e)     // BDA: EBDA segment
+        try memory.store(UInt16(Layout.ebda >> 10), at: 0x413)    // BDA: base memory in KiB
+
+        let supported = try kvm.supportedCPUID()
+        for id in 0..<config.cpus {
+            let vcpu = try vm.createVCPU(id: UInt32(id))
+            try vcpu.setCPUID(CPUSetup.cpuid(from: supported, vcpu: UInt32(id), count: config.cpus))
+            for msr in CPUSetup.bootMSRs { _ = try? vcpu.setMSRs([msr]) }
+            var fpu = kvm_fpu()
+            fpu.fcw = 0x37f
+            fpu.mxcsr = 0x1f80
+            try vcpu.setFPU(fpu)
+            if id == 0 {
+                let (regs, sregs) = CPUSetup.pvhEntryState(entry: pvhEntry, startInfo: startInfo, base: try vcpu.specialRegisters())
+                try vcpu.setSpecialRegisters(sregs)
+                try vcpu.setRegisters(regs)
+            }
+            vcpus.append(vcpu)
+        }
+    }
+
+    static func checkMemory(_ bytes: UInt64) throws {
+        guard bytes >= MachineConfig.minMemory else {
+            throw MachineError.memory("\(bytes >> 20) MiB is too little: at least \(MachineConfig.minMemory >> 20) MiB")
+        }
+        guard bytes % Layout.pageSize == 0 else { throw MachineError.memory("\(bytes) bytes is not a whole number of pages") }
+        let hostBytes = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        guard bytes <= hostBytes else {
+            throw MachineError.memory("\(bytes >> 20) MiB requested but the host has only \(hostBytes >> 20) MiB")
+        }
+    }
+
+    static func readKernel(_ path: String) throws -> [UInt8] {
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
+            throw MachineError.kernel(path: path, reason: "\(error)")
+        }
+        let size = try fd.size()
+        guard size > 0 else { throw MachineError.kernel(path: path, reason: "the file is empty") }
+        guard size <= 1 << 30 else { throw MachineError.kernel(path: path, reason: "\(size) bytes is larger than 1 GiB") }
+        var bytes = [UInt8](repeating: 0, count: Int(size))
+        let n = try bytes.withUnsafeMutableBytes { try fd.preadFully(into: $0, offset: 0) }
+        guard n == Int(size) else { throw MachineError.kernel(path: path, reason: "short read (\(n) of \(size) bytes)") }
+        return bytes
+    }
+
+    private func addLegacyDevices() throws {
+        let serial = self.serial
+        try pio.register(start: UInt64(Serial.com1Port), size: 8, name: "serial", handler: .init(
+            read: { offset, data in
+                data[0] = serial.read(offset: UInt16(offset))
+                if data.count > 1 { UnsafeMutableRawBufferPointer(rebasing: data[1...]).initializeMemory(as: UInt8.self, repeating: 0) }
+            },
+            write: { offset, data in serial.write(offset: UInt16(offset), value: data[0]) }))
+        // i8042: status reads "nothing to read, ready for input"; command 0xfe pulses the reset line.
+        try pio.register(start: 0x60, size: 1, name: "i8042 data", handler: .init(
+            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) }, write: { _, _ in }))
+        try pio.register(start: 0x64, size: 1, name: "i8042 command", handler: .init(
+            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) },
+            write: { [weak self] _, data in if data[0] == 0xfe { self?.requestExit(.reboot) } }))
+        // isa-debug-exit at 0xf4 (iosize 4), as QEMU's `-device isa-debug-exit,iobase=0xf4,iosize=0x04`.
+        try pio.register(start: 0xf4, size: 4, name: "debug exit", handler: .init(
+            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0xff) },
+            write: { [weak self] _, data in self?.requestExit(.powerOff(status: data[0])) }))
+        // POST code port: ignored, as on PCs without a debug card.
+        try pio.register(start: 0x80, size: 1, name: "post", handler: .init(
+            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) }, write: { _, _ in }))
+    }
+
+    private func addDisks() throws {
+        guard config.disks.count <= Layout.maxVirtioDevices else {
+            throw MachineError.layout("\(config.disks.count) disks, at most \(Layout.maxVirtioDevices) devices")
+        }
+        for disk in config.disks {
+            let backend: FileBlockBackend
+            do {
+                backend = try FileBlockBackend(path: disk.path, readOnly: disk.readOnly, direct: disk.direct)
+            } catch {
+                throw MachineError.disk(path: disk.path, reason: "\(error)")
+            }
+            try addVirtioDevice(BlockDevice(backend: backend))
+        }
+    }
+
+    /// Places a virtio device in the next virtio-mmio window with the next IRQ.
+    public func addVirtioDevice(_ device: VirtioDevice) throws {
+        let index = virtioDevices.count
+        let address = Layout.virtioMMIOBase + UInt64(index) * Layout.virtioMMIOSize
+        let irq = Layout.virtioFirstIRQ + UInt32(index)
+        let wired = VirtioMMIODevice(device: device, memory: memory, vm: vm, address: address, irq: irq)
+        try mmio.register(start: address, size: Layout.virtioMMIOSize, name: "virtio-mmio \(index)", handler: .init(
+            read: { offset, data in wired.transport.read(offset: offset, into: data) },
+            write: { offset, data in wired.transport.write(offset: offset, from: data) }))
+        virtioDevices.append(wired)
+    }
+
+    // MARK: - Running
+
+    /// Runs the guest until it exits; returns how it ended.
+    public func run() throws -> GuestExit {
+        _ = godwit_install_kick_handler(godwit_kick_signal())
+        try stateLock.withLock { state = try state.applying(.start) }
+        startConsole()
+        for vcpu in vcpus {
+            let thread = try startThread(name: "vcpu\(vcpu.id)") { [self] in self.vcpuLoop(vcpu) }
+            stateLock.withLock { threads.append(thread) }
+        }
+        pthread_mutex_lock(&finishedMutex)
+        while case .running = stateLock.withLock({ state }) { pthread_cond_wait(&finished, &finishedMutex) }
+        pthread_mutex_unlock(&finishedMutex)
+        for thread in stateLock.withLock({ threads }) { pthread_join(thread, nil) }
+        if case let .stopped(exit) = stateLock.withLock({ state }) { return exit }
+        return .stopped
+    }
+
+    /// Ends the run with `exit` (the first reason wins) and kicks every vCPU out of KVM_RUN.
+    public func requestExit(_ exit: GuestExit) {
+        let changed: Bool = stateLock.withLock {
+            guard let next = try? state.applying(.exit(exit)) else { return false }
+            state = next
+            return true
+        }
+        guard changed else { return }
+        for vcpu in vcpus { vcpu.setImmediateExit(true) }
+        for thread in stateLock.withLock({ threads }) where !pthread_equal(thread, pthread_self()).isNonZero {
+            pthread_kill(thread, godwit_kick_signal())
+        }
+        pthread_mutex_lock(&finishedMutex)
+        pthread_cond_broadcast(&finished)
+        pthread_mutex_unlock(&finishedMutex)
+    }
+
+    public var currentState: VMState { stateLock.withLock { state } }
+
+    private var isStopped: Bool {
+        if case .stopped = stateLock.withLock({ state }) { return true }
+        return false
+    }
+
+    private func vcpuLoop(_ vcpu: VirtualCPU) {
+        while !isStopped {
+            let exit: VCPUExit
+            do { exit = try vcpu.run() } catch {
+                requestExit(.unhandledExit("vCPU \(vcpu.id): \(error)"))
+                return
+            }
+            switch exit {
+            case let .io(port, isWrite, size, count, data):
+                for i in 0..<count {
+                    let buffer = UnsafeMutableRawBufferPointer(start: data + i * size, count: size)
+                    if isWrite { pio.write(UInt64(port), UnsafeRawBufferPointer(buffer)) } else { pio.read(UInt64(port), buffer) }
+                }
+            case let .mmio(address, length, isWrite, data):
+                let buffer = UnsafeMutableRawBufferPointer(start: data, count: length)
+                if isWrite { mmio.write(address, UnsafeRawBufferPointer(buffer)) } else { mmio.read(address, buffer) }
+            case .interrupted:
+                vcpu.setImmediateExit(false)
+            case .halt:
+                continue
+            case .shutdown:
+                requestExit(.tripleFault)
+            case let .internalError(suberror, data):
+                requestExit(.internalError(describeInternalError(vcpu, suberror: suberror, data: data)))
+            case let .systemEvent(type):
+                requestExit(type == UInt32(KVM_SYSTEM_EVENT_RESET) ? .reboot : .powerOff(status: 0))
+            case let .failEntry(reason):
+                requestExit(.unhandledExit("vCPU \(vcpu.id): entry failed, hardware reason 0x\(String(reason, radix: 16))"))
+            case let .other(reason):
+                requestExit(.unhandledExit("vCPU \(vcpu.id): exit reason \(reason)"))
+            }
+        }
+    }
+
+    /// RIP, CS and the instruction bytes of an emulation failure, so each KVM gap is found in one run.
+    func describeInternalError(_ vcpu: VirtualCPU, suberror: UInt32, data: [UInt64]) -> String {
+        var parts = ["vCPU \(vcpu.id) suberror \(suberror)\(suberror == 1 ? " (emulation failure)" : "")"]
+        if let regs = try? vcpu.registers() {
+            parts.append("rip=0x\(String(regs.rip, radix: 16))")
+            if let sregs = try? vcpu.specialRegisters() {
+                parts.append("cs=0x\(String(sregs.cs.selector, radix: 16)) cpl=\(sregs.cs.dpl) cr0=0x\(String(sregs.cr0, radix: 16))")
+                // With paging off, or identity-mapped low memory, RIP is a physical address.
+                let physical = sregs.cs.base &+ regs.rip
+                if let bytes = try? memory.readBytes(at: physical, count: 16) {
+                    parts.append("bytes at rip: " + bytes.map { hex2($0) }.joined(separator: " "))
+                }
+            }
+        }
+        if suberror == 1, data.count >= 2, data[0] & 1 != 0 {
+            // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: data[1] = length, then the bytes.
+            let length = Int(min(data[1], 15))
+            var bytes: [UInt8] = []
+            for word in data.dropFirst(2) { for i in 0..<8 { bytes.append(UInt8((word >> (8 * UInt64(i))) & 0xff)) } }
+            parts.append("instruction: " + bytes.prefix(length).map { hex2($0) }.joined(separator: " "))
+        }
+        parts.append("data: [" + data.map { "0x" + String($0, radix: 16) }.joined(separator: ", ") + "]")
+        return parts.joined(separator: "; ")
+    }
+
+    private func startConsole() {
+        guard let input = config.serialInput else { return }
+        let serial = self.serial
+        _ = try? startThread(name: "console") { [weak self] in
+            var buffer = [UInt8](repeating: 0, count: 256)
+            while self.map({ !$0.isStopped }) ?? false {
+                let n = (try? buffer.withUnsafeMutableBytes { try input.read(into: $0) }) ?? 0
+                if n <= 0 { return }
+                var pending = Array(buffer[0..<n])
+                while !pending.isEmpty {
+                    let taken = serial.receive(pending)
+                    pending.removeFirst(taken)
+                    if !pending.isEmpty { usleep(1000) }
+                }
+            }
+        }
+    }
+}
+
+func hex2(_ b: UInt8) -> String { b < 16 ? "0" + String(b, radix: 16) : String(b, radix: 16) }
+
+extension Int32 {
+    var isNonZero: Bool { self != 0 }
+}

@@ -1,0 +1,146 @@
+import ArgumentParser
+import GodwitSystem
+import Machine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct Godwit: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "godwit",
+        abstract: "A KVM virtual machine monitor whose device I/O runs in separate I/O domains.",
+        subcommands: [VMCommand.self])
+}
+
+/// Exit statuses of `godwit vm`, documented in the README.
+enum ExitStatus {
+    static let setupError: Int32 = 2
+}
+
+struct VMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm",
+        abstract: "Boot a guest on /dev/kvm and run it until it powers off.",
+        discussion: """
+        Exit status: 0 the guest reported pass (wrote 0x10 to port 0xf4); 1 the guest powered off with \
+        another status; 2 bad arguments or set-up failure (missing file, not a PVH kernel, too little \
+        memory, no /dev/kvm); 3 the guest rebooted; 4 triple fault; 5 KVM internal error (emulation \
+        failure: RIP and instruction bytes are printed); 6 an exit the VMM does not handle; 7 stopped by a signal.
+        """)
+
+    @Option(help: "Guest kernel: an ELF with the Xen PVH entry note (the test guest, or a Linux vmlinux).")
+    var kernel: String
+
+    @Option(help: "Guest kernel command line.")
+    var cmdline: String = ""
+
+    @Option(help: "Number of vCPUs (1 to \(MachineConfig.maxCPUs)).")
+    var cpus: Int = 1
+
+    @Option(help: "Guest RAM, in MiB or with a K/M/G suffix (e.g. 256M, 1G).")
+    var memory: String = "128M"
+
+    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,direct]. Repeat for more disks.",
+                               valueName: "path[,readonly][,direct]"))
+    var disk: [String] = []
+
+    @Option(help: "Where guest serial output goes: stdio (and input from stdin), or a file path.")
+    var serial: String = "stdio"
+
+    @Option(help: "The KVM device.")
+    var kvmDevice: String = "/dev/kvm"
+
+    func run() throws {
+        do {
+            let config = try makeConfig()
+            let vm = try MicroVM(config: config)
+            let terminal = RawTerminal(enabled: serial == "stdio")
+            let exit = try vm.run()
+            terminal.restore()
+            if exit.processExitStatus != 0 {
+                fputs("godwit: \(exit)\n", stderr)
+            }
+            Glibc.exit(exit.processExitStatus)
+        } catch let error as ValidationError {
+            throw error
+        } catch {
+            fputs("godwit: error: \(error)\n", stderr)
+            Glibc.exit(ExitStatus.setupError)
+        }
+    }
+
+    func makeConfig() throws -> MachineConfig {
+        let bytes = try parseSize(memory)
+        let disks = try disk.map(parseDisk)
+        let output: FileDescriptor
+        var input: FileDescriptor?
+        if serial == "stdio" {
+            output = FileDescriptor(owning: dup(1))
+            input = FileDescriptor(owning: dup(0))
+        } else {
+            do {
+                output = try FileDescriptor.open(serial, flags: O_WRONLY | O_CREAT | O_TRUNC)
+            } catch {
+                throw MachineError.setup("serial output \(serial): \(error)")
+            }
+        }
+        return MachineConfig(kernelPath: kernel, commandLine: cmdline, cpus: cpus, memoryBytes: bytes, disks: disks,
+                             serialOutput: output, serialInput: input, kvmPath: kvmDevice)
+    }
+}
+
+/// Parses "256", "256M", "1G", "65536K" into bytes; a bare number is MiB.
+func parseSize(_ text: String) throws -> UInt64 {
+    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+    var digits = Substring(text.uppercased())
+    var multiplier: UInt64 = 1 << 20
+    if let last = digits.last, let unit = units[last] {
+        multiplier = unit
+        digits = digits.dropLast()
+    }
+    if digits.hasSuffix("I") || digits.hasSuffix("B") { throw ValidationError("memory size '\(text)': use a number with K, M or G") }
+    guard let value = UInt64(digits), value > 0 else {
+        throw ValidationError("memory size '\(text)' is not a number of MiB or a size like 256M or 1G")
+    }
+    let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
+    guard !overflow else { throw ValidationError("memory size '\(text)' is too large") }
+    return bytes
+}
+
+/// Parses "PATH[,readonly][,direct]".
+func parseDisk(_ text: String) throws -> DiskConfig {
+    var parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+    guard let path = parts.first, !path.isEmpty else { throw ValidationError("--disk needs a path: '\(text)'") }
+    parts.removeFirst()
+    var disk = DiskConfig(path: path)
+    for option in parts {
+        switch option {
+        case "readonly", "ro": disk.readOnly = true
+        case "direct": disk.direct = true
+        default: throw ValidationError("--disk option '\(option)' is not one of readonly, direct")
+        }
+    }
+    return disk
+}
+
+/// Puts the terminal in raw mode while the guest owns the console, so a person can type into it.
+final class RawTerminal {
+    private var saved = termios()
+    private var active = false
+
+    init(enabled: Bool) {
+        guard enabled, isatty(0) != 0, tcgetattr(0, &saved) == 0 else { return }
+        var raw = saved
+        cfmakeraw(&raw)
+        raw.c_oflag |= tcflag_t(OPOST | ONLCR)
+        raw.c_lflag |= tcflag_t(ISIG)       // Ctrl-C still stops the VMM
+        if tcsetattr(0, TCSANOW, &raw) == 0 { active = true }
+    }
+
+    func restore() {
+        if active { tcsetattr(0, TCSANOW, &saved); active = false }
+    }
+
+    deinit { restore() }
+}
