@@ -20,6 +20,14 @@ const int GODWIT_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
 const int GODWIT_FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
 const int GODWIT_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
 int godwit_errno(void) { return errno; }
+
+#include <pthread.h>
+void godwit_set_thread_name(const char *name) {
+    char buf[16];
+    strncpy(buf, name, 15);
+    buf[15] = 0;
+    pthread_setname_np(pthread_self(), buf);
+}
 void godwit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 int godwit_set_nonblocking(int fd, int on) {

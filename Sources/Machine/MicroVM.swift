@@ -222,9 +222,13 @@ public final class MicroVM: @unchecked Sendable {
     // MARK: - Running
 
     /// Runs the guest until it exits; returns how it ended.
-    public func run() throws -> GuestExit {
+    ///
+    /// With `stopOnSignals`, SIGINT, SIGTERM and SIGHUP stop the guest (`GuestExit.stopped`) instead of
+    /// killing the process, so the caller can restore the terminal and report.
+    public func run(stopOnSignals: Bool = false) throws -> GuestExit {
         _ = godwit_install_kick_handler(godwit_kick_signal())
         try stateLock.withLock { state = try state.applying(.start) }
+        if stopOnSignals { try startSignalWatcher() }
         startConsole()
         for vcpu in vcpus {
             let thread = try startThread(name: "vcpu\(vcpu.id)") { [self] in self.vcpuLoop(vcpu) }
@@ -319,6 +323,21 @@ public final class MicroVM: @unchecked Sendable {
         }
         parts.append("data: [" + data.map { "0x" + String($0, radix: 16) }.joined(separator: ", ") + "]")
         return parts.joined(separator: "; ")
+    }
+
+    /// Blocks the stop signals in every thread and waits for them on one.
+    private func startSignalWatcher() throws {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, signal) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let waitSet = set
+        _ = try startThread(name: "signals") { [weak self] in
+            var set = waitSet
+            var received: Int32 = 0
+            while sigwait(&set, &received) != 0 {}
+            self?.requestExit(.stopped)
+        }
     }
 
     private func startConsole() {

@@ -1,3 +1,4 @@
+import CGodwit
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,7 +11,7 @@ final class ThreadBox {
 
 func startThread(name: String, _ body: @escaping () -> Void) throws -> pthread_t {
     var thread = pthread_t()
-    let box = Unmanaged.passRetained(ThreadBox(body)).toOpaque()
+    let box = Unmanaged.passRetained(ThreadBox({ godwit_set_thread_name(name); body() })).toOpaque()
     let rc = pthread_create(&thread, nil, { raw in
         let box = Unmanaged<ThreadBox>.fromOpaque(raw!).takeRetainedValue()
         box.body()
@@ -20,6 +21,5 @@ func startThread(name: String, _ body: @escaping () -> Void) throws -> pthread_t
         Unmanaged<ThreadBox>.fromOpaque(box).release()
         throw MachineError.setup("cannot start thread \(name): error \(rc)")
     }
-    _ = pthread_setname_np(thread, String(name.prefix(15)))
     return thread
 }

@@ -56,7 +56,7 @@ struct VMCommand: ParsableCommand {
             let config = try makeConfig()
             let vm = try MicroVM(config: config)
             let terminal = RawTerminal(enabled: serial == "stdio")
-            let exit = try vm.run()
+            let exit = try vm.run(stopOnSignals: true)
             terminal.restore()
             if exit.processExitStatus != 0 {
                 fputs("godwit: \(exit)\n", stderr)

@@ -1,44 +1,7 @@
+import GodwitTestSupport
 import GuestMemory
 @testable import Machine
 import Testing
-
-/// Builds small ELF64 images for the loader tests.
-struct ElfBuilder {
-    var entry: UInt64 = 0x100000
-    var loadAddress: UInt64 = 0x100000
-    var code: [UInt8] = [0xf4, 0x90, 0x90, 0x90]
-    var bssExtra: UInt64 = 16
-    var pvhEntry: UInt64? = 0x100000
-    var pvhDescriptorSize = 4
-
-    func build() -> [UInt8] {
-        var note: [UInt8] = []
-        if let pvhEntry {
-            note += le32(4) + le32(UInt32(pvhDescriptorSize)) + le32(18) + Array("Xen\0".utf8)
-            note += pvhDescriptorSize == 8 ? le64(pvhEntry) : le32(UInt32(truncatingIfNeeded: pvhEntry))
-        }
-        let phnum = note.isEmpty ? 1 : 2
-        let codeOffset = 64 + 56 * phnum
-        let noteOffset = codeOffset + code.count
-        var bytes: [UInt8] = [0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0] + [UInt8](repeating: 0, count: 8)
-        bytes += le16(2) + le16(62) + le32(1) + le64(entry) + le64(64) + le64(0) + le32(0)
-        bytes += le16(64) + le16(56) + le16(UInt16(phnum)) + le16(64) + le16(0) + le16(0)
-        bytes += phdr(type: 1, offset: UInt64(codeOffset), address: loadAddress, fileSize: UInt64(code.count),
-                      memorySize: UInt64(code.count) + bssExtra)
-        if !note.isEmpty {
-            bytes += phdr(type: 4, offset: UInt64(noteOffset), address: 0, fileSize: UInt64(note.count), memorySize: 0)
-        }
-        return bytes + code + note
-    }
-
-    func phdr(type: UInt32, offset: UInt64, address: UInt64, fileSize: UInt64, memorySize: UInt64) -> [UInt8] {
-        le32(type) + le32(5) + le64(offset) + le64(address) + le64(address) + le64(fileSize) + le64(memorySize) + le64(8)
-    }
-}
-
-func le16(_ v: UInt16) -> [UInt8] { [UInt8(v & 0xff), UInt8(v >> 8)] }
-func le32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8((v >> (8 * $0)) & 0xff) } }
-func le64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8((v >> (8 * UInt64($0))) & 0xff) } }
 
 @Suite("ELF and PVH loader")
 struct ElfLoaderTests {

@@ -22,6 +22,8 @@ extern const int GODWIT_FALLOC_FL_PUNCH_HOLE;
 extern const int GODWIT_FALLOC_FL_ZERO_RANGE;
 int godwit_set_nonblocking(int fd, int on);
 int godwit_errno(void);
+/// Names the calling thread (visible in ps/top); at most 15 characters are kept.
+void godwit_set_thread_name(const char *name);
 
 // A full memory barrier (guest memory is shared with running vCPUs and other processes).
 void godwit_fence(void);
