@@ -23,8 +23,8 @@ public struct ElfImage: Equatable, Sendable {
     /// Parses `bytes` as an ELF64 little-endian x86-64 executable.
     public static func parse(_ bytes: [UInt8]) throws(ElfError) -> ElfImage {
         let r = ByteReader(bytes)
+        guard bytes.starts(with: [0x7f, 0x45, 0x4c, 0x46]) || bytes.count < 4 else { throw .notELF }
         guard bytes.count >= 64 else { throw .truncated(what: "ELF header", need: 64, have: bytes.count) }
-        guard bytes[0] == 0x7f, bytes[1] == 0x45, bytes[2] == 0x4c, bytes[3] == 0x46 else { throw .notELF }
         guard bytes[4] == 2 else { throw .unsupported("class \(bytes[4]) (only ELF64)") }
         guard bytes[5] == 1 else { throw .unsupported("data encoding \(bytes[5]) (only little-endian)") }
         guard bytes[6] == 1 else { throw .unsupported("ELF version \(bytes[6])") }

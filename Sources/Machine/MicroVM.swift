@@ -267,6 +267,11 @@ public final class MicroVM: @unchecked Sendable {
     }
 
     private func vcpuLoop(_ vcpu: VirtualCPU) {
+        // The kick signal must be deliverable here even if our parent started us with it blocked.
+        var kick = sigset_t()
+        sigemptyset(&kick)
+        sigaddset(&kick, godwit_kick_signal())
+        pthread_sigmask(SIG_UNBLOCK, &kick, nil)
         while !isStopped {
             let exit: VCPUExit
             do { exit = try vcpu.run() } catch {

@@ -1,4 +1,5 @@
 import GuestMemory
+import KVM
 @testable import Machine
 import Testing
 

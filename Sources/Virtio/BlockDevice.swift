@@ -1,0 +1,396 @@
+import GuestMemory
+
+/// Counters of one virtio-blk device, for statistics and tests.
+public struct BlockDeviceStatistics: Equatable, Codable, Sendable {
+    /// Requests completed (with any status).
+    public var requests: UInt64 = 0
+    public var reads: UInt64 = 0
+    public var writes: UInt64 = 0
+    public var flushes: UInt64 = 0
+    public var discards: UInt64 = 0
+    public var writeZeroes: UInt64 = 0
+    public var bytesRead: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+    /// Requests completed with VIRTIO_BLK_S_IOERR.
+    public var errors: UInt64 = 0
+    /// Requests completed with VIRTIO_BLK_S_UNSUPP.
+    public var unsupported: UInt64 = 0
+    /// Times the device stopped and asked for a reset (malformed chain or ring).
+    public var resetsNeeded: UInt64 = 0
+
+    public init() {}
+}
+
+/// A virtio-blk device (device ID 2, virtio 1.2 §5.2) over a `BlockBackend`, with one request queue.
+///
+/// Each notification drains the queue: every available request is validated and completed (with an
+/// error status when it is wrong but still has a status byte), then one interrupt is sent for the
+/// batch if the driver asked for it. A chain it cannot answer stops the device until reset
+/// (DEVICE_NEEDS_RESET through `VirtioInterrupt.deviceNeedsReset`).
+public final class BlockDevice: VirtioDevice, @unchecked Sendable {
+    /// virtio-blk feature bits.
+    public enum Feature {
+        public static let sizeMax: UInt64 = 1 << 1
+        public static let segMax: UInt64 = 1 << 2
+        public static let geometry: UInt64 = 1 << 4
+        public static let readOnly: UInt64 = 1 << 5
+        public static let blockSize: UInt64 = 1 << 6
+        public static let flush: UInt64 = 1 << 9
+        public static let topology: UInt64 = 1 << 10
+        public static let configWCE: UInt64 = 1 << 11
+        public static let multiQueue: UInt64 = 1 << 12
+        public static let discard: UInt64 = 1 << 13
+        public static let writeZeroes: UInt64 = 1 << 14
+    }
+
+    /// Request types (virtio_blk_outhdr.type).
+    public enum RequestType {
+        public static let read: UInt32 = 0
+        public static let write: UInt32 = 1
+        public static let flush: UInt32 = 4
+        public static let getID: UInt32 = 8
+        public static let discard: UInt32 = 11
+        public static let writeZeroes: UInt32 = 13
+    }
+
+    /// Request status values (the last writable byte of a request).
+    public enum Status {
+        public static let ok: UInt8 = 0
+        public static let ioError: UInt8 = 1
+        public static let unsupported: UInt8 = 2
+    }
+
+    public static let sectorSize: UInt64 = 512
+    /// VIRTIO_BLK_ID_BYTES.
+    public static let idBytes = 20
+    /// VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.
+    public static let writeZeroesFlagUnmap: UInt32 = 1
+    public static let maxDiscardSectors: UInt32 = 0x3F_FFFF
+    public static let maxDiscardSegments: UInt32 = 32
+    public static let maxWriteZeroesSectors: UInt32 = 0x3F_FFFF
+    public static let maxWriteZeroesSegments: UInt32 = 32
+    /// The largest request (data bytes plus header and status) accepted in one chain.
+    public static let maxRequestBytes: UInt64 = 256 << 20
+    /// The size of the configuration space (struct virtio_blk_config up to write_zeroes_may_unmap + padding).
+    public static let configSize = 60
+
+    public let backend: BlockBackend
+    /// The 20-byte serial returned by GET_ID (zero-padded).
+    public let serial: [UInt8]
+    public let deviceID: UInt32 = VirtioDeviceType.block
+    public let queueCount = 1
+    public let maxQueueSize: UInt16
+    public let deviceFeatures: UInt64
+    private let config: [UInt8]
+
+    private let lock = VirtioLock()
+    private var queue: Virtqueue?
+    private var memory: GuestMemory?
+    private var interrupt: VirtioInterrupt?
+    private var features: UInt64 = 0
+    private var broken = false
+    private var stats = BlockDeviceStatistics()
+
+    /// Creates a device for `backend`. `serial` is truncated to 20 bytes; `maxQueueSize` must be a
+    /// power of two of at least 4 (seg_max is `maxQueueSize - 2`).
+    public init(backend: BlockBackend, serial: String = "", maxQueueSize: UInt16 = 256) {
+        self.backend = backend
+        self.serial = Array(Array(serial.utf8).prefix(BlockDevice.idBytes))
+            + Array(repeating: 0, count: max(0, BlockDevice.idBytes - serial.utf8.count))
+        self.maxQueueSize = max(maxQueueSize, 4)
+
+        var features = VirtioFeature.version1 | VirtioFeature.eventIndex | VirtioFeature.indirectDescriptors
+            | Feature.segMax | Feature.blockSize | Feature.flush
+        if backend.readOnly {
+            features |= Feature.readOnly
+        } else {
+            if backend.supportsDiscard { features |= Feature.discard }
+            if backend.supportsWriteZeroes { features |= Feature.writeZeroes }
+        }
+        self.deviceFeatures = features
+
+        var config = [UInt8](repeating: 0, count: BlockDevice.configSize)
+        func put<T: FixedWidthInteger>(_ value: T, _ offset: Int) {
+            withUnsafeBytes(of: value.littleEndian) { bytes in
+                for (i, byte) in bytes.enumerated() { config[offset + i] = byte }
+            }
+        }
+        put(backend.capacity / BlockDevice.sectorSize, 0)        // capacity
+        put(UInt32(0), 8)                                        // size_max (not offered)
+        put(UInt32(self.maxQueueSize - 2), 12)                   // seg_max
+        put(UInt32(max(backend.blockSize, 512)), 20)             // blk_size
+        put(UInt8(1), 32)                                        // writeback: FLUSH is offered
+        put(UInt16(1), 34)                                       // num_queues
+        put(BlockDevice.maxDiscardSectors, 36)
+        put(BlockDevice.maxDiscardSegments, 40)
+        put(UInt32(max(backend.blockSize, 512) / 512), 44)       // discard_sector_alignment
+        put(BlockDevice.maxWriteZeroesSectors, 48)
+        put(BlockDevice.maxWriteZeroesSegments, 52)
+        put(UInt8(backend.supportsDiscard ? 1 : 0), 56)          // write_zeroes_may_unmap
+        self.config = config
+    }
+
+    /// The counters so far.
+    public var statistics: BlockDeviceStatistics { lock.withLock { stats } }
+
+    /// True when the device stopped on a malformed chain and waits for a reset.
+    public var needsReset: Bool { lock.withLock { broken } }
+
+    /// The request queue's positions, when active (for migration).
+    public var queueState: VirtqueueState? { lock.withLock { queue?.state } }
+
+    // MARK: VirtioDevice
+
+    public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        for i in 0..<data.count {
+            let (position, overflow) = offset.addingReportingOverflow(i)
+            data[i] = !overflow && position >= 0 && position < config.count ? config[position] : 0
+        }
+    }
+
+    public func writeConfig(offset: Int, from data: UnsafeRawBufferPointer) {
+        // writeback is writable only with VIRTIO_BLK_F_CONFIG_WCE, which is not offered: nothing to write.
+    }
+
+    public func activate(memory: GuestMemory, queues: [Virtqueue], features: UInt64, interrupt: VirtioInterrupt) throws {
+        guard let queue = queues.first(where: { $0.index == 0 }) else { throw VirtioError.queueMissing(queue: 0) }
+        queue.maxChainBytes = BlockDevice.maxRequestBytes
+        lock.withLock {
+            self.queue = queue
+            self.memory = memory
+            self.interrupt = interrupt
+            self.features = features
+            self.broken = false
+        }
+    }
+
+    public func reset() {
+        lock.withLock {
+            queue = nil
+            memory = nil
+            interrupt = nil
+            features = 0
+            broken = false
+        }
+    }
+
+    public func queueNotified(_ index: Int) {
+        lock.withLock {
+            guard index == 0, !broken, let queue, let memory, let interrupt else { return }
+            var completed = false
+            while true {
+                let chain: DescriptorChain
+                do {
+                    guard let next = try queue.popAvailable() else { break }
+                    chain = next
+                } catch {
+                    stop(error, interrupt)
+                    break
+                }
+                do {
+                    let status = try handle(chain, memory: memory)
+                    try store(status: status, for: chain, memory: memory)
+                    let used = UInt32(clamping: chain.writableLength)
+                    try queue.addUsed(head: chain.head, length: used)
+                    completed = true
+                } catch {
+                    stop(error, interrupt)
+                    break
+                }
+            }
+            guard completed else { return }
+            let notify: Bool
+            do { notify = try queue.needsNotification() } catch { notify = true }
+            if notify { interrupt.signalUsedBuffer(queue: 0) }
+        }
+    }
+
+    /// Stops the device until reset. Called with the lock held.
+    private func stop(_ error: Error, _ interrupt: VirtioInterrupt) {
+        broken = true
+        stats.resetsNeeded += 1
+        interrupt.deviceNeedsReset(because: error)
+    }
+
+    // MARK: Requests (called with the lock held)
+
+    private func store(status: UInt8, for chain: DescriptorChain, memory: GuestMemory) throws(VirtioError) {
+        guard let last = chain.writable.last else {
+            throw .malformedRequest(head: chain.head, reason: "no writable status byte")
+        }
+        // The chain parser checked that address + length does not overflow and length >= 1.
+        do { try memory.store(status, at: last.address &+ UInt64(last.length) &- 1) } catch { throw .memory(error) }
+        stats.requests += 1
+        if status == Status.ioError { stats.errors += 1 }
+        if status == Status.unsupported { stats.unsupported += 1 }
+    }
+
+    /// Validates and performs one request; returns its status. Throws only when the request has no
+    /// status byte, or guest memory cannot be reached.
+    private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtioError) -> UInt8 {
+        guard !chain.writable.isEmpty else {
+            throw .malformedRequest(head: chain.head, reason: "no writable status byte")
+        }
+        guard chain.readableLength >= 16 else { return Status.ioError }
+        var header = [UInt8](repeating: 0, count: 16)
+        try gather(chain.readable, skipping: 0, into: &header, memory: memory)
+        // In bounds: header has 16 bytes; the loads cover bytes 0..<4 and 8..<16.
+        let type = header.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 0, as: UInt32.self)) }
+        let sector = header.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+        let readableData = BlockDevice.dropping(16, from: chain.readable)
+        let writableData = BlockDevice.droppingLast(1, from: chain.writable)
+
+        switch type {
+        case RequestType.read:
+            stats.reads += 1
+            let length = BlockDevice.total(writableData)
+            guard let offset = checkedRange(sector: sector, length: length) else { return Status.ioError }
+            guard let buffers = try? writableData.map({ try memory.buffer(at: $0.address, length: Int($0.length)) }) else {
+                return Status.ioError
+            }
+            do { try backend.read(at: offset, into: buffers) } catch { return Status.ioError }
+            stats.bytesRead += length
+            return Status.ok
+
+        case RequestType.write:
+            stats.writes += 1
+            guard !backend.readOnly else { return Status.ioError }
+            let length = BlockDevice.total(readableData)
+            guard let offset = checkedRange(sector: sector, length: length) else { return Status.ioError }
+            guard let buffers = try? readableData.map({
+                UnsafeRawBufferPointer(try memory.buffer(at: $0.address, length: Int($0.length)))
+            }) else {
+                return Status.ioError
+            }
+            do { try backend.write(at: offset, from: buffers) } catch { return Status.ioError }
+            stats.bytesWritten += length
+            return Status.ok
+
+        case RequestType.flush:
+            stats.flushes += 1
+            do { try backend.flush() } catch { return Status.ioError }
+            return Status.ok
+
+        case RequestType.getID:
+            guard let buffers = try? writableData.map({ try memory.buffer(at: $0.address, length: Int($0.length)) }) else {
+                return Status.ioError
+            }
+            var cursor = ScatterCursor(buffers: buffers)
+            serial.withUnsafeBytes { cursor.copyIn(from: $0) }
+            return Status.ok
+
+        case RequestType.discard, RequestType.writeZeroes:
+            return try discardOrWriteZeroes(isDiscard: type == RequestType.discard, segments: readableData,
+                                            memory: memory)
+
+        default:
+            return Status.unsupported
+        }
+    }
+
+    private func discardOrWriteZeroes(isDiscard: Bool, segments: [DescriptorSegment],
+                                      memory: GuestMemory) throws(VirtioError) -> UInt8 {
+        if isDiscard { stats.discards += 1 } else { stats.writeZeroes += 1 }
+        let feature = isDiscard ? Feature.discard : Feature.writeZeroes
+        guard features & feature != 0 else { return Status.unsupported }
+        let maxSegments = isDiscard ? BlockDevice.maxDiscardSegments : BlockDevice.maxWriteZeroesSegments
+        let maxSectors = isDiscard ? BlockDevice.maxDiscardSectors : BlockDevice.maxWriteZeroesSectors
+        let length = BlockDevice.total(segments)
+        guard length > 0, length % 16 == 0, length / 16 <= UInt64(maxSegments) else { return Status.unsupported }
+        var bytes = [UInt8](repeating: 0, count: Int(length))
+        try gather(segments, skipping: 0, into: &bytes, memory: memory)
+
+        var ranges: [(offset: UInt64, length: UInt64, unmap: Bool)] = []
+        for i in 0..<(bytes.count / 16) {
+            // In bounds: i * 16 + 16 <= bytes.count.
+            let (sector, count, flags) = bytes.withUnsafeBytes { raw in
+                (UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 16, as: UInt64.self)),
+                 UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 16 + 8, as: UInt32.self)),
+                 UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 16 + 12, as: UInt32.self)))
+            }
+            // Unknown flags, or UNMAP on a discard: UNSUPP (virtio 1.2 §5.2.6.2).
+            guard flags & ~BlockDevice.writeZeroesFlagUnmap == 0, !(isDiscard && flags != 0) else {
+                return Status.unsupported
+            }
+            guard count <= maxSectors else { return Status.ioError }
+            let bytesCount = UInt64(count) * BlockDevice.sectorSize
+            guard let offset = checkedRange(sector: sector, length: bytesCount) else { return Status.ioError }
+            ranges.append((offset, bytesCount, flags & BlockDevice.writeZeroesFlagUnmap != 0))
+        }
+        guard !backend.readOnly else { return Status.ioError }
+        for range in ranges {
+            do {
+                if isDiscard {
+                    try backend.discard(at: range.offset, length: range.length)
+                } else {
+                    try backend.writeZeroes(at: range.offset, length: range.length, mayUnmap: range.unmap)
+                }
+            } catch {
+                return Status.ioError
+            }
+        }
+        return Status.ok
+    }
+
+    /// The byte offset of `sector` when `[sector*512, +length)` is sector-aligned and inside the capacity.
+    private func checkedRange(sector: UInt64, length: UInt64) -> UInt64? {
+        guard length % BlockDevice.sectorSize == 0 else { return nil }
+        let (offset, overflow1) = sector.multipliedReportingOverflow(by: BlockDevice.sectorSize)
+        let (end, overflow2) = offset.addingReportingOverflow(length)
+        guard !overflow1, !overflow2, end <= backend.capacity else { return nil }
+        return offset
+    }
+
+    // MARK: Segment helpers
+
+    private func gather(_ segments: [DescriptorSegment], skipping: UInt64, into bytes: inout [UInt8],
+                        memory: GuestMemory) throws(VirtioError) {
+        let buffers: [UnsafeMutableRawBufferPointer]
+        do {
+            buffers = try BlockDevice.dropping(skipping, from: segments).map { (segment) throws(GuestMemoryError) in
+                try memory.buffer(at: segment.address, length: Int(segment.length))
+            }
+        } catch {
+            throw .memory(error)
+        }
+        var cursor = ScatterCursor(buffers: buffers)
+        bytes.withUnsafeMutableBytes { cursor.copyOut(to: $0) }
+    }
+
+    static func total(_ segments: [DescriptorSegment]) -> UInt64 {
+        segments.reduce(0) { $0 + UInt64($1.length) }
+    }
+
+    /// The segments after the first `count` bytes.
+    static func dropping(_ count: UInt64, from segments: [DescriptorSegment]) -> [DescriptorSegment] {
+        var remaining = count
+        var result: [DescriptorSegment] = []
+        for segment in segments {
+            if remaining >= UInt64(segment.length) {
+                remaining -= UInt64(segment.length)
+                continue
+            }
+            // remaining < segment.length <= UInt32.max, and address + length was checked not to overflow.
+            let skip = UInt32(remaining)
+            result.append(DescriptorSegment(address: segment.address &+ UInt64(skip), length: segment.length - skip))
+            remaining = 0
+        }
+        return result
+    }
+
+    /// The segments without their last `count` bytes.
+    static func droppingLast(_ count: UInt64, from segments: [DescriptorSegment]) -> [DescriptorSegment] {
+        var remaining = count
+        var result = segments
+        while remaining > 0, let last = result.last {
+            if remaining >= UInt64(last.length) {
+                remaining -= UInt64(last.length)
+                result.removeLast()
+            } else {
+                result[result.count - 1].length = last.length - UInt32(remaining)
+                remaining = 0
+            }
+        }
+        return result
+    }
+}

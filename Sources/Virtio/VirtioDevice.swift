@@ -1,0 +1,43 @@
+import GuestMemory
+
+/// The way back from a device to its transport: used-buffer and configuration-change interrupts, and
+/// the report that the device can no longer go on without a reset.
+///
+/// Implementations are thread-safe: devices call them from whichever thread completes a request.
+public protocol VirtioInterrupt: AnyObject {
+    /// The device put buffers in the used ring of `queue` and the driver asked to be told.
+    func signalUsedBuffer(queue: Int)
+    /// The device configuration space changed.
+    func signalConfigChange()
+    /// The device met an error it cannot report in a request (a malformed chain, a broken ring) and
+    /// stopped; the transport sets DEVICE_NEEDS_RESET (status bit 0x40) and tells the driver.
+    func deviceNeedsReset(because error: Error)
+}
+
+/// The device logic of one virtio device (block, net), independent of its transport (virtio-mmio in
+/// the VMM, vhost-user in an I/O domain): features, configuration space and queue processing.
+///
+/// The transport calls `activate` once the driver has set DRIVER_OK, `queueNotified` for every
+/// notification (possibly from several threads at once), and `reset` when the driver writes status 0;
+/// the device serializes these itself.
+public protocol VirtioDevice: AnyObject {
+    /// The virtio device ID: 1 = network, 2 = block.
+    var deviceID: UInt32 { get }
+    /// How many virtqueues the device has.
+    var queueCount: Int { get }
+    /// The largest queue size the device accepts (QueueNumMax).
+    var maxQueueSize: UInt16 { get }
+    /// The feature bits offered: VIRTIO_F_VERSION_1, the ring features, and the device's own.
+    var deviceFeatures: UInt64 { get }
+    /// Reads configuration space at `offset`; bytes past the end read as 0.
+    func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer)
+    /// Writes configuration space at `offset`; read-only fields and bytes past the end are ignored.
+    func writeConfig(offset: Int, from data: UnsafeRawBufferPointer)
+    /// Starts the device with the negotiated `features` and the queues the driver made ready
+    /// (each knows its `index`); throws when the device cannot run with them.
+    func activate(memory: GuestMemory, queues: [Virtqueue], features: UInt64, interrupt: VirtioInterrupt) throws
+    /// Processes everything available on queue `index`.
+    func queueNotified(_ index: Int)
+    /// Stops the device and forgets its queues, back to the state before `activate`.
+    func reset()
+}
