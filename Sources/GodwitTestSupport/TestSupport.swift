@@ -117,7 +117,15 @@ public func runProcess(_ path: String, _ arguments: [String], input: String? = n
     let deadline = Date().addingTimeInterval(timeout)
     var timedOut = false
     while process.isRunning {
-        if Date() > deadline { timedOut = true; process.terminate(); usleep(200_000); if process.isRunning { kill(process.processIdentifier, SIGKILL) } ; break }
+        if Date() > deadline {
+            // SIGTERM first (godwit stops its guest and exits 7), SIGKILL if it has not gone in 3 s.
+            timedOut = true
+            process.terminate()
+            let grace = Date().addingTimeInterval(3)
+            while process.isRunning && Date() < grace { usleep(10_000) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            break
+        }
         usleep(10_000)
     }
     process.waitUntilExit()

@@ -42,12 +42,33 @@ struct BootTests {
         #expect(r.lines(job: "dirty").last?["verified"] == "1", "\(r.stdout)")
     }
 
-    @Test func shellTakesTypedCommands() throws {
-        let r = try runGodwit(jobs: "godwit.job=shell", input: "info\rpoweroff\r", inputDelay: 0.5, timeout: 60)
+    @Test(arguments: [1, 2])
+    func shellTakesTypedCommands(cpus: Int) throws {
+        let r = try runGodwit(jobs: "godwit.job=shell", cpus: cpus, input: "info\rpoweroff\r", inputDelay: 0.5, timeout: 60)
         #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
         #expect(r.stdout.contains("godwit> "))
         #expect(r.stdout.contains("info"), "typed characters are echoed")
-        #expect(r.stdout.contains("cpus"), "info prints the vCPUs")
+        let info = try #require(r.lines(job: "shell").first { $0["cmd"] == "info" && $0["cpus"] != nil }, "\(r.stdout)")
+        #expect(info.int("cpus") == cpus, "info prints the vCPUs")
+    }
+
+    @Test func serialOutputToAFile() throws {
+        let dir = try TestEnvironment.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let log = dir.appendingPathComponent("console.log").path
+        let r = try runGodwit(jobs: "godwit.job=ready", extra: ["--serial", log])
+        #expect(r.status == 0)
+        #expect(!r.stdout.contains("@godwit"))
+        let text = try String(contentsOfFile: log, encoding: .utf8)
+        #expect(text.contains("@godwit job=ready"))
+        #expect(text.contains("status=pass"))
+    }
+
+    @Test func sigtermStopsTheGuestCleanly() throws {
+        let r = try runGodwit(jobs: "godwit.job=idle,seconds=30", timeout: 1.5)
+        #expect(r.timedOut)
+        #expect(r.status == 7, "SIGTERM stops the VM with status 7: \(r.stderr)")
+        #expect(r.stderr.contains("stopped"))
     }
 
     // MARK: Exit statuses from tiny guests
