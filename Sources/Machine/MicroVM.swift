@@ -67,8 +67,6 @@ public final class MicroVM: @unchecked Sendable {
     private let stateLock = Lock()
     private var state: VMState = .configured
     private var threads: [pthread_t] = []
-    private var finished: pthread_cond_t = pthread_cond_t()
-    private var finishedMutex = pthread_mutex_t()
 
     public init(config: MachineConfig) throws {
         self.config = config
@@ -108,8 +106,6 @@ public final class MicroVM: @unchecked Sendable {
         let output = config.serialOutput
         serial = Serial(output: { bytes in try? output.writeAll(bytes) },
                         setInterrupt: { level in try? vmRef.setIRQLine(Serial.com1IRQ, level: level) })
-        pthread_cond_init(&finished, nil)
-        pthread_mutex_init(&finishedMutex, nil)
 
         try addLegacyDevices()
         try addDisks()
@@ -234,9 +230,9 @@ public final class MicroVM: @unchecked Sendable {
             let thread = try startThread(name: "vcpu\(vcpu.id)") { [self] in self.vcpuLoop(vcpu) }
             stateLock.withLock { threads.append(thread) }
         }
-        pthread_mutex_lock(&finishedMutex)
-        while case .running = stateLock.withLock({ state }) { pthread_cond_wait(&finished, &finishedMutex) }
-        pthread_mutex_unlock(&finishedMutex)
+        // A stop that came while threads were still starting may have missed a thread: kick again.
+        if isStopped { kickAll() }
+        // Every vCPU thread ends once the VM is stopped (requestExit kicks them out of KVM_RUN).
         for thread in stateLock.withLock({ threads }) { pthread_join(thread, nil) }
         if case let .stopped(exit) = stateLock.withLock({ state }) { return exit }
         return .stopped
@@ -250,13 +246,15 @@ public final class MicroVM: @unchecked Sendable {
             return true
         }
         guard changed else { return }
+        kickAll()
+    }
+
+    /// Makes every vCPU leave KVM_RUN: immediate_exit for the next entry, a signal for the current one.
+    private func kickAll() {
         for vcpu in vcpus { vcpu.setImmediateExit(true) }
-        for thread in stateLock.withLock({ threads }) where !pthread_equal(thread, pthread_self()).isNonZero {
+        for thread in stateLock.withLock({ threads }) where pthread_equal(thread, pthread_self()) == 0 {
             pthread_kill(thread, godwit_kick_signal())
         }
-        pthread_mutex_lock(&finishedMutex)
-        pthread_cond_broadcast(&finished)
-        pthread_mutex_unlock(&finishedMutex)
     }
 
     public var currentState: VMState { stateLock.withLock { state } }
@@ -365,7 +363,3 @@ public final class MicroVM: @unchecked Sendable {
 }
 
 func hex2(_ b: UInt8) -> String { b < 16 ? "0" + String(b, radix: 16) : String(b, radix: 16) }
-
-extension Int32 {
-    var isNonZero: Bool { self != 0 }
-}

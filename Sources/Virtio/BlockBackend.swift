@@ -63,7 +63,7 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
     public let file: FileDescriptor
 
     /// Serializes read-modify-write of partial direct-I/O blocks and the zero-range fallback flag.
-    private let lock = VirtioLock()
+    private let lock = Lock()
     private var zeroRangeUnsupported = false
 
     /// Opens `path`. Capacity is the file (or block device) size rounded down to whole sectors

@@ -1,3 +1,4 @@
+import GodwitSystem
 import GuestMemory
 
 /// Counters of one virtio-blk device, for statistics and tests.
@@ -83,7 +84,7 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     public let deviceFeatures: UInt64
     private let config: [UInt8]
 
-    private let lock = VirtioLock()
+    private let lock = Lock()
     private var queue: Virtqueue?
     private var memory: GuestMemory?
     private var interrupt: VirtioInterrupt?

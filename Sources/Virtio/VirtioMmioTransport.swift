@@ -1,3 +1,4 @@
+import GodwitSystem
 import GuestMemory
 
 /// The interrupt wire from a transport to the guest's interrupt controller (a KVM GSI line or irqfd).
@@ -96,9 +97,9 @@ public final class VirtioMmioTransport: @unchecked Sendable {
 
     /// Serializes status changes (activate, reset): held while calling into the device, never taken
     /// by device callbacks.
-    private let controlLock = VirtioLock()
+    private let controlLock = Lock()
     /// Protects the registers below. Taken by device callbacks; never held while calling the device.
-    private let stateLock = VirtioLock()
+    private let stateLock = Lock()
 
     private var statusValue: UInt32 = 0
     private var deviceFeaturesSel: UInt32 = 0
