@@ -317,12 +317,13 @@ public final class MicroVM: @unchecked Sendable {
                 }
             }
         }
-        if suberror == 1, data.count >= 2, data[0] & 1 != 0 {
-            // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: data[1] = length, then the bytes.
-            let length = Int(min(data[1], 15))
+        if suberror == 1, data.count >= 3, data[0] & 1 != 0 {
+            // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: after the flags word come
+            // insn_size (one byte) and up to 15 instruction bytes.
             var bytes: [UInt8] = []
-            for word in data.dropFirst(2) { for i in 0..<8 { bytes.append(UInt8((word >> (8 * UInt64(i))) & 0xff)) } }
-            parts.append("instruction: " + bytes.prefix(length).map { hex2($0) }.joined(separator: " "))
+            for word in data[1...2] { for i in 0..<8 { bytes.append(UInt8((word >> (8 * UInt64(i))) & 0xff)) } }
+            let length = Int(min(bytes[0], 15))
+            parts.append("instruction (\(length) bytes): " + bytes[1..<(1 + length)].map { hex2($0) }.joined(separator: " "))
         }
         parts.append("data: [" + data.map { "0x" + String($0, radix: 16) }.joined(separator: ", ") + "]")
         return parts.joined(separator: "; ")

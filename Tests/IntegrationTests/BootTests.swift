@@ -105,7 +105,7 @@ struct BootTests {
         let r = try runTiny(ElfBuilder.tinyGuest([0xf3, 0x0f, 0xb8, 0xc3, 0xb0, 0x10, 0xe6, 0xf4, 0xf4]))
         if r.status == 5 {
             #expect(r.stderr.contains("rip=0x100000"), "\(r.stderr)")
-            #expect(r.stderr.contains("f3 0f b8 c3"), "the instruction bytes are printed: \(r.stderr)")
+            #expect(r.stderr.contains("instruction (15 bytes): f3 0f b8 c3"), "the instruction bytes are printed: \(r.stderr)")
         } else {
             #expect(r.status == 0, "\(r.stderr)")
         }
