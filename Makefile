@@ -23,7 +23,7 @@ $(DEMO_DISK):
 # Boots the test guest with 2 vCPUs and a 64 MiB disk and runs a short demo of its jobs.
 run: guest build $(DEMO_DISK)
 	$(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk $(DEMO_DISK) \
-	  --cmdline "godwit.job=ready godwit.job=blk-verify,size=4194304 godwit.job=blk-bench,rw=randread,n=2000,qd=8 godwit.job=idle,seconds=1"
+	  --cmdline "godwit.job=ready godwit.job=blk-verify,size=4194304 godwit.job=blk-check,size=4194304 godwit.job=blk-bench,rw=randread,n=2000,qd=8,mode=irq godwit.job=dirty,mib=16,rate=64,seconds=1"
 
 # An interactive prompt on the guest's serial console (type `help`, `info`, `poweroff`).
 shell: guest build $(DEMO_DISK)

@@ -61,9 +61,10 @@ public final class KVMSystem: @unchecked Sendable {
         try kvmCall { try descriptor.ioctl(GODWIT_KVM_CHECK_EXTENSION, value: UInt(capability), "KVM_CHECK_EXTENSION") }
     }
 
-    /// The largest vCPU count this KVM recommends.
+    /// The largest vCPU count this KVM allows (KVM_CAP_MAX_VCPUS, else the recommended KVM_CAP_NR_VCPUS).
     public var maxVCPUs: Int {
-        (try? checkExtension(Int32(KVM_CAP_NR_VCPUS))).map { Int($0) } ?? 1
+        if let max = try? checkExtension(Int32(KVM_CAP_MAX_VCPUS)), max > 0 { return Int(max) }
+        return (try? checkExtension(Int32(KVM_CAP_NR_VCPUS))).map { Int($0) } ?? 1
     }
 
     /// KVM_GET_SUPPORTED_CPUID.

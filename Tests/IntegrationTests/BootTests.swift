@@ -5,7 +5,7 @@ import Testing
 /// Real KVM, the real `godwit` binary, and tiny or full test guests.
 @Suite("Integration: boot, exits and errors", .serialized, .enabled(if: TestEnvironment.hasKVM))
 struct BootTests {
-    @Test(arguments: [1, 2])
+    @Test(arguments: [1, 2, 8])
     func readyJob(cpus: Int) throws {
         let r = try runGodwit(jobs: "godwit.job=ready", cpus: cpus)
         #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
