@@ -9,6 +9,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+#include <linux/if_tun.h>
+#include <net/if.h>
+#include <sys/socket.h>
 
 int godwit_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
@@ -114,3 +117,61 @@ const uint64_t *godwit_run_internal(struct kvm_run *run, uint32_t *suberror, uin
 
 uint64_t godwit_run_fail_entry_reason(const struct kvm_run *run) { return run->fail_entry.hardware_entry_failure_reason; }
 uint32_t godwit_run_system_event_type(const struct kvm_run *run) { return run->system_event.type; }
+
+int godwit_tap_open(const char *name, char *actual_name) {
+    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    if (name) strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    memcpy(actual_name, ifr.ifr_name, IFNAMSIZ);
+    actual_name[IFNAMSIZ - 1] = 0;
+    return fd;
+}
+
+int godwit_tap_set_offload(int fd, unsigned int flags) { return ioctl(fd, TUNSETOFFLOAD, flags); }
+int godwit_tap_set_vnet_header_size(int fd, int size) { return ioctl(fd, TUNSETVNETHDRSZ, &size); }
+
+int godwit_interface_set_up(const char *name, int up) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        if (up) ifr.ifr_flags |= IFF_UP; else ifr.ifr_flags &= ~IFF_UP;
+        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    int saved = errno;
+    close(s);
+    errno = saved;
+    return rc;
+}
+
+int godwit_interface_mac(const char *name, unsigned char *mac) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    int rc = ioctl(s, SIOCGIFHWADDR, &ifr);
+    if (rc == 0) memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+    int saved = errno;
+    close(s);
+    errno = saved;
+    return rc;
+}
+
+const unsigned int GODWIT_TUN_F_CSUM = TUN_F_CSUM;
+const unsigned int GODWIT_TUN_F_TSO4 = TUN_F_TSO4;
+const unsigned int GODWIT_TUN_F_TSO6 = TUN_F_TSO6;
+const unsigned int GODWIT_TUN_F_TSO_ECN = TUN_F_TSO_ECN;
+const unsigned int GODWIT_TUN_F_UFO = TUN_F_UFO;

@@ -32,6 +32,24 @@ void godwit_fence(void);
 int godwit_install_kick_handler(int signo);
 int godwit_kick_signal(void);
 
+// TAP devices (<linux/if_tun.h>): open /dev/net/tun as IFF_TAP | IFF_NO_PI | IFF_VNET_HDR.
+/// Attaches to TAP `name` (created if it does not exist; "" lets the kernel pick a name). Writes the
+/// interface name (IFNAMSIZ = 16 bytes) to `actual_name`. Returns the fd, or -1 with errno.
+int godwit_tap_open(const char *name, char *actual_name);
+/// TUNSETOFFLOAD with TUN_F_* flags.
+int godwit_tap_set_offload(int fd, unsigned int flags);
+/// TUNSETVNETHDRSZ.
+int godwit_tap_set_vnet_header_size(int fd, int size);
+/// Sets or clears IFF_UP on interface `name`.
+int godwit_interface_set_up(const char *name, int up);
+/// Reads the MAC address of interface `name` into `mac` (6 bytes).
+int godwit_interface_mac(const char *name, unsigned char *mac);
+extern const unsigned int GODWIT_TUN_F_CSUM;
+extern const unsigned int GODWIT_TUN_F_TSO4;
+extern const unsigned int GODWIT_TUN_F_TSO6;
+extern const unsigned int GODWIT_TUN_F_TSO_ECN;
+extern const unsigned int GODWIT_TUN_F_UFO;
+
 // KVM ioctl numbers (function-like macros in <linux/kvm.h>).
 extern const unsigned long GODWIT_KVM_GET_API_VERSION;
 extern const unsigned long GODWIT_KVM_CREATE_VM;
