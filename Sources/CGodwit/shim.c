@@ -12,6 +12,7 @@
 #include <linux/if_tun.h>
 #include <net/if.h>
 #include <sys/socket.h>
+#include <sys/epoll.h>
 
 int godwit_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
@@ -175,3 +176,29 @@ const unsigned int GODWIT_TUN_F_TSO4 = TUN_F_TSO4;
 const unsigned int GODWIT_TUN_F_TSO6 = TUN_F_TSO6;
 const unsigned int GODWIT_TUN_F_TSO_ECN = TUN_F_TSO_ECN;
 const unsigned int GODWIT_TUN_F_UFO = TUN_F_UFO;
+
+int godwit_epoll_create(void) { return epoll_create1(EPOLL_CLOEXEC); }
+
+int godwit_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = events;
+    ev.data.u64 = token;
+    return epoll_ctl(epfd, op, fd, &ev);
+}
+
+int godwit_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms) {
+    struct epoll_event evs[64];
+    if (max > 64) max = 64;
+    int n = epoll_wait(epfd, evs, max, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        tokens[i] = evs[i].data.u64;
+        events[i] = evs[i].events;
+    }
+    return n;
+}
+
+const uint32_t GODWIT_EPOLLIN = EPOLLIN;
+const uint32_t GODWIT_EPOLLOUT = EPOLLOUT;
+const uint32_t GODWIT_EPOLLERR = EPOLLERR;
+const uint32_t GODWIT_EPOLLHUP = EPOLLHUP;

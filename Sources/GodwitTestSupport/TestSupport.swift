@@ -95,6 +95,60 @@ public struct GuestLine: Sendable, CustomStringConvertible {
     public var description: String { raw }
 }
 
+/// A program started in the background; `wait()` collects its result (with a time limit).
+public final class BackgroundProcess: @unchecked Sendable {
+    let process = Process()
+    let outData = LockedData(), errData = LockedData()
+    let out = Pipe(), err = Pipe()
+
+    public init(_ path: String, _ arguments: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        let o = outData, e = errData
+        out.fileHandleForReading.readabilityHandler = { o.append($0.availableData) }
+        err.fileHandleForReading.readabilityHandler = { e.append($0.availableData) }
+        try process.run()
+    }
+
+    public var pid: Int32 { process.processIdentifier }
+    public var isRunning: Bool { process.isRunning }
+    /// What it has printed so far.
+    public var stdoutSoFar: String { outData.string }
+
+    /// Waits until `predicate` holds for the output so far, or `timeout` passes; returns whether it held.
+    public func waitForOutput(timeout: Double = 30, _ predicate: (String) -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if predicate(outData.string) { return true }
+            if !process.isRunning { return predicate(outData.string) }
+            usleep(10_000)
+        }
+        return false
+    }
+
+    public func wait(timeout: Double = 120) -> ProcessResult {
+        let deadline = Date().addingTimeInterval(timeout)
+        var timedOut = false
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            timedOut = true
+            process.terminate()
+            let grace = Date().addingTimeInterval(3)
+            while process.isRunning && Date() < grace { usleep(10_000) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        }
+        process.waitUntilExit()
+        out.fileHandleForReading.readabilityHandler = nil
+        err.fileHandleForReading.readabilityHandler = nil
+        outData.append(out.fileHandleForReading.readDataToEndOfFile())
+        errData.append(err.fileHandleForReading.readDataToEndOfFile())
+        return ProcessResult(status: process.terminationStatus, stdout: outData.string, stderr: errData.string, timedOut: timedOut)
+    }
+}
+
 /// Runs a program with a time limit, optional standard input, and captures its output.
 public func runProcess(_ path: String, _ arguments: [String], input: String? = nil, inputDelay: Double = 0,
                        timeout: Double = 120) throws -> ProcessResult {

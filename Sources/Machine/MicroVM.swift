@@ -20,6 +20,34 @@ public struct DiskConfig: Equatable, Sendable {
     }
 }
 
+/// One network interface as the user gave it: a TAP device and an optional MAC.
+public struct NetConfig: Equatable, Sendable {
+    /// The TAP to attach to; nil creates one (`tap=auto`) that is removed when the VM exits.
+    public var tap: String?
+    /// The guest's MAC; nil derives a stable one from the VM's TAP name.
+    public var mac: [UInt8]?
+
+    public init(tap: String?, mac: [UInt8]? = nil) {
+        self.tap = tap
+        self.mac = mac
+    }
+
+    /// Parses "aa:bb:cc:dd:ee:ff"; refuses multicast addresses.
+    public static func parseMAC(_ text: String) throws -> [UInt8] {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { throw MachineError.setup("MAC '\(text)' is not six hex bytes separated by colons") }
+        var bytes: [UInt8] = []
+        for part in parts {
+            guard part.count == 2, let b = UInt8(part, radix: 16) else {
+                throw MachineError.setup("MAC '\(text)': '\(part)' is not a hex byte")
+            }
+            bytes.append(b)
+        }
+        guard bytes[0] & 1 == 0 else { throw MachineError.setup("MAC '\(text)' is a multicast address") }
+        return bytes
+    }
+}
+
 /// Everything needed to build a VM.
 public struct MachineConfig: Sendable {
     public var kernelPath: String
@@ -27,11 +55,20 @@ public struct MachineConfig: Sendable {
     public var cpus: Int
     public var memoryBytes: UInt64
     public var disks: [DiskConfig]
+    public var nets: [NetConfig] = []
     /// Where the guest's serial output goes (stdout or a file).
     public var serialOutput: FileDescriptor
     /// Where serial input comes from, if anywhere.
     public var serialInput: FileDescriptor?
     public var kvmPath: String
+    /// How the guest's queue notifications reach the devices.
+    public var queueNotification: QueueNotification = .ioeventfd
+
+    /// `exit`: every QueueNotify is an MMIO exit handled on the vCPU thread (the in-process baseline).
+    /// `ioeventfd`: KVM signals an eventfd without leaving the kernel and the device thread runs the queue.
+    public enum QueueNotification: String, Sendable, CaseIterable {
+        case exit, ioeventfd
+    }
 
     public static let maxCPUs = 32
     public static let minMemory: UInt64 = 8 << 20
@@ -61,6 +98,10 @@ public final class MicroVM: @unchecked Sendable {
     public let pio = IOBus()
     public let mmio = IOBus()
     public private(set) var virtioDevices: [VirtioMMIODevice] = []
+    /// The device thread: queue notifications (ioeventfds) and backend readiness (TAPs) are handled here,
+    /// so a vCPU never waits for device I/O.
+    public let eventLoop: EventLoop
+    private var notifiers: [EventFD] = []
     /// The full guest command line, with the virtio-mmio device declarations the VMM added.
     public private(set) var guestCommandLine: String = ""
 
@@ -84,6 +125,7 @@ public final class MicroVM: @unchecked Sendable {
             throw MachineError.kernel(path: config.kernelPath, reason: ElfError.noPVHNote.description)
         }
 
+        eventLoop = try EventLoop()
         kvm = try KVMSystem(path: config.kvmPath)
         let kvmMax = kvm.maxVCPUs
         guard config.cpus <= kvmMax else { throw MachineError.cpus(requested: config.cpus, max: kvmMax) }
@@ -213,6 +255,20 @@ public final class MicroVM: @unchecked Sendable {
             read: { offset, data in wired.transport.read(offset: offset, into: data) },
             write: { offset, data in wired.transport.write(offset: offset, from: data) }))
         virtioDevices.append(wired)
+        if config.queueNotification == .ioeventfd {
+            // QueueNotify writes of queue i signal an eventfd in the kernel; the device thread runs the queue.
+            for queue in 0..<device.queueCount {
+                let notifier = try EventFD(nonBlocking: true)
+                try vm.registerIOEventFD(notifier, mmioAddress: address + VirtioMmioTransport.Register.queueNotify,
+                                         length: 4, matching: UInt64(queue))
+                let transport = wired.transport
+                try eventLoop.add(notifier.descriptor) { _ in
+                    _ = try? notifier.wait()
+                    transport.writeRegister(VirtioMmioTransport.Register.queueNotify, UInt32(queue))
+                }
+                notifiers.append(notifier)
+            }
+        }
     }
 
     // MARK: - Running
@@ -226,6 +282,12 @@ public final class MicroVM: @unchecked Sendable {
         try stateLock.withLock { state = try state.applying(.start) }
         if stopOnSignals { try startSignalWatcher() }
         startConsole()
+        let loop = eventLoop
+        let deviceThread = try startThread(name: "devices") { loop.run() }
+        defer {
+            loop.stop()
+            pthread_join(deviceThread, nil)
+        }
         for vcpu in vcpus {
             let thread = try startThread(name: "vcpu\(vcpu.id)") { [self] in self.vcpuLoop(vcpu) }
             stateLock.withLock { threads.append(thread) }

@@ -45,8 +45,15 @@ struct VMCommand: ParsableCommand {
                                valueName: "path[,readonly][,direct]"))
     var disk: [String] = []
 
+    @Option(help: ArgumentHelp("A virtio-net NIC on a TAP: tap=NAME (an existing TAP) or tap=auto (a new TAP, removed at exit), with an optional mac=aa:bb:cc:dd:ee:ff. Repeat for more NICs.",
+                               valueName: "tap=NAME|auto[,mac=MAC]"))
+    var net: [String] = []
+
     @Option(help: "Where guest serial output goes: stdio (and input from stdin), or a file path.")
     var serial: String = "stdio"
+
+    @Option(help: "How virtio queue notifications reach the devices: ioeventfd (a device thread, no VMM exit) or exit (handled on the vCPU thread).")
+    var notify: String = "ioeventfd"
 
     @Option(help: "The KVM device.")
     var kvmDevice: String = "/dev/kvm"
@@ -73,6 +80,7 @@ struct VMCommand: ParsableCommand {
     func makeConfig() throws -> MachineConfig {
         let bytes = try parseSize(memory)
         let disks = try disk.map(parseDisk)
+        let nets = try net.map(parseNet)
         let output: FileDescriptor
         var input: FileDescriptor?
         if serial == "stdio" {
@@ -85,8 +93,14 @@ struct VMCommand: ParsableCommand {
                 throw MachineError.setup("serial output \(serial): \(error)")
             }
         }
-        return MachineConfig(kernelPath: kernel, commandLine: cmdline, cpus: cpus, memoryBytes: bytes, disks: disks,
-                             serialOutput: output, serialInput: input, kvmPath: kvmDevice)
+        var config = MachineConfig(kernelPath: kernel, commandLine: cmdline, cpus: cpus, memoryBytes: bytes, disks: disks,
+                                   serialOutput: output, serialInput: input, kvmPath: kvmDevice)
+        config.nets = nets
+        guard let mode = MachineConfig.QueueNotification(rawValue: notify) else {
+            throw ValidationError("--notify must be ioeventfd or exit, not '\(notify)'")
+        }
+        config.queueNotification = mode
+        return config
     }
 }
 
@@ -122,6 +136,27 @@ func parseDisk(_ text: String) throws -> DiskConfig {
         }
     }
     return disk
+}
+
+/// Parses "tap=NAME|auto[,mac=MAC]".
+func parseNet(_ text: String) throws -> NetConfig {
+    var tap: String??
+    var mac: [UInt8]?
+    for option in text.split(separator: ",") {
+        let kv = option.split(separator: "=", maxSplits: 1).map(String.init)
+        guard kv.count == 2 else { throw ValidationError("--net option '\(option)' is not key=value") }
+        switch kv[0] {
+        case "tap":
+            guard !kv[1].isEmpty, kv[1].utf8.count < 16 else { throw ValidationError("--net tap name '\(kv[1])' must be 1 to 15 characters") }
+            tap = kv[1] == "auto" ? .some(nil) : .some(kv[1])
+        case "mac":
+            do { mac = try NetConfig.parseMAC(kv[1]) } catch { throw ValidationError("--net: \(error)") }
+        default:
+            throw ValidationError("--net option '\(kv[0])' is not one of tap, mac")
+        }
+    }
+    guard let tap else { throw ValidationError("--net needs tap=NAME or tap=auto: '\(text)'") }
+    return NetConfig(tap: tap, mac: mac)
 }
 
 /// Puts the terminal in raw mode while the guest owns the console, so a person can type into it.

@@ -88,6 +88,17 @@ struct DiskTests {
         #expect(p50 > 0 && p50 <= p99)
     }
 
+    /// The baseline path: every queue notification is an MMIO exit handled on the vCPU thread.
+    @Test(arguments: [1, 2])
+    func notificationsAsExits(cpus: Int) throws {
+        let (dir, path) = try image()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let r = try runGodwit(jobs: "godwit.job=blk-verify,size=1048576,mode=irq godwit.job=blk-bench,qd=8,n=500",
+                              cpus: cpus, disks: [path], extra: ["--notify", "exit"])
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(try BlockPattern.verify(imagePath: path, offset: 0, size: 1 << 20).bad.isEmpty)
+    }
+
     @Test func directIO() throws {
         let (dir, path) = try image()
         defer { try? FileManager.default.removeItem(at: dir) }

@@ -50,6 +50,17 @@ extern const unsigned int GODWIT_TUN_F_TSO6;
 extern const unsigned int GODWIT_TUN_F_TSO_ECN;
 extern const unsigned int GODWIT_TUN_F_UFO;
 
+// epoll, with the (packed) epoll_event kept on the C side.
+int godwit_epoll_create(void);
+/// EPOLL_CTL_ADD (op 1), DEL (2) or MOD (3) of `fd` with `events`, reported back with `token`.
+int godwit_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
+/// Waits up to `timeout_ms`; fills `tokens` and `events` (at most `max`); returns the count or -1.
+int godwit_epoll_wait(int epfd, uint64_t *tokens, uint32_t *events, int max, int timeout_ms);
+extern const uint32_t GODWIT_EPOLLIN;
+extern const uint32_t GODWIT_EPOLLOUT;
+extern const uint32_t GODWIT_EPOLLERR;
+extern const uint32_t GODWIT_EPOLLHUP;
+
 // KVM ioctl numbers (function-like macros in <linux/kvm.h>).
 extern const unsigned long GODWIT_KVM_GET_API_VERSION;
 extern const unsigned long GODWIT_KVM_CREATE_VM;
