@@ -250,7 +250,7 @@ public final class MicroVM: @unchecked Sendable {
         let index = virtioDevices.count
         let address = Layout.virtioMMIOBase + UInt64(index) * Layout.virtioMMIOSize
         let irq = Layout.virtioFirstIRQ + UInt32(index)
-        let wired = VirtioMMIODevice(device: device, memory: memory, vm: vm, address: address, irq: irq)
+        let wired = try VirtioMMIODevice(device: device, memory: memory, vm: vm, address: address, irq: irq)
         try mmio.register(start: address, size: Layout.virtioMMIOSize, name: "virtio-mmio \(index)", handler: .init(
             read: { offset, data in wired.transport.read(offset: offset, into: data) },
             write: { offset, data in wired.transport.write(offset: offset, from: data) }))
