@@ -1,0 +1,89 @@
+import Foundation
+
+/// A throw-away test network: a network namespace with a bridge (10.77.0.1/24) and TAPs on it,
+/// made by `scripts/testnet.sh` and removed again by `tearDown()`.
+public final class TestNetwork: @unchecked Sendable {
+    public let namespace: String
+    public let bridge: String
+    public let taps: [String]
+    public static let hostAddress = "10.77.0.1"
+
+    /// Why the network tier cannot run here, or nil.
+    public static var unavailableReason: String? {
+        if getuid() != 0 { return "network tests need root (network namespaces, TAPs)" }
+        if access("/dev/net/tun", R_OK | W_OK) != 0 { return "/dev/net/tun is missing" }
+        for tool in ["/usr/sbin/ip", "/usr/bin/ping", "/usr/bin/python3"] where !FileManager.default.isExecutableFile(atPath: tool) {
+            return "\(tool) is not installed (scripts/install-deps.sh installs it)"
+        }
+        return nil
+    }
+
+    public static var isAvailable: Bool {
+        guard TestEnvironment.hasKVM else { return false }
+        if let reason = unavailableReason {
+            FileHandle.standardError.write("skipping network test: \(reason)\n".data(using: .utf8)!)
+            return false
+        }
+        return true
+    }
+
+    public init(taps: Int = 1) throws {
+        let tag = String(UInt32.random(in: 0..<0xffffff), radix: 16)
+        namespace = "gwtest-\(tag)"
+        bridge = "gwb\(tag)"
+        self.taps = (0..<taps).map { "gwb\(tag)t\($0)" }
+        let r = try runProcess("/bin/bash", [TestEnvironment.repositoryRoot.appendingPathComponent("scripts/testnet.sh").path, "up",
+                                             "--netns", namespace, "--bridge", bridge, "--taps", String(taps),
+                                             "--addr", "\(TestNetwork.hostAddress)/24"], timeout: 30)
+        guard r.status == 0 else { throw TestNetworkError(message: "testnet.sh up failed: \(r.stdout)\(r.stderr)") }
+    }
+
+    public func tearDown() {
+        _ = try? runProcess("/bin/bash", [TestEnvironment.repositoryRoot.appendingPathComponent("scripts/testnet.sh").path, "down",
+                                          "--netns", namespace, "--bridge", bridge, "--taps", String(taps.count)], timeout: 30)
+    }
+
+    /// Arguments that run `program` inside the namespace.
+    public func inside(_ program: String, _ arguments: [String]) -> (String, [String]) {
+        ("/usr/sbin/ip", ["netns", "exec", namespace, program] + arguments)
+    }
+
+    /// Runs a command inside the namespace and waits for it.
+    public func run(_ program: String, _ arguments: [String], timeout: Double = 120) throws -> ProcessResult {
+        let (p, a) = inside(program, arguments)
+        return try runProcess(p, a, timeout: timeout)
+    }
+
+    /// Starts `godwit vm` with the test guest inside the namespace, in the background.
+    public func startGodwit(jobs: String, cpus: Int = 1, nets: [String], extra: [String] = []) throws -> BackgroundProcess {
+        var args = ["vm", "--kernel", TestEnvironment.guestPath, "--cpus", String(cpus), "--memory", "128M", "--cmdline", jobs]
+        for n in nets { args += ["--net", n] }
+        let (p, a) = inside(TestEnvironment.godwitPath, args + extra)
+        return try BackgroundProcess(p, a)
+    }
+
+    /// Runs `scripts/nettool.py` inside the namespace and decodes its JSON output.
+    public func nettool(_ arguments: [String], timeout: Double = 120) throws -> [String: Any] {
+        let r = try run("/usr/bin/python3", [TestEnvironment.repositoryRoot.appendingPathComponent("scripts/nettool.py").path] + arguments,
+                        timeout: timeout)
+        let last = r.stdout.split(separator: "\n").last.map(String.init) ?? ""
+        guard let object = try? JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any] else {
+            throw TestNetworkError(message: "nettool \(arguments.first ?? "") printed no JSON (status \(r.status)): \(r.stdout)\(r.stderr)")
+        }
+        return object
+    }
+}
+
+public struct TestNetworkError: Error, CustomStringConvertible {
+    public var message: String
+    public var description: String { message }
+}
+
+/// Memory of a running process from /proc (kB), for boundedness checks.
+public func residentAnonymousKB(pid: Int32) -> Int? {
+    guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+    for line in status.split(separator: "\n") where line.hasPrefix("RssAnon:") {
+        return Int(line.split(separator: " ").dropFirst().first ?? "")
+    }
+    return nil
+}
