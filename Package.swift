@@ -23,7 +23,7 @@ let package = Package(
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
-            dependencies: ["Machine", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Machine", "Virtio", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swift5),
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(

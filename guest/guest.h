@@ -74,6 +74,7 @@ void say(const char *fmt, ...);                     /* chatter line */
 NORETURN void finish(int pass, const char *reason);
 void *heap_alloc(u64 size, u64 align);  /* job-scoped bump allocator; 0 if no RAM */
 void heap_reset(void);
+void *perm_alloc(u64 size, u64 align);  /* for the whole boot (device rings, buffers); probe time only */
 
 /* smp.c */
 int smp_start_aps(void);     /* returns number of vCPUs up (incl. BSP) */
@@ -82,17 +83,17 @@ u64 lapic_base(void);
 u64 ioapic_base(void);
 void lapic_init(void);
 
-/* virtio.c */
+/* virtio.c: transport and probing; blk.c, vnet.c: the drivers */
 #define MAX_VIRTIO 8
 struct blkdev;
 void virtio_probe_args(char **argv, int argc); /* virtio_mmio.device= words */
+int virtio_errors(void);
 int blk_count(void);
 struct blkdev *blk_get(int i);
 u64 blk_capacity(struct blkdev *d); /* sectors */
 u64 blk_base(struct blkdev *d);
 int blk_ro(struct blkdev *d);
 const char *blk_describe(struct blkdev *d, char *buf, int cap);
-int virtio_errors(void);
 
 /* Synchronous and queued I/O. Returns 0 ok, >0 virtio status, <0 error (see blk_error). */
 #define VIRTIO_BLK_T_IN 0
@@ -111,10 +112,75 @@ int blk_rw(struct blkdev *d, u32 type, u64 sector, void *buf, u32 len);
 int blk_has_flush(struct blkdev *d);
 const char *blk_error(struct blkdev *d);
 
+/* Frames dropped, by reason (names in net.c, drop_names). */
+enum {
+    D_RX_LEN, D_HDR, D_MRG, D_RUNT, D_TOO_LONG, D_MAC, D_SRC, D_ETHERTYPE, D_ARP_SHORT, D_ARP_BAD,
+    D_IP_SHORT, D_IP_VERSION, D_IP_HLEN, D_IP_LEN, D_IP_CSUM, D_IP_FRAG, D_IP_DST, D_IP_PROTO,
+    D_ICMP_SHORT, D_ICMP_CSUM, D_ICMP_TYPE, D_UDP_SHORT, D_UDP_LEN, D_UDP_CSUM, D_UDP_PORT, D_TX_FULL,
+    D_COUNT
+};
+struct net_stats {
+    u64 rx_frames, tx_frames;     /* every frame taken from / given to the device */
+    u64 arp, icmp, udp_echo;      /* ARP replies, ICMP echo replies, UDP echo replies sent */
+    u64 dropped, csum_partial;    /* dropped = sum of drop[] */
+    u64 drop[D_COUNT];
+};
+
+/* vnet.c: virtio-net (RX queue 0, TX queue 1; 12-byte virtio_net_hdr_v1) */
+#define NET_MAX_FRAME 1514           /* Ethernet header + 1500 (no FCS) */
+struct nic;
+int nic_count(void);
+struct nic *nic_get(int i);
+const u8 *nic_mac(struct nic *n);
+int nic_link_up(struct nic *n);      /* 1 without VIRTIO_NET_F_STATUS */
+const char *nic_describe(struct nic *n, char *buf, int cap);
+const char *nic_error(struct nic *n);
+struct net_stats *nic_stats(struct nic *n);
+int nic_set_mode(struct nic *n, int irq_mode);
+/* Takes up to budget received frames; cb(ctx, frame, len, virtio hdr flags) for each good one,
+ * then gives the buffers back. Returns frames taken (incl. dropped ones) or -1 (device error). */
+int nic_rx(struct nic *n, int budget, void (*cb)(void *ctx, u8 *frame, u32 len, u8 flags), void *ctx);
+u8 *nic_tx_alloc(struct nic *n);                   /* room for one frame (NET_MAX_FRAME), or 0: ring full */
+void nic_tx_submit(struct nic *n, u8 *frame, u32 len); /* to the avail ring; not yet notified */
+void nic_tx_abort(struct nic *n, u8 *frame);
+void nic_tx_kick(struct nic *n);
+int nic_tx_reclaim(struct nic *n);                 /* completions taken, or -1 */
+int nic_tx_inflight(struct nic *n);
+int nic_tx_free(struct nic *n);
+/* Until a used entry is pending on RX (or TX, with want_tx) or the deadline: polls the rings,
+ * or in irq mode waits for the interrupt. Returns 1 (work) or 0 (deadline). */
+int nic_wait(struct nic *n, u64 deadline_ns, int want_tx);
+void fmt_mac(char *buf, const u8 *mac);            /* "aa:bb:cc:dd:ee:ff", buf >= 18 bytes */
+
+/* net.c: Ethernet, ARP, IPv4, ICMP echo, UDP (echo on port 7) on the first NIC */
+void net_config_args(char **argv, int argc);       /* godwit.ip=, godwit.net_rxbuf= */
+u32 net_rxbuf_size(void);
+const char *net_ip_string(char *buf, int cap);      /* "A.B.C.D/P" of the first NIC */
+
 /* jobs.c */
+#define MAX_KEYS 16
+struct args {
+    const char *job;
+    int n;
+    char *key[MAX_KEYS], *val[MAX_KEYS];
+    u8 used[MAX_KEYS];
+    const char *bad_key, *bad_what;
+};
+int job_error(const char *job, const char *what, const char *extra_fmt, ...);
+u64 arg_num(struct args *a, const char *k, u64 def, u64 min, u64 max);
+const char *arg_str(struct args *a, const char *k, const char *def);
+int args_check(struct args *a);
+int arg_mode(struct args *a);
+void wait_until(u64 t);
 int run_job(char *spec);    /* 0 pass, else fail; sets job_fail_reason */
 extern char job_fail_reason[64];
 extern int jobs_stop;
 void mp_parse(void);
+
+/* net.c: the network jobs */
+int job_net_echo(struct args *a);
+int job_net_send(struct args *a);
+int job_net_recv(struct args *a);
+int job_net_ping(struct args *a);
 
 #endif

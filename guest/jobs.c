@@ -1,24 +1,16 @@
 /*
  * jobs.c — the jobs named by godwit.job=NAME[,key=value...]: ready, idle,
- * blk-verify, blk-check, blk-bench, dirty, shell. Each prints its result as
+ * blk-verify, blk-check, blk-bench, dirty, shell, probe, fault (the net-*
+ * jobs are in net.c). Each prints its result as
  * one "@godwit job=NAME ..." line and returns 0 (pass) or 1 (fail, with
  * job_fail_reason set to "NAME:what").
  */
 #include "guest.h"
 
-#define MAX_KEYS 16
 #define SECTOR 512
 #define MIB (1ull << 20)
 
-struct args {
-    const char *job;
-    int n;
-    char *key[MAX_KEYS], *val[MAX_KEYS];
-    u8 used[MAX_KEYS];
-    const char *bad_key, *bad_what;
-};
-
-static int job_error(const char *job, const char *what, const char *extra_fmt, ...)
+int job_error(const char *job, const char *what, const char *extra_fmt, ...)
 {
     char extra[160];
     va_list ap;
@@ -41,7 +33,7 @@ static int arg_find(struct args *a, const char *k)
 }
 
 /* Numeric option (decimal, 0x-hex, optional K/M/G suffix). */
-static u64 arg_num(struct args *a, const char *k, u64 def, u64 min, u64 max)
+u64 arg_num(struct args *a, const char *k, u64 def, u64 min, u64 max)
 {
     int i = arg_find(a, k);
     if (i < 0)
@@ -56,14 +48,14 @@ static u64 arg_num(struct args *a, const char *k, u64 def, u64 min, u64 max)
     return v;
 }
 
-static const char *arg_str(struct args *a, const char *k, const char *def)
+const char *arg_str(struct args *a, const char *k, const char *def)
 {
     int i = arg_find(a, k);
     return i < 0 ? def : a->val[i];
 }
 
 /* Returns nonzero (after printing the error line) if any key was bad or unused. */
-static int args_check(struct args *a)
+int args_check(struct args *a)
 {
     for (int i = 0; i < a->n && !a->bad_key; i++)
         if (!a->used[i])
@@ -73,7 +65,7 @@ static int args_check(struct args *a)
     return job_error(a->job, a->bad_what, "key=%s", a->bad_key);
 }
 
-static int arg_mode(struct args *a)
+int arg_mode(struct args *a)
 {
     const char *m = arg_str(a, "mode", "poll");
     if (streq(m, "poll"))
@@ -86,7 +78,7 @@ static int arg_mode(struct args *a)
 }
 
 /* Wait until the kvm-clock reaches t (ns), pausing. */
-static void wait_until(u64 t)
+void wait_until(u64 t)
 {
     while (clock_ns() < t)
         for (int i = 0; i < 64; i++)
@@ -100,7 +92,11 @@ static int job_ready(struct args *a)
     if (args_check(a))
         return 1;
     int cpus = smp_start_aps();
-    emit("ready", "cpus=%d mem_mib=%lu disks=%d", cpus, (ram_bytes + MIB - 1) >> 20, blk_count());
+    char mac[18] = "none";
+    if (nic_count())
+        fmt_mac(mac, nic_mac(nic_get(0)));
+    emit("ready", "cpus=%d mem_mib=%lu disks=%d nics=%d mac=%s", cpus, (ram_bytes + MIB - 1) >> 20, blk_count(),
+         nic_count(), mac);
     return 0;
 }
 
@@ -621,12 +617,13 @@ static int job_fault(struct args *a)
 static void shell_info(void)
 {
     smp_start_aps(); /* idempotent: report the machine's vCPUs */
-    emit("shell", "cmd=info uptime_us=%lu cpus=%d disks=%d mem_mib=%lu", clock_us(), smp_cpus(), blk_count(),
-         (ram_bytes + MIB - 1) >> 20);
-    for (int i = 0; i < blk_count(); i++) {
-        char desc[128];
+    emit("shell", "cmd=info uptime_us=%lu cpus=%d disks=%d mem_mib=%lu nics=%d", clock_us(), smp_cpus(), blk_count(),
+         (ram_bytes + MIB - 1) >> 20, nic_count());
+    char desc[200];
+    for (int i = 0; i < blk_count(); i++)
         emit("shell", "cmd=info disk=%d %s", i, blk_describe(blk_get(i), desc, sizeof desc));
-    }
+    for (int i = 0; i < nic_count(); i++)
+        emit("shell", "cmd=info nic=%d %s", i, nic_describe(nic_get(i), desc, sizeof desc));
 }
 
 static int job_shell(struct args *a)
@@ -684,7 +681,8 @@ static const struct {
     {"ready", job_ready},         {"idle", job_idle},   {"blk-verify", job_blk_verify},
     {"blk-check", job_blk_check}, {"blk-bench", job_blk_bench}, {"dirty", job_dirty},
     {"shell", job_shell},         {"probe", job_probe},
-    {"fault", job_fault},
+    {"fault", job_fault},         {"net-echo", job_net_echo},   {"net-send", job_net_send},
+    {"net-recv", job_net_recv},   {"net-ping", job_net_ping},
 };
 
 int run_job(char *spec)

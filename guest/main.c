@@ -164,6 +164,16 @@ void *heap_alloc(u64 size, u64 align)
     return (void *)p;
 }
 
+/* Memory kept for the whole boot (virtqueues, packet buffers): taken from
+ * the bottom of the free RAM before any job runs, so no job reuses it. */
+void *perm_alloc(u64 size, u64 align)
+{
+    void *p = heap_alloc(size, align);
+    if (p)
+        heap_base = heap_ptr;
+    return p;
+}
+
 /* ------------------------------------------------------------ boot info */
 
 static void read_start_info(void)
@@ -257,7 +267,9 @@ void guest_main(void)
     for (int i = 0; i < argc; i++)
         if (strneq(argv[i], "godwit.job=", 11) && njobs < MAX_JOBS)
             jobs[njobs++] = argv[i] + 11;
+    net_config_args(argv, argc);
     virtio_probe_args(argv, argc);
+    heap_reset();
 
     static char ready[] = "ready";
     if (njobs == 0)

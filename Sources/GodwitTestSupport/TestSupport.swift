@@ -129,6 +129,9 @@ public final class BackgroundProcess: @unchecked Sendable {
         return false
     }
 
+    /// Asks the process to stop (SIGTERM: `godwit vm` stops its guest and exits 7).
+    public func terminate() { if process.isRunning { process.terminate() } }
+
     public func wait(timeout: Double = 120) -> ProcessResult {
         let deadline = Date().addingTimeInterval(timeout)
         var timedOut = false

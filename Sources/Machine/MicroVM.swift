@@ -24,27 +24,12 @@ public struct DiskConfig: Equatable, Sendable {
 public struct NetConfig: Equatable, Sendable {
     /// The TAP to attach to; nil creates one (`tap=auto`) that is removed when the VM exits.
     public var tap: String?
-    /// The guest's MAC; nil derives a stable one from the VM's TAP name.
-    public var mac: [UInt8]?
+    /// The guest's MAC; nil derives a stable one from the TAP's name.
+    public var mac: MACAddress?
 
-    public init(tap: String?, mac: [UInt8]? = nil) {
+    public init(tap: String?, mac: MACAddress? = nil) {
         self.tap = tap
         self.mac = mac
-    }
-
-    /// Parses "aa:bb:cc:dd:ee:ff"; refuses multicast addresses.
-    public static func parseMAC(_ text: String) throws -> [UInt8] {
-        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 6 else { throw MachineError.setup("MAC '\(text)' is not six hex bytes separated by colons") }
-        var bytes: [UInt8] = []
-        for part in parts {
-            guard part.count == 2, let b = UInt8(part, radix: 16) else {
-                throw MachineError.setup("MAC '\(text)': '\(part)' is not a hex byte")
-            }
-            bytes.append(b)
-        }
-        guard bytes[0] & 1 == 0 else { throw MachineError.setup("MAC '\(text)' is a multicast address") }
-        return bytes
     }
 }
 
@@ -102,6 +87,8 @@ public final class MicroVM: @unchecked Sendable {
     /// so a vCPU never waits for device I/O.
     public let eventLoop: EventLoop
     private var notifiers: [EventFD] = []
+    /// One receive thread per NIC: it waits for TAP frames and guest buffers.
+    private var receivers: [NetRxWorker] = []
     /// The full guest command line, with the virtio-mmio device declarations the VMM added.
     public private(set) var guestCommandLine: String = ""
 
@@ -151,6 +138,7 @@ public final class MicroVM: @unchecked Sendable {
 
         try addLegacyDevices()
         try addDisks()
+        try addNets()
 
         do {
             try image.load(from: kernelBytes, into: memory)
@@ -230,6 +218,25 @@ public final class MicroVM: @unchecked Sendable {
             read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) }, write: { _, _ in }))
     }
 
+    private func addNets() throws {
+        for net in config.nets {
+            if let name = net.tap, access("/sys/class/net/\(name)", F_OK) != 0 {
+                throw MachineError.setup("TAP \(name) does not exist (create it, or use tap=auto)")
+            }
+            let backend: TapBackend
+            do { backend = try TapBackend(name: net.tap) } catch {
+                throw MachineError.setup("TAP \(net.tap ?? "(auto)"): \(error)")
+            }
+            // A TAP we created starts down; an existing one is left as its owner configured it.
+            if net.tap == nil {
+                do { try backend.tap.setUp(true) } catch { throw MachineError.setup("TAP \(backend.tap.name): \(error)") }
+            }
+            let device = NetDevice(backend: backend, mac: net.mac ?? MACAddress.generated(seed: backend.tap.name))
+            try addVirtioDevice(device)
+            receivers.append(try NetRxWorker(device: device))
+        }
+    }
+
     private func addDisks() throws {
         guard config.disks.count <= Layout.maxVirtioDevices else {
             throw MachineError.layout("\(config.disks.count) disks, at most \(Layout.maxVirtioDevices) devices")
@@ -284,7 +291,9 @@ public final class MicroVM: @unchecked Sendable {
         startConsole()
         let loop = eventLoop
         let deviceThread = try startThread(name: "devices") { loop.run() }
+        for receiver in receivers { try receiver.start() }
         defer {
+            for receiver in receivers { receiver.stop() }
             loop.stop()
             pthread_join(deviceThread, nil)
         }

@@ -141,22 +141,48 @@ public final class Virtqueue: @unchecked Sendable {
     /// With event-idx, publishes avail_event = the new position, and on an empty ring re-checks
     /// after publishing so that a chain added in between is not missed.
     public func popAvailable() throws(VirtioError) -> DescriptorChain? {
-        var pending = try pendingCount()
-        if pending == 0 {
-            guard eventIndex else { return nil }
-            try store(nextAvail, availEventAddress)
-            GuestMemory.fence()
-            pending = try pendingCount()
-            if pending == 0 { return nil }
-        }
+        guard let head = try takeAvailableHead() else { return nil }
+        return try parseChain(head: head)
+    }
+
+    /// Whether the driver has made a chain available that the device has not taken.
+    ///
+    /// When the ring is empty and event-idx is on, publishes avail_event = `nextAvail` (so the driver's
+    /// next addition notifies) and re-checks, as `popAvailable` does. Takes nothing from the ring.
+    public func hasAvailable() throws(VirtioError) -> Bool {
+        if try pendingCount() > 0 { return true }
+        guard eventIndex else { return false }
+        try store(nextAvail, availEventAddress)
+        GuestMemory.fence()
+        return try pendingCount() > 0
+    }
+
+    /// Like `popAvailable`, but a chain that fails validation does not throw: its head comes back with
+    /// the error, so that the device can complete it (used length 0) and go on.
+    ///
+    /// Throws only when the ring itself is unusable: avail idx too far ahead, a head index not below
+    /// the queue size (it cannot be completed), ring memory unreachable.
+    public func popAvailableOrFailure() throws(VirtioError) -> (head: UInt16, chain: Result<DescriptorChain, VirtioError>)? {
+        guard let head = try takeAvailableHead() else { return nil }
+        guard head < size else { throw .headOutOfRange(head: head, queueSize: size) }
+        return (head, Result { () throws(VirtioError) -> DescriptorChain in try parseChain(head: head) })
+    }
+
+    /// Takes the next head index from the avail ring (advancing `nextAvail`); nil when the ring is empty.
+    private func takeAvailableHead() throws(VirtioError) -> UInt16? {
+        guard try hasAvailable() else { return nil }
         // Read the ring entry only after seeing the idx that covers it.
         GuestMemory.fence()
         let slot = UInt64(nextAvail % size)
         let head = try load16(driverArea &+ 4 &+ 2 &* slot)
         nextAvail &+= 1
         if eventIndex { try store(nextAvail, availEventAddress) }
-        return try DescriptorChain.parse(memory: memory, descriptorTable: descriptorTable, queueSize: size, head: head,
-                                         indirectAllowed: indirectDescriptors, maxBytes: maxChainBytes)
+        return head
+    }
+
+    private func parseChain(head: UInt16) throws(VirtioError) -> DescriptorChain {
+        try DescriptorChain.parse(memory: memory, descriptorTable: descriptorTable, queueSize: size, head: head,
+                                  indirectAllowed: indirectDescriptors, maxBytes: maxChainBytes)
     }
 
     /// Returns a chain to the driver: writes the used element, then (after a fence) the used idx.
@@ -170,6 +196,27 @@ public final class Virtqueue: @unchecked Sendable {
         // The element must be visible before the idx that publishes it.
         GuestMemory.fence()
         nextUsed &+= 1
+        try store(nextUsed, usedIdxAddress)
+    }
+
+    /// Returns several chains at once: writes every used element, then (after one fence) the used idx,
+    /// so that the driver sees them together (virtio-net's merged receive buffers must appear at once).
+    /// Checks every head before writing anything.
+    public func addUsed(_ elements: [(head: UInt16, length: UInt32)]) throws(VirtioError) {
+        for element in elements where element.head >= size {
+            throw .headOutOfRange(head: element.head, queueSize: size)
+        }
+        guard !elements.isEmpty else { return }
+        var index = nextUsed
+        for element in elements {
+            let address = deviceArea &+ 4 &+ 8 &* UInt64(index % size)
+            try store(UInt32(element.head), address)
+            try store(element.length, address &+ 4)
+            index &+= 1
+        }
+        // The elements must be visible before the idx that publishes them.
+        GuestMemory.fence()
+        nextUsed = index
         try store(nextUsed, usedIdxAddress)
     }
 

@@ -1,6 +1,7 @@
 import ArgumentParser
 import GodwitSystem
 import Machine
+import Virtio
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -141,7 +142,7 @@ func parseDisk(_ text: String) throws -> DiskConfig {
 /// Parses "tap=NAME|auto[,mac=MAC]".
 func parseNet(_ text: String) throws -> NetConfig {
     var tap: String??
-    var mac: [UInt8]?
+    var mac: MACAddress?
     for option in text.split(separator: ",") {
         let kv = option.split(separator: "=", maxSplits: 1).map(String.init)
         guard kv.count == 2 else { throw ValidationError("--net option '\(option)' is not key=value") }
@@ -150,7 +151,10 @@ func parseNet(_ text: String) throws -> NetConfig {
             guard !kv[1].isEmpty, kv[1].utf8.count < 16 else { throw ValidationError("--net tap name '\(kv[1])' must be 1 to 15 characters") }
             tap = kv[1] == "auto" ? .some(nil) : .some(kv[1])
         case "mac":
-            do { mac = try NetConfig.parseMAC(kv[1]) } catch { throw ValidationError("--net: \(error)") }
+            guard let parsed = MACAddress(kv[1]) else {
+                throw ValidationError("--net mac '\(kv[1])' is not a unicast MAC address (six hex bytes, aa:bb:cc:dd:ee:ff, first byte even)")
+            }
+            mac = parsed
         default:
             throw ValidationError("--net option '\(kv[0])' is not one of tap, mac")
         }
