@@ -622,8 +622,12 @@ static void shell_info(void)
     char desc[200];
     for (int i = 0; i < blk_count(); i++)
         emit("shell", "cmd=info disk=%d %s", i, blk_describe(blk_get(i), desc, sizeof desc));
-    for (int i = 0; i < nic_count(); i++)
-        emit("shell", "cmd=info nic=%d %s", i, nic_describe(nic_get(i), desc, sizeof desc));
+    for (int i = 0; i < nic_count(); i++) {
+        char ip[24] = "";
+        if (i == 0)
+            net_ip_string(ip, sizeof ip);
+        emit("shell", "cmd=info nic=%d %s%s%s", i, nic_describe(nic_get(i), desc, sizeof desc), i ? "" : " ip=", ip);
+    }
 }
 
 static int job_shell(struct args *a)

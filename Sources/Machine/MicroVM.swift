@@ -305,6 +305,17 @@ public final class MicroVM: @unchecked Sendable {
         if isStopped { kickAll() }
         // Every vCPU thread ends once the VM is stopped (requestExit kicks them out of KVM_RUN).
         for thread in stateLock.withLock({ threads }) { pthread_join(thread, nil) }
+        if getenv("GODWIT_DEVICE_STATISTICS") != nil {
+            for (i, wired) in virtioDevices.enumerated() {
+                let line: String
+                switch wired.device {
+                case let net as NetDevice: line = "\(net.statistics)"
+                case let blk as BlockDevice: line = "\(blk.statistics)"
+                default: line = "?"
+                }
+                fputs("godwit: device \(i): \(line)\n", stderr)
+            }
+        }
         if case let .stopped(exit) = stateLock.withLock({ state }) { return exit }
         return .stopped
     }
