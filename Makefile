@@ -4,7 +4,7 @@ GUEST := guest/out/guest.elf
 GODWIT := .build/debug/godwit
 DEMO_DISK := out/demo.img
 
-.PHONY: all deps guest build run shell test unit bench clean
+.PHONY: all deps guest build run demo-net-down shell shell-nonet test unit bench clean
 
 all: build guest
 
@@ -20,13 +20,28 @@ build:
 $(DEMO_DISK):
 	@mkdir -p out && truncate -s 64M $(DEMO_DISK)
 
-# Boots the test guest with 2 vCPUs and a 64 MiB disk and runs a short demo of its jobs.
+DEMO_NS := godwit-demo
+DEMO_BRIDGE := gwdemo
+
+# Boots the test guest with 2 vCPUs, a 64 MiB disk and a NIC on a bridge (10.77.0.1/24) in the
+# network namespace $(DEMO_NS), and runs a short demo of its jobs; during the last 20 seconds
+# it answers ping: `ip netns exec $(DEMO_NS) ping 10.77.0.2`. `make demo-net-down` removes the namespace.
 run: guest build $(DEMO_DISK)
-	$(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk $(DEMO_DISK) \
-	  --cmdline "godwit.job=ready godwit.job=blk-verify,size=4194304 godwit.job=blk-check,size=4194304 godwit.job=blk-bench,rw=randread,n=2000,qd=8,mode=irq godwit.job=dirty,mib=16,rate=64,seconds=1"
+	@scripts/testnet.sh up --netns $(DEMO_NS) --bridge $(DEMO_BRIDGE) --taps 1 --addr 10.77.0.1/24 >/dev/null
+	ip netns exec $(DEMO_NS) $(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk $(DEMO_DISK) \
+	  --net tap=$(DEMO_BRIDGE)t0,mac=52:54:00:77:00:02 \
+	  --cmdline "godwit.ip=10.77.0.2/24 godwit.job=ready godwit.job=blk-verify,size=4194304 godwit.job=blk-check,size=4194304 godwit.job=blk-bench,rw=randread,n=2000,qd=8 godwit.job=dirty,mib=16,rate=64,seconds=1 godwit.job=net-ping,dst=10.77.0.1,count=20 godwit.job=net-echo,seconds=20"
+
+demo-net-down:
+	@scripts/testnet.sh down --netns $(DEMO_NS) --bridge $(DEMO_BRIDGE) --taps 1
 
 # An interactive prompt on the guest's serial console (type `help`, `info`, `poweroff`).
 shell: guest build $(DEMO_DISK)
+	@scripts/testnet.sh up --netns $(DEMO_NS) --bridge $(DEMO_BRIDGE) --taps 1 --addr 10.77.0.1/24 >/dev/null
+	ip netns exec $(DEMO_NS) $(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk $(DEMO_DISK) \
+	  --net tap=$(DEMO_BRIDGE)t0,mac=52:54:00:77:00:02 --cmdline "godwit.ip=10.77.0.2/24 godwit.job=shell"
+
+shell-nonet: guest build $(DEMO_DISK)
 	$(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk $(DEMO_DISK) --cmdline "godwit.job=shell"
 
 # Every tier: unit (no KVM), integration (KVM + test guest), interop (QEMU runs the same guest).
@@ -38,6 +53,7 @@ unit: build
 
 bench: guest
 	bench/boot
+	bench/net
 
 clean:
 	rm -rf .build guest/out out

@@ -137,19 +137,29 @@ int vdev_driver_ok(struct vdev *d)
     return 0;
 }
 
-/* Byte-wise config space read, repeated until ConfigGeneration is stable. */
+/* Config space read, repeated until ConfigGeneration is stable. Access widths
+ * as the spec requires for MMIO: a 16/32-bit field with one aligned access of
+ * its size, a 64-bit one with two 32-bit accesses, anything else (byte arrays
+ * such as a MAC) byte by byte. */
 int vdev_config(struct vdev *d, u32 off, void *buf, u32 len)
 {
     u8 *b = buf;
+    u64 a = d->base + VM_CONFIG + off;
     for (int tries = 0; tries <= 10; tries++) {
         u32 gen = vd_rd(d, VM_CONFIG_GEN);
-        if (len == 8 && !(off & 3)) { /* two 32-bit reads, as the blk capacity always was */
-            u32 lo = vd_rd(d, VM_CONFIG + off), hi = vd_rd(d, VM_CONFIG + off + 4);
+        if (len == 8 && !(off & 3)) {
+            u32 lo = mmio_r32(a), hi = mmio_r32(a + 4);
             memcpy(b, &lo, 4);
             memcpy(b + 4, &hi, 4);
+        } else if (len == 4 && !(off & 3)) {
+            u32 v = mmio_r32(a);
+            memcpy(b, &v, 4);
+        } else if (len == 2 && !(off & 1)) {
+            u16 v = *(volatile u16 *)a;
+            memcpy(b, &v, 2);
         } else {
             for (u32 i = 0; i < len; i++)
-                b[i] = *(volatile u8 *)(d->base + VM_CONFIG + off + i);
+                b[i] = *(volatile u8 *)(a + i);
         }
         if (vd_rd(d, VM_CONFIG_GEN) == gen)
             return 0;

@@ -28,6 +28,16 @@ JSON object as its last line of standard output (progress, if any, goes to stder
       Like udp-send without pacing or retries: errors are counted, not retried.
       {"sent", "bytes", "seconds", "pps", "mbps", "errors"}
 
+  malformed --iface BRIDGE --dst IP --dst-mac MAC [--fuzz N] [--seed S]
+      A hostile host: raw Ethernet frames (AF_PACKET, needs root) at the guest, one for
+      each validation rule of the test guest's stack (bad lengths, header lengths,
+      checksums, fragments, foreign addresses, unknown protocols...), then N fuzzed frames
+      (random bytes, and valid ICMP/UDP echo frames with random bits flipped). Also three
+      unusual but valid frames (IP options, Ethernet padding, UDP without checksum), whose
+      replies it waits for. After it the guest must still answer (ping / udp-echo-client).
+      {"frames", "expected_drops": {reason: count}, "valid_replied": {case: bool}, "fuzz"}
+      expected_drops matches the guest's drop_reasons (net-echo) for the rule frames.
+
 mbps is payload bits per microsecond (UDP payload only, no headers).
 """
 
@@ -318,6 +328,160 @@ def udp_recv(args):
     return 0 if datagrams else 1
 
 
+# ------------------------------------------------------------------ malformed
+
+def _csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def malformed(args):
+    iface = args.iface
+    with open("/sys/class/net/%s/address" % iface) as f:
+        src_mac = bytes.fromhex(f.read().strip().replace(":", ""))
+    dst_mac = bytes.fromhex(args.dst_mac.replace(":", ""))
+    dst_ip = socket.inet_aton(args.dst)
+    src_ip = socket.inet_aton(args.src)
+    rng = random.Random(args.seed)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    sock.bind((iface, 0))
+    sock.settimeout(0.05)
+
+    def eth(payload, etype=0x0800, dst=dst_mac, src=src_mac):
+        return dst + src + struct.pack("!H", etype) + payload
+
+    def ip(payload, proto=17, ihl=5, tot=None, frag=0, src=src_ip, dst=dst_ip, opts=b"", good_csum=True,
+           version=4):
+        tot = 4 * ihl + len(payload) if tot is None else tot
+        h = struct.pack("!BBHHHBBH4s4s", (version << 4) | ihl, 0, tot & 0xFFFF, rng.getrandbits(16), frag, 64, proto,
+                        0, src, dst) + opts
+        c = _csum(h)
+        if not good_csum:
+            c ^= 0x1234
+        return h[:10] + struct.pack("!H", c) + h[12:] + payload
+
+    def udp(payload, sport=40000, dport=7, ulen=None, csum="good", src=src_ip, dst=dst_ip):
+        ulen = 8 + len(payload) if ulen is None else ulen
+        h = struct.pack("!HHHH", sport, dport, ulen & 0xFFFF, 0)
+        if csum == "zero":
+            return h + payload
+        ph = src + dst + struct.pack("!BBH", 0, 17, 8 + len(payload))
+        c = _csum(ph + h + payload) or 0xFFFF
+        if csum == "bad":
+            c ^= 0x00F0
+        return h[:6] + struct.pack("!H", c) + payload
+
+    def icmp(typ=8, code=0, ident=0x4242, seq=1, data=b"godwit-hostile", good_csum=True):
+        h = struct.pack("!BBHHH", typ, code, 0, ident, seq) + data
+        c = _csum(h) ^ (0 if good_csum else 0x0F0F)
+        return h[:2] + struct.pack("!H", c) + h[4:]
+
+    arp_ok = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, src_mac, src_ip, b"\0" * 6, dst_ip)
+    mcast_mac = bytes.fromhex("01005e000001")
+    other_ip = socket.inet_aton("10.77.0.250")
+    cases = [  # (expected drop reason, frame)
+        ("ethertype", eth(b"\0" * 46, 0x86DD)),
+        ("ethertype", eth(b"\0" * 46, 0x8100)),
+        ("mac", eth(ip(icmp()), dst=bytes.fromhex("020000000099"))),
+        ("mac", eth(ip(icmp()), dst=mcast_mac)),
+        ("src", eth(ip(icmp()), src=mcast_mac)),
+        ("arp-short", eth(arp_ok[:20], 0x0806)),
+        ("arp-bad", eth(struct.pack("!H", 6) + arp_ok[2:], 0x0806)),
+        ("arp-bad", eth(arp_ok[:6] + struct.pack("!H", 9) + arp_ok[8:], 0x0806)),
+        ("arp-bad", eth(arp_ok[:4] + bytes([16, 4]) + arp_ok[6:], 0x0806)),
+        ("src", eth(arp_ok[:8] + mcast_mac + arp_ok[14:], 0x0806)),
+        ("ip-short", eth(b"\x45\0\0\x14" + b"\0" * 12)),
+        ("ip-version", eth(ip(icmp(), version=6))),
+        ("ip-hlen", eth(ip(icmp(), ihl=4))),
+        ("ip-hlen", eth(ip(b"", ihl=15, tot=60)[:20] + b"\0" * 10)),
+        ("ip-len", eth(ip(icmp(), tot=200))),
+        ("ip-len", eth(ip(icmp(), tot=12))),
+        ("ip-csum", eth(ip(icmp(), good_csum=False))),
+        ("ip-frag", eth(ip(icmp(), frag=0x2000))),
+        ("ip-frag", eth(ip(icmp(), frag=0x0010))),
+        ("ip-dst", eth(ip(icmp(), dst=other_ip))),
+        ("ip-dst", eth(ip(icmp(), dst=socket.inet_aton("255.255.255.255")))),
+        ("src", eth(ip(icmp(), src=socket.inet_aton("0.0.0.0")))),
+        ("src", eth(ip(icmp(), src=socket.inet_aton("224.0.0.1")))),
+        ("src", eth(ip(icmp(), src=socket.inet_aton("127.0.0.1")))),
+        ("src", eth(ip(icmp(), src=dst_ip))),
+        ("ip-proto", eth(ip(b"\0" * 20, proto=6))),
+        ("icmp-short", eth(ip(b"\x08\0\xf7\xff", proto=1))),
+        ("icmp-csum", eth(ip(icmp(good_csum=False), proto=1))),
+        ("icmp-type", eth(ip(icmp(typ=13), proto=1))),
+        ("icmp-type", eth(ip(icmp(typ=8, code=1), proto=1))),
+        ("icmp-type", eth(ip(icmp(typ=0, ident=0x7777), proto=1))),
+        ("udp-short", eth(ip(b"\0\x07\0\x07", proto=17))),
+        ("udp-len", eth(ip(udp(b"x" * 20, ulen=100)))),
+        ("udp-len", eth(ip(udp(b"x" * 20, ulen=4)))),
+        ("udp-csum", eth(ip(udp(b"hostile", csum="bad")))),
+        ("udp-port", eth(ip(udp(b"hostile", dport=9)))),
+        ("udp-port", eth(ip(udp(b"hostile", sport=0)))),
+    ]
+    valid = {  # unusual but valid: each must be answered
+        "ip-options": eth(ip(icmp(ident=0x0101, data=b"opts"), proto=1, ihl=6, opts=b"\x01\x01\x01\x00")),
+        "eth-padding": eth(ip(icmp(ident=0x0202, data=b"pad"), proto=1) + b"\xee" * 20),
+        "udp-no-csum": eth(ip(udp(b"nocsum", sport=40202, csum="zero"))),
+    }
+    expected = {}
+    for reason, frame in cases:
+        sock.send(frame)
+        expected[reason] = expected.get(reason, 0) + 1
+        time.sleep(0.002)
+
+    replied = {k: False for k in valid}
+    for name, frame in valid.items():
+        sock.send(frame)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and not all(replied.values()):
+        try:
+            f = sock.recv(2048)
+        except socket.timeout:
+            continue
+        if f[:6] != src_mac or f[12:14] != b"\x08\x00" or f[26:30] != dst_ip:
+            continue
+        ihl = (f[14] & 15) * 4
+        l4 = f[14 + ihl:]
+        if f[23] == 1 and l4[0] == 0:
+            ident = struct.unpack("!H", l4[4:6])[0]
+            if ident == 0x0101 and l4[8:12] == b"opts":
+                replied["ip-options"] = True
+            if ident == 0x0202 and l4[8:11] == b"pad":
+                replied["eth-padding"] = True
+        if f[23] == 17 and struct.unpack("!H", l4[2:4])[0] == 40202 and l4[8:14] == b"nocsum":
+            replied["udp-no-csum"] = True
+
+    # fuzz: random frames, and valid echo frames with bits flipped
+    templates = [eth(ip(icmp(ident=0x0303, data=bytes(rng.getrandbits(8) for _ in range(64))), proto=1)),
+                 eth(ip(udp(bytes(rng.getrandbits(8) for _ in range(100)), sport=40303))),
+                 eth(arp_ok, 0x0806)]
+    for i in range(args.fuzz):
+        if i % 3 == 0:
+            n = rng.randint(14, 1514)
+            body = bytes(rng.getrandbits(8) for _ in range(n - 14))
+            frame = eth(body, rng.choice([0x0800, 0x0806, rng.getrandbits(16)]))
+        else:
+            frame = bytearray(rng.choice(templates))
+            for _ in range(rng.randint(1, 6)):
+                pos = rng.randrange(14, len(frame))
+                frame[pos] ^= 1 << rng.randrange(8)
+            if rng.random() < 0.2:
+                frame = frame[:rng.randint(14, len(frame))]
+            frame = bytes(frame)
+        try:
+            sock.send(frame)
+        except OSError:
+            pass
+        if i % 64 == 63:
+            time.sleep(0.001)
+    emit({"frames": len(cases) + len(valid), "expected_drops": expected, "valid_replied": replied, "fuzz": args.fuzz})
+    return 0 if all(replied.values()) else 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -350,6 +514,15 @@ def main():
     p.add_argument("--bytes", type=parse_size, required=True)
     p.add_argument("--size", type=payload_size, default=1472)
     p.set_defaults(fn=flood)
+
+    p = sub.add_parser("malformed", help="hostile frames at a guest (raw sockets, root)")
+    p.add_argument("--iface", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--dst-mac", required=True)
+    p.add_argument("--src", default="10.77.0.1")
+    p.add_argument("--fuzz", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(fn=malformed)
 
     args = ap.parse_args()
     if getattr(args, "window", 1) < 1 or getattr(args, "count", 1) < 0:
