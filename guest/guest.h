@@ -123,6 +123,7 @@ struct net_stats {
     u64 rx_frames, tx_frames;     /* every frame taken from / given to the device */
     u64 arp, icmp, udp_echo;      /* ARP replies, ICMP echo replies, UDP echo replies sent */
     u64 dropped, csum_partial;    /* dropped = sum of drop[] */
+    u64 notifies, irqs;           /* QueueNotify writes (RX + TX), interrupts taken: up to date after nic_stats() */
     u64 drop[D_COUNT];
 };
 

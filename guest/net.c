@@ -551,7 +551,7 @@ static int net_job_start(struct net_job *j)
     nf->echo_reply_cb = 0;
     if (nic_set_mode(nf->nic, j->irq))
         return job_error(a->job, nic_error(nf->nic), 0);
-    j->base = *nf->st;
+    j->base = *nic_stats(nf->nic);
     if (!nic_link_up(nf->nic))
         say("%s: link is down", a->job);
     return 0;
@@ -628,12 +628,14 @@ int job_net_echo(struct args *a)
             nic_wait(nf->nic, end, 0);
     }
     net_job_end(&j);
-    struct net_stats *s = nf->st, *b = &j.base;
+    struct net_stats *s = nic_stats(nf->nic), *b = &j.base;
     char drops[256];
     drop_list(drops, sizeof drops, s, b);
-    emit(a->job, "rx_frames=%lu tx_frames=%lu arp=%lu icmp=%lu udp_echo=%lu dropped=%lu drop_reasons=%s mode=%s",
+    emit(a->job, "rx_frames=%lu tx_frames=%lu arp=%lu icmp=%lu udp_echo=%lu dropped=%lu drop_reasons=%s mode=%s "
+                 "notifies=%lu irqs=%lu",
          s->rx_frames - b->rx_frames, s->tx_frames - b->tx_frames, s->arp - b->arp, s->icmp - b->icmp,
-         s->udp_echo - b->udp_echo, s->dropped - b->dropped, drops, mode_name(&j));
+         s->udp_echo - b->udp_echo, s->dropped - b->dropped, drops, mode_name(&j), s->notifies - b->notifies,
+         s->irqs - b->irqs);
     return 0;
 }
 
@@ -698,8 +700,10 @@ int job_net_send(struct args *a)
     if (!us)
         us = 1;
     u64 mbps10 = sent_bytes * 80 / us;
-    emit(a->job, "sent=%lu bytes=%lu mbps=%lu.%lu pps=%lu size=%lu mode=%s", sent, sent_bytes, DEC1(mbps10),
-         sent * 1000000 / us, size, mode_name(&j));
+    struct net_stats *s = nic_stats(nic);
+    emit(a->job, "sent=%lu bytes=%lu mbps=%lu.%lu pps=%lu size=%lu mode=%s notifies=%lu irqs=%lu", sent, sent_bytes,
+         DEC1(mbps10), sent * 1000000 / us, size, mode_name(&j), s->notifies - j.base.notifies,
+         s->irqs - j.base.irqs);
     return 0;
 }
 
@@ -755,8 +759,10 @@ int job_net_recv(struct args *a)
     net_job_end(&j);
     u64 us = (c.t_last - c.t_first) / 1000;
     u64 mbps10 = us ? c.bytes * 80 / us : 0, pps = us ? c.datagrams * 1000000 / us : 0;
-    emit(a->job, "datagrams=%lu bytes=%lu mbps=%lu.%lu pps=%lu idle=%d port=%lu mode=%s", c.datagrams, c.bytes,
-         DEC1(mbps10), pps, idle, port, mode_name(&j));
+    struct net_stats *s = nic_stats(nf->nic);
+    emit(a->job, "datagrams=%lu bytes=%lu mbps=%lu.%lu pps=%lu idle=%d port=%lu mode=%s dropped=%lu notifies=%lu irqs=%lu",
+         c.datagrams, c.bytes, DEC1(mbps10), pps, idle, port, mode_name(&j), s->dropped - j.base.dropped,
+         s->notifies - j.base.notifies, s->irqs - j.base.irqs);
     if (!c.datagrams) {
         fmt(job_fail_reason, sizeof job_fail_reason, "%s:nothing", a->job);
         return 1;
@@ -871,8 +877,11 @@ int job_net_ping(struct args *a)
         p99 = c.rtt[(c.received - 1) * 99 / 100] / 1000;
         max = c.rtt[c.received - 1] / 1000;
     }
-    emit(a->job, "sent=%lu received=%lu loss_pct=%lu.%lu rtt_p50_us=%u rtt_p99_us=%u rtt_max_us=%u bad=%lu size=%lu mode=%s",
-         c.sent, c.received, DEC1(loss10), p50, p99, max, c.bad, size, mode_name(&j));
+    struct net_stats *s = nic_stats(nf->nic);
+    emit(a->job, "sent=%lu received=%lu loss_pct=%lu.%lu rtt_p50_us=%u rtt_p99_us=%u rtt_max_us=%u bad=%lu size=%lu "
+                 "interval_us=%lu mode=%s notifies=%lu irqs=%lu",
+         c.sent, c.received, DEC1(loss10), p50, p99, max, c.bad, size, interval / 1000, mode_name(&j),
+         s->notifies - j.base.notifies, s->irqs - j.base.irqs);
     if (!c.received) {
         fmt(job_fail_reason, sizeof job_fail_reason, "%s:no-reply", a->job);
         return 1;

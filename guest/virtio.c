@@ -312,6 +312,8 @@ void vq_kick(struct vdev *d, struct vq *q)
     else
         need = !(*q->used_flags & USED_F_NO_NOTIFY);
     q->kicked_idx = new_idx;
-    if (need)
+    if (need) {
+        q->notifies++;
         vd_wr(d, VM_QUEUE_NOTIFY, q->index);
+    }
 }

@@ -62,6 +62,7 @@ struct vring_used_elem {
 struct vq {
     u16 index, num, last_used, avail_idx, kicked_idx;
     u8 event_idx, want_irq;
+    u64 notifies;   /* QueueNotify writes */
     volatile struct vring_desc *desc;
     volatile u16 *avail_flags, *avail_idx_p, *avail_ring, *used_event;
     volatile u16 *used_flags, *used_idx_p, *avail_event;

@@ -55,7 +55,12 @@ int nic_count(void) { return nnics; }
 struct nic *nic_get(int i) { return i >= 0 && i < nnics ? &nics[i] : 0; }
 const u8 *nic_mac(struct nic *n) { return n->mac; }
 const char *nic_error(struct nic *n) { return n->v->err[0] ? n->v->err : "unknown"; }
-struct net_stats *nic_stats(struct nic *n) { return &n->st; }
+struct net_stats *nic_stats(struct nic *n)
+{
+    n->st.notifies = n->rx.notifies + n->tx.notifies;
+    n->st.irqs = n->v->irqs;
+    return &n->st;
+}
 int nic_tx_inflight(struct nic *n) { return n->tx_inflight; }
 int nic_tx_free(struct nic *n) { return n->tx_nfree; }
 

@@ -101,16 +101,24 @@ public final class BackgroundProcess: @unchecked Sendable {
     let outData = LockedData(), errData = LockedData()
     let out = Pipe(), err = Pipe()
 
-    public init(_ path: String, _ arguments: [String]) throws {
+    /// Starts `path`; `input`, if given, is written to its standard input after `inputDelay` seconds
+    /// (which stays open until the process exits).
+    public init(_ path: String, _ arguments: [String], input: String? = nil, inputDelay: Double = 0) throws {
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
         process.standardOutput = out
         process.standardError = err
-        process.standardInput = FileHandle.nullDevice
+        let inPipe = Pipe()
+        process.standardInput = inPipe
         let o = outData, e = errData
         out.fileHandleForReading.readabilityHandler = { o.append($0.availableData) }
         err.fileHandleForReading.readabilityHandler = { e.append($0.availableData) }
         try process.run()
+        if let input {
+            DispatchQueue.global().asyncAfter(deadline: .now() + inputDelay) {
+                inPipe.fileHandleForWriting.write(Data(input.utf8))
+            }
+        }
     }
 
     public var pid: Int32 { process.processIdentifier }
@@ -155,42 +163,7 @@ public final class BackgroundProcess: @unchecked Sendable {
 /// Runs a program with a time limit, optional standard input, and captures its output.
 public func runProcess(_ path: String, _ arguments: [String], input: String? = nil, inputDelay: Double = 0,
                        timeout: Double = 120) throws -> ProcessResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    let out = Pipe(), err = Pipe(), inPipe = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    process.standardInput = inPipe
-    let outData = LockedData(), errData = LockedData()
-    out.fileHandleForReading.readabilityHandler = { outData.append($0.availableData) }
-    err.fileHandleForReading.readabilityHandler = { errData.append($0.availableData) }
-    try process.run()
-    if let input {
-        DispatchQueue.global().asyncAfter(deadline: .now() + inputDelay) {
-            inPipe.fileHandleForWriting.write(input.data(using: .utf8)!)
-        }
-    }
-    let deadline = Date().addingTimeInterval(timeout)
-    var timedOut = false
-    while process.isRunning {
-        if Date() > deadline {
-            // SIGTERM first (godwit stops its guest and exits 7), SIGKILL if it has not gone in 3 s.
-            timedOut = true
-            process.terminate()
-            let grace = Date().addingTimeInterval(3)
-            while process.isRunning && Date() < grace { usleep(10_000) }
-            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-            break
-        }
-        usleep(10_000)
-    }
-    process.waitUntilExit()
-    out.fileHandleForReading.readabilityHandler = nil
-    err.fileHandleForReading.readabilityHandler = nil
-    outData.append(out.fileHandleForReading.readDataToEndOfFile())
-    errData.append(err.fileHandleForReading.readDataToEndOfFile())
-    return ProcessResult(status: process.terminationStatus, stdout: outData.string, stderr: errData.string, timedOut: timedOut)
+    try BackgroundProcess(path, arguments, input: input, inputDelay: inputDelay).wait(timeout: timeout)
 }
 
 /// Runs `godwit vm` with the test guest and `append` as the command line.
