@@ -26,3 +26,43 @@ public final class Lock: @unchecked Sendable {
         return try body()
     }
 }
+
+/// A mutex with a condition variable (heap-allocated, so their addresses never move): for threads
+/// that wait until a state changes, such as vCPUs parked while the VM is paused.
+public final class Condition: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
+
+    public init() {
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+        condition = .allocate(capacity: 1)
+        condition.initialize(to: pthread_cond_t())
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        condition.deinitialize(count: 1)
+        condition.deallocate()
+        pthread_mutex_destroy(mutex)
+        mutex.deinitialize(count: 1)
+        mutex.deallocate()
+    }
+
+    /// Runs `body` with the mutex held.
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+
+    /// With the mutex held (inside `withLock`): waits until `predicate` is true.
+    public func wait(until predicate: () -> Bool) {
+        while !predicate() { pthread_cond_wait(condition, mutex) }
+    }
+
+    /// Wakes every waiter (call inside `withLock` after changing the state they wait on).
+    public func broadcast() { pthread_cond_broadcast(condition) }
+}

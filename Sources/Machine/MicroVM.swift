@@ -92,8 +92,12 @@ public final class MicroVM: @unchecked Sendable {
     /// The full guest command line, with the virtio-mmio device declarations the VMM added.
     public private(set) var guestCommandLine: String = ""
 
-    private let stateLock = Lock()
+    /// Guards `state`, `threads` and `parkedVCPUs`; vCPU threads wait on it while the VM is paused.
+    private let stateLock = Condition()
     private var state: VMState = .configured
+    private var parkedVCPUs = 0
+    /// The kvm-clock when the VM was paused, restored on resume so the guest's time does not jump.
+    private var pausedClock: UInt64?
     private var threads: [pthread_t] = []
 
     public init(config: MachineConfig) throws {
@@ -325,6 +329,7 @@ public final class MicroVM: @unchecked Sendable {
         let changed: Bool = stateLock.withLock {
             guard let next = try? state.applying(.exit(exit)) else { return false }
             state = next
+            stateLock.broadcast()  // parked vCPUs wake up and leave
             return true
         }
         guard changed else { return }
@@ -340,6 +345,44 @@ public final class MicroVM: @unchecked Sendable {
     }
 
     public var currentState: VMState { stateLock.withLock { state } }
+
+    /// Stops every vCPU (they park outside KVM_RUN) and freezes the guest's clock; returns when all are parked.
+    public func pause() throws {
+        try stateLock.withLock { state = try state.applying(.pause) }
+        kickAll()
+        stateLock.withLock {
+            stateLock.wait {
+                if case .stopped = state { return true }
+                return parkedVCPUs == vcpus.count
+            }
+        }
+        pausedClock = try vm.clock()
+    }
+
+    /// Restores the guest's clock to its value at pause and lets the vCPUs run again.
+    public func resume() throws {
+        try stateLock.withLock {
+            guard case .paused = state else { _ = try state.applying(.resume); return }
+            if let clock = pausedClock { try vm.setClock(clock) }
+            pausedClock = nil
+            state = try state.applying(.resume)
+            stateLock.broadcast()
+        }
+    }
+
+    /// Called by a vCPU thread after a kick: parks it while the VM is paused.
+    private func parkIfPaused() {
+        stateLock.withLock {
+            guard case .paused = state else { return }
+            parkedVCPUs += 1
+            stateLock.broadcast()
+            stateLock.wait {
+                if case .paused = state { return false }
+                return true
+            }
+            parkedVCPUs -= 1
+        }
+    }
 
     private var isStopped: Bool {
         if case .stopped = stateLock.withLock({ state }) { return true }
@@ -369,6 +412,7 @@ public final class MicroVM: @unchecked Sendable {
                 if isWrite { mmio.write(address, UnsafeRawBufferPointer(buffer)) } else { mmio.read(address, buffer) }
             case .interrupted:
                 vcpu.setImmediateExit(false)
+                parkIfPaused()
             case .halt:
                 continue
             case .shutdown:
