@@ -67,6 +67,14 @@ public struct ProcessResult: Sendable {
     public var guestLines: [GuestLine] { stdout.split(separator: "\n").compactMap { GuestLine(String($0)) } }
 
     public func lines(job: String) -> [GuestLine] { guestLines.filter { $0.job == job } }
+
+    /// A counter from the statistics godwit prints at exit with GODWIT_DEVICE_STATISTICS=1,
+    /// e.g. `counter("exits", "mmio")`.
+    public func counter(_ line: String, _ name: String) -> Int? {
+        guard let l = stderr.split(separator: "\n").first(where: { $0.hasPrefix("godwit: \(line):") }),
+              let r = l.range(of: "\(name): ") else { return nil }
+        return Int(l[r.upperBound...].prefix { $0.isNumber })
+    }
 }
 
 /// One `@godwit job=NAME boot=ID t_us=T key=value...` line from the test guest.
@@ -168,7 +176,9 @@ public func runProcess(_ path: String, _ arguments: [String], input: String? = n
 
 /// Runs `godwit vm` with the test guest and `append` as the command line.
 public func runGodwit(jobs: String, cpus: Int = 1, memory: String = "128M", disks: [String] = [], extra: [String] = [],
-                      kernel: String? = nil, input: String? = nil, inputDelay: Double = 0, timeout: Double = 120) throws -> ProcessResult {
+                      kernel: String? = nil, input: String? = nil, inputDelay: Double = 0, timeout: Double = 120,
+                      statistics: Bool = false) throws -> ProcessResult {
+    if statistics { setenv("GODWIT_DEVICE_STATISTICS", "1", 1) } else { unsetenv("GODWIT_DEVICE_STATISTICS") }
     var args = ["vm", "--kernel", kernel ?? TestEnvironment.guestPath, "--cpus", String(cpus), "--memory", memory, "--cmdline", jobs]
     for d in disks { args += ["--disk", d] }
     args += extra

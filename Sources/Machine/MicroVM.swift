@@ -72,6 +72,33 @@ public struct MachineConfig: Sendable {
     }
 }
 
+/// How often each kind of vCPU exit happened: for metrics and for checking that a fast path has no exits.
+public struct ExitStatistics: Codable, Equatable, Sendable {
+    public var io: UInt64 = 0
+    public var mmio: UInt64 = 0
+    public var halt: UInt64 = 0
+    public var interrupted: UInt64 = 0
+    public var shutdown: UInt64 = 0
+    public var internalError: UInt64 = 0
+    public var systemEvent: UInt64 = 0
+    public var other: UInt64 = 0
+
+    public init() {}
+
+    public static func + (a: ExitStatistics, b: ExitStatistics) -> ExitStatistics {
+        var r = a
+        r.io += b.io; r.mmio += b.mmio; r.halt += b.halt; r.interrupted += b.interrupted
+        r.shutdown += b.shutdown; r.internalError += b.internalError; r.systemEvent += b.systemEvent; r.other += b.other
+        return r
+    }
+
+    /// (reason, count) pairs, for the Prometheus exposition.
+    public var byReason: [(String, UInt64)] {
+        [("io", io), ("mmio", mmio), ("halt", halt), ("interrupted", interrupted), ("shutdown", shutdown),
+         ("internal_error", internalError), ("system_event", systemEvent), ("other", other)]
+    }
+}
+
 /// A running (or runnable) microVM: KVM VM, guest RAM, devices and vCPU threads.
 public final class MicroVM: @unchecked Sendable {
     public let config: MachineConfig
@@ -96,6 +123,8 @@ public final class MicroVM: @unchecked Sendable {
     private let stateLock = Condition()
     private var state: VMState = .configured
     private var parkedVCPUs = 0
+    /// Exit counters, one per vCPU, each written only by its vCPU thread.
+    private var exitCounters: [ExitCounter] = []
     /// The kvm-clock when the VM was paused, restored on resume so the guest's time does not jump.
     private var pausedClock: UInt64?
     private var threads: [pthread_t] = []
@@ -171,6 +200,7 @@ public final class MicroVM: @unchecked Sendable {
                 try vcpu.setRegisters(regs)
             }
             vcpus.append(vcpu)
+            exitCounters.append(ExitCounter())
         }
     }
 
@@ -310,6 +340,7 @@ public final class MicroVM: @unchecked Sendable {
         // Every vCPU thread ends once the VM is stopped (requestExit kicks them out of KVM_RUN).
         for thread in stateLock.withLock({ threads }) { pthread_join(thread, nil) }
         if getenv("GODWIT_DEVICE_STATISTICS") != nil {
+            fputs("godwit: exits: \(exitStatistics)\n", stderr)
             for (i, wired) in virtioDevices.enumerated() {
                 let line: String
                 switch wired.device {
@@ -345,6 +376,9 @@ public final class MicroVM: @unchecked Sendable {
     }
 
     public var currentState: VMState { stateLock.withLock { state } }
+
+    /// vCPU exits so far, summed over the vCPUs.
+    public var exitStatistics: ExitStatistics { exitCounters.reduce(ExitStatistics()) { $0 + $1.snapshot } }
 
     /// Stops every vCPU (they park outside KVM_RUN) and freezes the guest's clock; returns when all are parked.
     public func pause() throws {
@@ -401,6 +435,8 @@ public final class MicroVM: @unchecked Sendable {
                 requestExit(.unhandledExit("vCPU \(vcpu.id): \(error)"))
                 return
             }
+            let counter = exitCounters[Int(vcpu.id)]
+            counter.count(exit)
             switch exit {
             case let .io(port, isWrite, size, count, data):
                 for i in 0..<count {
@@ -484,6 +520,29 @@ public final class MicroVM: @unchecked Sendable {
                     pending.removeFirst(taken)
                     if !pending.isEmpty { usleep(1000) }
                 }
+            }
+        }
+    }
+}
+
+/// One vCPU's exit counts behind a lock (taken once per exit, uncontended but for metrics readers).
+final class ExitCounter: @unchecked Sendable {
+    private let lock = Lock()
+    private var stats = ExitStatistics()
+
+    var snapshot: ExitStatistics { lock.withLock { stats } }
+
+    func count(_ exit: VCPUExit) {
+        lock.withLock {
+            switch exit {
+            case .io: stats.io += 1
+            case .mmio: stats.mmio += 1
+            case .halt: stats.halt += 1
+            case .interrupted: stats.interrupted += 1
+            case .shutdown: stats.shutdown += 1
+            case .internalError: stats.internalError += 1
+            case .systemEvent: stats.systemEvent += 1
+            case .failEntry, .other: stats.other += 1
             }
         }
     }

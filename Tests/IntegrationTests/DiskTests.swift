@@ -99,6 +99,21 @@ struct DiskTests {
         #expect(try BlockPattern.verify(imagePath: path, offset: 0, size: 1 << 20).bad.isEmpty)
     }
 
+    /// DESIGN.md's fast path: with ioeventfds a queue notification is no VMM exit; with `--notify exit`
+    /// every notification is one.
+    @Test func notificationsCauseNoVMMExits() throws {
+        let (dir, path) = try image()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let fast = try runGodwit(jobs: "godwit.job=blk-bench,n=2000", disks: [path], statistics: true)
+        let slow = try runGodwit(jobs: "godwit.job=blk-bench,n=2000", disks: [path], extra: ["--notify", "exit"], statistics: true)
+        #expect(fast.status == 0 && slow.status == 0, "\(fast.stderr)\(slow.stderr)")
+        let fastMMIO = try #require(fast.counter("exits", "mmio"), "\(fast.stderr)")
+        let slowMMIO = try #require(slow.counter("exits", "mmio"), "\(slow.stderr)")
+        #expect(fast.counter("device 0", "requests") == 2000)
+        #expect(fastMMIO < 100, "only set-up register accesses exit: \(fastMMIO)")
+        #expect(slowMMIO >= 2000, "one exit per notification: \(slowMMIO)")
+    }
+
     @Test func directIO() throws {
         let (dir, path) = try image()
         defer { try? FileManager.default.removeItem(at: dir) }
