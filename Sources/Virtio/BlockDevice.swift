@@ -75,14 +75,15 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     /// The size of the configuration space (struct virtio_blk_config up to write_zeroes_may_unmap + padding).
     public static let configSize = 60
 
-    public let backend: BlockBackend
+    /// The image behind the device; replaced by `replaceBackend(_:)` (requests use it under `lock`).
+    public private(set) var backend: BlockBackend
     /// The 20-byte serial returned by GET_ID (zero-padded).
     public let serial: [UInt8]
     public let deviceID: UInt32 = VirtioDeviceType.block
     public let queueCount = 1
     public let maxQueueSize: UInt16
     public let deviceFeatures: UInt64
-    private let config: [UInt8]
+    private var config: [UInt8]
 
     private let lock = Lock()
     private var queue: Virtqueue?
@@ -134,6 +135,24 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     /// The counters so far.
     public var statistics: BlockDeviceStatistics { lock.withLock { stats } }
 
+    /// Puts a new image behind the running device (Firecracker's `PATCH /drives`): later requests go
+    /// to it, the capacity in config space follows it, and the driver gets a config-change interrupt.
+    /// The new image must match the old one's read-only mode (the negotiated features cannot change).
+    public func replaceBackend(_ newBackend: BlockBackend) throws {
+        let interrupt: VirtioInterrupt? = try lock.withLock {
+            guard newBackend.readOnly == backend.readOnly else {
+                throw VirtioError.backendMismatch(reason: newBackend.readOnly ? "the new image is read-only, the device is not"
+                                                                                 : "the device is read-only, the new image is not")
+            }
+            backend = newBackend
+            withUnsafeBytes(of: (newBackend.capacity / BlockDevice.sectorSize).littleEndian) { bytes in
+                for (i, byte) in bytes.enumerated() { config[i] = byte }
+            }
+            return self.interrupt
+        }
+        interrupt?.signalConfigChange()
+    }
+
     /// True when the device stopped on a malformed chain and waits for a reset.
     public var needsReset: Bool { lock.withLock { broken } }
 
@@ -143,6 +162,7 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     // MARK: VirtioDevice
 
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        let config = lock.withLock { self.config }
         for i in 0..<data.count {
             let (position, overflow) = offset.addingReportingOverflow(i)
             data[i] = !overflow && position >= 0 && position < config.count ? config[position] : 0

@@ -52,6 +52,9 @@ public enum VirtioError: Error, CustomStringConvertible, Equatable, Sendable {
     /// A request the device cannot complete, not even with an error status (e.g. no status byte).
     case malformedRequest(head: UInt16, reason: String)
 
+    /// A replacement backend does not fit the device as the driver negotiated it.
+    case backendMismatch(reason: String)
+
     public var description: String {
         switch self {
         case let .headOutOfRange(head, queueSize):
@@ -96,6 +99,8 @@ public enum VirtioError: Error, CustomStringConvertible, Equatable, Sendable {
             return "driver error at status 0x\(String(status, radix: 16)): \(reason)"
         case let .malformedRequest(head, reason):
             return "request at head \(head) is malformed: \(reason)"
+        case let .backendMismatch(reason):
+            return "cannot replace the backend: \(reason)"
         }
     }
 }

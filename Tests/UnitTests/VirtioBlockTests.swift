@@ -211,6 +211,23 @@ func virtioRandomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(stats.requests == 1 && stats.reads == 1 && stats.bytesRead == 2048 && stats.errors == 0)
     }
 
+    @Test func replacingTheBackendChangesCapacityAndSignalsTheDriver() throws {
+        let small = try VirtioTempImage(size: 64 * 1024)
+        let large = try VirtioTempImage(size: 256 * 1024, pattern: { _ in 0x5a })
+        let harness = try VirtioBlockHarness(backend: try FileBlockBackend(path: small.path))
+        try harness.device.replaceBackend(try FileBlockBackend(path: large.path))
+        var capacity: UInt64 = 0
+        withUnsafeMutableBytes(of: &capacity) { harness.device.readConfig(offset: 0, into: $0) }
+        #expect(capacity == 512, "256 KiB in sectors")
+        #expect(harness.interrupt.configSignals == 1)
+        // Requests go to the new image, including sectors past the old capacity.
+        let result = try harness.run(type: VirtioBlkType.read, sector: 300, inLength: 512)
+        #expect(result.status == VirtioBlkStatus.ok)
+        #expect(result.data == [UInt8](repeating: 0x5a, count: 512))
+        // A read-only image cannot replace a writable device's.
+        #expect(throws: VirtioError.self) { try harness.device.replaceBackend(try FileBlockBackend(path: large.path, readOnly: true)) }
+    }
+
     @Test func writeLandsOnDiskAndReadsBack() throws {
         let image = try VirtioTempImage(size: 64 * 1024)
         let before = try image.contents
