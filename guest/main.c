@@ -111,7 +111,7 @@ u64 clock_us(void) { return clock_ns() / 1000; }
 
 static void emit_at(u64 ns, const char *job, const char *f, va_list ap)
 {
-    char line[512];
+    char line[1024];
     int n = fmt(line, sizeof line - 2, "@godwit job=%s boot=%016lx t_us=%lu", job, boot_id, ns / 1000);
     if (f && *f) {
         line[n++] = ' ';

@@ -629,7 +629,7 @@ int job_net_echo(struct args *a)
     }
     net_job_end(&j);
     struct net_stats *s = nic_stats(nf->nic), *b = &j.base;
-    char drops[256];
+    char drops[640];
     drop_list(drops, sizeof drops, s, b);
     emit(a->job, "rx_frames=%lu tx_frames=%lu arp=%lu icmp=%lu udp_echo=%lu dropped=%lu drop_reasons=%s mode=%s "
                  "notifies=%lu irqs=%lu",

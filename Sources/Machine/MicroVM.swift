@@ -107,6 +107,7 @@ public final class MicroVM: @unchecked Sendable {
     public let vm: VirtualMachine
     public private(set) var vcpus: [VirtualCPU] = []
     public let serial: Serial
+    public private(set) var keyboard: I8042!
     public let pio = IOBus()
     public let mmio = IOBus()
     public private(set) var virtioDevices: [VirtioMMIODevice] = []
@@ -169,6 +170,8 @@ public final class MicroVM: @unchecked Sendable {
         serial = Serial(output: { bytes in try? output.writeAll(bytes) },
                         setInterrupt: { level in try? vmRef.setIRQLine(Serial.com1IRQ, level: level) })
 
+        keyboard = I8042(onReset: { [weak self] in self?.requestExit(.reboot) },
+                         pulseInterrupt: { try? vmRef.pulseIRQ(I8042.irq) })
         try addLegacyDevices()
         try addDisks()
         try addNets()
@@ -237,12 +240,16 @@ public final class MicroVM: @unchecked Sendable {
                 if data.count > 1 { UnsafeMutableRawBufferPointer(rebasing: data[1...]).initializeMemory(as: UInt8.self, repeating: 0) }
             },
             write: { offset, data in serial.write(offset: UInt16(offset), value: data[0]) }))
-        // i8042: status reads "nothing to read, ready for input"; command 0xfe pulses the reset line.
-        try pio.register(start: 0x60, size: 1, name: "i8042 data", handler: .init(
-            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) }, write: { _, _ in }))
-        try pio.register(start: 0x64, size: 1, name: "i8042 command", handler: .init(
-            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) },
-            write: { [weak self] _, data in if data[0] == 0xfe { self?.requestExit(.reboot) } }))
+        // i8042: the reset line (0xfe to 0x64) and host-sent Ctrl-Alt-Del on IRQ 1.
+        let keyboard: I8042 = self.keyboard
+        for port in [I8042.dataPort, I8042.commandPort] {
+            try pio.register(start: UInt64(port), size: 1, name: "i8042 \(port)", handler: .init(
+                read: { _, data in
+                    data.initializeMemory(as: UInt8.self, repeating: 0)
+                    data[0] = keyboard.read(port: port)
+                },
+                write: { _, data in keyboard.write(port: port, value: data[0]) }))
+        }
         // isa-debug-exit at 0xf4 (iosize 4), as QEMU's `-device isa-debug-exit,iobase=0xf4,iosize=0x04`.
         try pio.register(start: 0xf4, size: 4, name: "debug exit", handler: .init(
             read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0xff) },
