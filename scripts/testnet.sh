@@ -7,9 +7,10 @@
 # up (idempotent): creates the network namespace NAME if it does not exist (without
 # --netns everything is made in the current namespace), a Linux bridge with the
 # address, and N persistent TAPs `<bridge>t0`, `<bridge>t1`, ... (mode tap,
-# vnet_hdr), attached to the bridge; everything up, IPv6 address generation off
-# (no router solicitations or MLD noise on the wire). Prints the TAP names, one
-# per line. Start the VMM inside the namespace (`ip netns exec NAME ...`) and
+# vnet_hdr), attached to the bridge; everything up. A quiet wire: STP, multicast
+# snooping and IPv6 are off on the bridge and TAPs (no IGMP/MLD reports, router
+# solicitations), so a guest sees only the test's traffic. Prints the TAP names,
+# one per line. Start the VMM inside the namespace (`ip netns exec NAME ...`) and
 # give it a TAP name.
 #
 # down: removes every `<bridge>t<digits>` TAP (at least --taps of them), the
@@ -72,11 +73,18 @@ if [ "$action" = up ]; then
         ip netns add "$netns"
         mkdir -p "$state"
         : >"$state/$netns"
+        # Our own namespace: IPv6 off for every device made in it from now on, so that not
+        # even the first carrier-up sends an MLD report onto the test wire.
+        ip netns exec "$netns" sh -c \
+            "f=/proc/sys/net/ipv6/conf/default/disable_ipv6; [ ! -w \$f ] || echo 1 >\$f" 2>/dev/null || true
     fi
     [ -z "$netns" ] || ipn link set dev lo up
     if ! have_link "$bridge"; then
-        ipn link add name "$bridge" type bridge stp_state 0
+        ipn link add name "$bridge" type bridge stp_state 0 mcast_snooping 0
     fi
+    # No multicast snooping: it would make the bridge join 224.0.0.106 / ff02::6a and send
+    # an IGMP/MLD report onto the test wire when it first gets carrier.
+    ipn link set dev "$bridge" type bridge mcast_snooping 0
     no_ipv6 "$bridge"
     ipn addr replace "$addr" dev "$bridge"
     ipn link set dev "$bridge" up
