@@ -38,7 +38,40 @@ static int fail(struct blkdev *d, const char *what) { return vdev_fail(d->v, wha
 
 int blk_count(void) { return ndevs; }
 struct blkdev *blk_get(int i) { return i >= 0 && i < ndevs ? &devs[i] : 0; }
-u64 blk_capacity(struct blkdev *d) { return d->capacity; }
+
+/* Capacity (config offset 0, u64) re-read with the ConfigGeneration check.
+ * 0 ok, -1 if the generation never settled (error recorded). */
+int blk_read_capacity(struct blkdev *d)
+{
+    u64 cap;
+    d->v->config_dirty = 0; /* before the read: a change during it sets it again */
+    if (vdev_config(d->v, 0, &cap, 8))
+        return -1;
+    d->capacity = cap;
+    return 0;
+}
+
+/* The cached capacity, re-read first if a configuration-change interrupt
+ * (InterruptStatus bit 1) arrived since the last read (irq mode). */
+u64 blk_capacity(struct blkdev *d)
+{
+    if (d->v->config_dirty)
+        blk_read_capacity(d);
+    return d->capacity;
+}
+
+u64 blk_config_irqs(struct blkdev *d) { return d->v->config_irqs; }
+
+/* irq mode, nothing in flight: wait for an interrupt; after a configuration
+ * change re-read the capacity. 1 interrupt, 0 deadline, -1 config error. */
+int blk_wait_config(struct blkdev *d, u64 deadline_ns)
+{
+    if (!vdev_wait_irq(d->v, deadline_ns))
+        return 0;
+    if (d->v->config_dirty && blk_read_capacity(d))
+        return -1;
+    return 1;
+}
 u64 blk_base(struct blkdev *d) { return d->v->base; }
 int blk_ro(struct blkdev *d) { return !!(d->v->features & F_BLK_RO); }
 int blk_has_flush(struct blkdev *d) { return !!(d->v->features & F_BLK_FLUSH); }
@@ -48,7 +81,7 @@ const char *blk_error(struct blkdev *d) { return d->v->err[0] ? d->v->err : "unk
 const char *blk_describe(struct blkdev *d, char *buf, int cap)
 {
     fmt(buf, cap, "addr=0x%lx irq=%u sectors=%lu ro=%d flush=%d event_idx=%d qsize=%u", d->v->base, d->v->irq,
-        d->capacity, blk_ro(d), blk_has_flush(d), !!(d->v->features & F_EVENT_IDX), d->q.num);
+        blk_capacity(d), blk_ro(d), blk_has_flush(d), !!(d->v->features & F_EVENT_IDX), d->q.num);
     return buf;
 }
 
@@ -69,7 +102,7 @@ int blk_attach(struct vdev *v)
         d->free_list[i] = (u8)(d->nslots - 1 - i);
     if (vdev_driver_ok(v))
         return -1;
-    if (vdev_config(v, 0, &d->capacity, 8))
+    if (blk_read_capacity(d))
         return -1;
     ndevs++;
     return 0;

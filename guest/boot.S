@@ -17,7 +17,8 @@
  *
  * Interrupt/exception stubs: exceptions (and unexpected vectors) record what
  * happened and iretq to a CPL 3 reporter (user_fault_entry); the virtio IRQ
- * vectors 0x30..0x37 bump a counter, EOI the LAPIC and iretq.
+ * vectors 0x30..0x37 and the i8042 keyboard vector 0x38 bump a counter, EOI
+ * the LAPIC and iretq (CPL 3 code notices the counter move and does the rest).
  */
 
 #define SEL_KCODE   0x08
@@ -28,6 +29,7 @@
 #define SEL_TSS     0x30
 
 #define IRQ_VECTOR_BASE 0x30    /* virtio device i -> vector 0x30 + i (i < 8) */
+#define KBD_VECTOR      0x38    /* i8042 keyboard, ISA IRQ 1 */
 #define SPURIOUS_VECTOR 0x3f
 #define NUM_VECTORS     64
 
@@ -182,7 +184,14 @@ isr_table:
         .irp n, 0,1,2,3,4,5,6,7
         irq_stub \n                    /* 0x30..0x37: virtio devices */
         .endr
-        .irp v, 56,57,58,59,60,61,62
+        .balign 32                      /* 0x38: i8042 keyboard (ISA IRQ 1) */
+        pushq %rax
+        lock incl boot_kbd_count(%rip)
+        movl $LAPIC_EOI, %eax
+        movl $0, (%rax)
+        popq %rax
+        iretq
+        .irp v, 57,58,59,60,61,62
         exc_stub \v
         .endr
         .balign 32                      /* 0x3f: LAPIC spurious, no EOI */
@@ -309,7 +318,7 @@ tss_end:
  * outside the BSS that C zeroes). */
         .balign 8
         .globl boot_start_info, boot_cpuid1_ecx, boot_kvm_features, boot_kvmclock_ok
-        .globl boot_ap_count, boot_irq_count, boot_fault, boot_fault_depth, pvclock, boot_entry_tsc
+        .globl boot_ap_count, boot_irq_count, boot_kbd_count, boot_fault, boot_fault_depth, pvclock, boot_entry_tsc
 boot_start_info:    .long 0
 boot_cpuid1_ecx:    .long 0
 boot_kvm_features:  .long 0
@@ -317,6 +326,7 @@ boot_kvmclock_ok:   .long 0
 boot_ap_count:      .long 0
 boot_fault_depth:   .long 0
 boot_irq_count:     .fill 8, 4, 0
+boot_kbd_count:     .long 0             /* vector 0x38 interrupts */
 boot_fault:         .fill 6, 8, 0       /* vector, error, rip, cs, rsp, cr2 */
 boot_entry_tsc:     .quad 0
 

@@ -36,6 +36,7 @@ static inline u64 rdtsc(void)
 extern volatile u32 boot_start_info, boot_cpuid1_ecx, boot_kvm_features, boot_kvmclock_ok;
 extern volatile u32 boot_ap_count, boot_fault_depth;
 extern volatile u32 boot_irq_count[8];
+extern volatile u32 boot_kbd_count;  /* i8042 interrupts (vector 0x38) */
 extern volatile u64 boot_fault[6];
 extern volatile u64 boot_entry_tsc;
 extern char ap_tramp_start[], ap_tramp_end[];
@@ -57,6 +58,7 @@ u64 mix64(u64 x);                                          /* splitmix64 finaliz
 void sort_u32(u32 *a, u64 n);
 
 /* serial.c */
+extern int serial_mid_line;  /* the last byte written was not '\n' */
 void serial_write(const char *s, int n);
 void serial_write_rep(const char *s, int n);
 int serial_getc(void); /* -1 if nothing pending */
@@ -65,13 +67,13 @@ int serial_getc(void); /* -1 if nothing pending */
 extern u64 boot_id;
 extern u64 ram_bytes;         /* RAM per the memmap */
 extern u64 heap_base, heap_end; /* free RAM above the image, for jobs */
-u64 clock_ns(void);          /* kvm-clock; fails the boot if it goes backwards */
+u64 clock_ns(void);          /* kvm-clock; fails the boot if it goes backwards; handles Ctrl-Alt-Del */
 u64 clock_us(void);
 u64 tsc_to_ns(u64 tsc);      /* kvm-clock time of an earlier TSC reading */
 extern u64 main_ns;          /* kvm-clock at guest_main */
 void emit(const char *job, const char *fmt, ...);   /* "@godwit job=..." line */
 void say(const char *fmt, ...);                     /* chatter line */
-NORETURN void finish(int pass, const char *reason);
+NORETURN void finish(int pass, const char *reason); /* pass with a reason: "status=pass reason=R" */
 void *heap_alloc(u64 size, u64 align);  /* job-scoped bump allocator; 0 if no RAM */
 void heap_reset(void);
 void *perm_alloc(u64 size, u64 align);  /* for the whole boot (device rings, buffers); probe time only */
@@ -81,7 +83,15 @@ int smp_start_aps(void);     /* returns number of vCPUs up (incl. BSP) */
 int smp_cpus(void);
 u64 lapic_base(void);
 u64 ioapic_base(void);
+u32 ioapic_read(u32 reg);
+void ioapic_write(u32 reg, u32 v);
+u32 isa_irq_pin(u32 irq);    /* IOAPIC pin per the MP table (default: the same number) */
 void lapic_init(void);
+
+/* kbd.c: the i8042 keyboard, for the host's Ctrl-Alt-Del */
+extern u32 kbd_seen;         /* boot_kbd_count last handled */
+void kbd_init(void);         /* IOAPIC pin of ISA IRQ 1 -> vector 0x38; drains stale bytes */
+void kbd_irq(void);          /* called by clock_ns() when boot_kbd_count moved */
 
 /* virtio.c: transport and probing; blk.c, vnet.c: the drivers */
 #define MAX_VIRTIO 8
@@ -90,7 +100,11 @@ void virtio_probe_args(char **argv, int argc); /* virtio_mmio.device= words */
 int virtio_errors(void);
 int blk_count(void);
 struct blkdev *blk_get(int i);
-u64 blk_capacity(struct blkdev *d); /* sectors */
+u64 blk_capacity(struct blkdev *d); /* sectors; re-read after a config-change interrupt */
+int blk_read_capacity(struct blkdev *d); /* re-read config space now (generation-checked); 0 ok */
+u64 blk_config_irqs(struct blkdev *d);   /* config-change notices (InterruptStatus bit 1) seen */
+int blk_wait_config(struct blkdev *d, u64 deadline_ns); /* irq mode: 1 interrupt (capacity re-read after a
+                                                          config change), 0 deadline, -1 error */
 u64 blk_base(struct blkdev *d);
 int blk_ro(struct blkdev *d);
 const char *blk_describe(struct blkdev *d, char *buf, int cap);

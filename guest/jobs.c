@@ -485,6 +485,61 @@ static int job_blk_bench(struct args *a)
     return 0;
 }
 
+/* --------------------------------------------------------- blk-capacity
+ * The disk's capacity now, or (wait_sectors=N) how long until it becomes N:
+ * mode=poll re-reads config space every 10 ms (each read is an exit, so no
+ * faster); mode=irq reads it once, then only after a configuration-change
+ * interrupt (InterruptStatus bit 1), which is what the VMM must send.
+ */
+static int job_blk_capacity(struct args *a)
+{
+    int disk = (int)arg_num(a, "disk", 0, 0, 64);
+    int wait = arg_find(a, "wait_sectors") >= 0;
+    u64 want = arg_num(a, "wait_sectors", 0, 0, ~0ull);
+    u64 secs = arg_num(a, "seconds", 10, 0, 1000000);
+    int irq = arg_mode(a);
+    if (args_check(a))
+        return 1;
+    struct blkdev *d = blk_get(disk);
+    if (!d)
+        return job_error(a->job, "no-disk", "disk=%d disks=%d", disk, blk_count());
+    if (!wait) {
+        if (blk_read_capacity(d))
+            return job_error(a->job, blk_error(d), "disk=%d", disk);
+        emit(a->job, "disk=%d sectors=%lu", disk, blk_capacity(d));
+        return 0;
+    }
+    const char *mode = irq ? "irq" : "poll";
+    u64 t0 = clock_ns(), end = t0 + secs * 1000000000ull;
+    if (blk_set_mode(d, irq)) /* irq: a change noticed from here on interrupts */
+        return job_error(a->job, blk_error(d), "disk=%d", disk);
+    u64 irqs0 = blk_config_irqs(d);
+    int bad = blk_read_capacity(d);
+    for (u64 k = 1; !bad && blk_capacity(d) != want; k++) {
+        u64 now = clock_ns();
+        if (now >= end)
+            break;
+        if (irq) {
+            bad = blk_wait_config(d, end) < 0;
+        } else {
+            wait_until(MIN(end, t0 + k * 10000000ull));
+            bad = blk_read_capacity(d);
+        }
+    }
+    u64 waited = (clock_ns() - t0) / 1000, cap = blk_capacity(d), irqs = blk_config_irqs(d) - irqs0;
+    blk_set_mode(d, 0);
+    char extra[48] = "";
+    if (irq)
+        fmt(extra, sizeof extra, " config_irqs=%lu", irqs);
+    if (bad)
+        return job_error(a->job, blk_error(d), "disk=%d sectors=%lu", disk, cap);
+    if (cap != want)
+        return job_error(a->job, "timeout", "disk=%d sectors=%lu wait_sectors=%lu waited_us=%lu mode=%s%s", disk,
+                         cap, want, waited, mode, extra);
+    emit(a->job, "disk=%d sectors=%lu waited_us=%lu mode=%s%s", disk, cap, waited, mode, extra);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- dirty */
 
 /* Writes one 4 KiB page with content from (seed, page, generation) and
@@ -620,8 +675,12 @@ static void shell_info(void)
     emit("shell", "cmd=info uptime_us=%lu cpus=%d disks=%d mem_mib=%lu nics=%d", clock_us(), smp_cpus(), blk_count(),
          (ram_bytes + MIB - 1) >> 20, nic_count());
     char desc[200];
-    for (int i = 0; i < blk_count(); i++)
-        emit("shell", "cmd=info disk=%d %s", i, blk_describe(blk_get(i), desc, sizeof desc));
+    for (int i = 0; i < blk_count(); i++) {
+        struct blkdev *d = blk_get(i);
+        int bad = blk_read_capacity(d); /* the capacity now: the VMM may have swapped the image */
+        emit("shell", "cmd=info disk=%d %s%s%s", i, blk_describe(d, desc, sizeof desc), bad ? " error=" : "",
+             bad ? blk_error(d) : "");
+    }
     for (int i = 0; i < nic_count(); i++) {
         char ip[24] = "";
         if (i == 0)
@@ -684,7 +743,7 @@ static const struct {
 } jobs[] = {
     {"ready", job_ready},         {"idle", job_idle},   {"blk-verify", job_blk_verify},
     {"blk-check", job_blk_check}, {"blk-bench", job_blk_bench}, {"dirty", job_dirty},
-    {"shell", job_shell},         {"probe", job_probe},
+    {"shell", job_shell},         {"probe", job_probe},         {"blk-capacity", job_blk_capacity},
     {"fault", job_fault},         {"net-echo", job_net_echo},   {"net-send", job_net_send},
     {"net-recv", job_net_recv},   {"net-ping", job_net_ping},
 };

@@ -7,10 +7,14 @@
 
 #define COM1 0x3f8
 
+int serial_mid_line;
+
 void serial_write(const char *s, int n)
 {
     for (int i = 0; i < n; i++)
         outb(COM1, (u8)s[i]);
+    if (n > 0)
+        serial_mid_line = s[n - 1] != '\n';
 }
 
 int serial_getc(void)

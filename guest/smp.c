@@ -20,9 +20,27 @@
 static u64 ioapic = 0xfec00000ull;
 static u8 cpu_ids[MAX_CPUS]; /* enabled processors from the MP table */
 static int ncpu_entries, mp_found, aps_started, cpus_up = 1;
+static u32 isa_buses;        /* bit n: bus id n is ISA */
+static u8 isa_pin[16];       /* ISA IRQ -> IOAPIC pin + 1 (0: no I/O interrupt entry) */
 
 u64 lapic_base(void) { return LAPIC_BASE; }
 u64 ioapic_base(void) { return ioapic; }
+
+u32 ioapic_read(u32 reg)
+{
+    mmio_w32(ioapic, reg);
+    return mmio_r32(ioapic + 0x10);
+}
+
+void ioapic_write(u32 reg, u32 v)
+{
+    mmio_w32(ioapic, reg);
+    mmio_w32(ioapic + 0x10, v);
+}
+
+/* The IOAPIC pin of an ISA IRQ: from the MP table's I/O interrupt entries if
+ * it has one for that IRQ, else identity (what both VMMs wire). */
+u32 isa_irq_pin(u32 irq) { return irq < 16 && isa_pin[irq] ? isa_pin[irq] - 1u : irq; }
 
 void lapic_init(void)
 {
@@ -84,8 +102,15 @@ void mp_parse(void)
                 cpu_ids[ncpu_entries++] = e[1];
             e += 20;
         } else if (e[0] <= 4) {
-            if (e[0] == 2 && e + 8 <= end && (e[3] & 1)) /* I/O APIC, enabled */
+            if (e + 8 > end)
+                break;
+            if (e[0] == 1 && e[1] < 32 && e[2] == 'I' && e[3] == 'S' && e[4] == 'A') /* bus "ISA   " */
+                isa_buses |= 1u << e[1];
+            if (e[0] == 2 && (e[3] & 1)) /* I/O APIC, enabled */
                 ioapic = *(const u32 *)(e + 4);
+            /* I/O interrupt (type 3), INT: bus, bus IRQ, IOAPIC id, pin. Buses come first. */
+            if (e[0] == 3 && e[1] == 0 && e[4] < 32 && (isa_buses >> e[4] & 1) && e[5] < 16 && e[7] < 255)
+                isa_pin[e[5]] = (u8)(e[7] + 1);
             e += 8;
         } else {
             say("MP table: unknown entry type %u", e[0]);

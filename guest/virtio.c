@@ -221,18 +221,6 @@ void virtio_probe_args(char **argv, int argc)
 
 /* ------------------------------------------------------------ interrupts */
 
-static u32 ioapic_read(u32 reg)
-{
-    mmio_w32(ioapic_base(), reg);
-    return mmio_r32(ioapic_base() + 0x10);
-}
-
-static void ioapic_write(u32 reg, u32 v)
-{
-    mmio_w32(ioapic_base(), reg);
-    mmio_w32(ioapic_base() + 0x10, v);
-}
-
 /* Request (want = 1) or suppress used-ring interrupts: with EVENT_IDX the
  * used_event index (at last_used: the next entry interrupts; one behind: none
  * until it wraps), else the avail ring's NO_INTERRUPT flag. */
@@ -258,7 +246,7 @@ int vdev_set_mode(struct vdev *d, int irq_mode)
     if (irq_mode) {
         u32 isr = vd_rd(d, VM_INT_STATUS);
         if (isr)
-            vd_wr(d, VM_INT_ACK, isr); /* drop a line left high while polling */
+            vdev_ack(d, isr); /* drop a line left high while polling */
         u32 apic_id = mmio_r32(lapic_base() + 0x20) >> 24;
         ioapic_write(reg + 1, apic_id << 24);
         ioapic_write(reg, IRQ_VECTOR_BASE + (u32)d->window);
@@ -284,10 +272,21 @@ int vdev_wait_irq(struct vdev *d, u64 deadline)
     d->irqs++;
     u32 isr = vd_rd(d, VM_INT_STATUS);
     if (isr)
-        vd_wr(d, VM_INT_ACK, isr);
+        vdev_ack(d, isr);
     else
         d->isr_zero++;
     return 1;
+}
+
+/* Acknowledge InterruptStatus bits; a configuration change (bit 1) is
+ * recorded for the driver (blk.c re-reads the capacity). */
+void vdev_ack(struct vdev *d, u32 isr)
+{
+    vd_wr(d, VM_INT_ACK, isr);
+    if (isr & ISR_CONFIG) {
+        d->config_irqs++;
+        d->config_dirty = 1;
+    }
 }
 
 /* ------------------------------------------------------------ the rings */

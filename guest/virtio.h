@@ -48,6 +48,8 @@
 #define VQ_MAX 256            /* largest queue any driver here uses */
 #define IRQ_VECTOR_BASE 0x30
 #define VIRTIO_TIMEOUT_NS 10000000000ull
+#define ISR_USED 1
+#define ISR_CONFIG 2
 
 struct vring_desc {
     u64 addr;
@@ -78,6 +80,8 @@ struct vdev {
     int irq_mode;
     u32 irq_seen;   /* boot_irq_count[window] last handled */
     u64 irqs, isr_zero;
+    u64 config_irqs;  /* InterruptStatus bit 1 (configuration change) seen */
+    u8 config_dirty;  /* set with config_irqs; the driver re-reads its config and clears it */
     char err[64];   /* first error, for "error=<what>" */
 };
 
@@ -91,6 +95,7 @@ int vdev_driver_ok(struct vdev *d);
 int vdev_config(struct vdev *d, u32 off, void *buf, u32 len);   /* generation-checked byte reads */
 int vdev_set_mode(struct vdev *d, int irq_mode);                /* IOAPIC pin: masked / edge */
 int vdev_wait_irq(struct vdev *d, u64 deadline_ns);             /* 1: interrupt (acknowledged), 0: deadline */
+void vdev_ack(struct vdev *d, u32 isr);                         /* InterruptACK; notes a config change */
 
 /* Queue helpers. */
 static inline u16 vq_used_idx(struct vq *q) { return *q->used_idx_p; }

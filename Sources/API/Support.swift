@@ -90,7 +90,6 @@ func startThread(name: String, detached: Bool, _ body: @escaping () -> Void) thr
     let box = Unmanaged.passRetained(ThreadBody(name: name, body: body)).toOpaque()
     let rc = pthread_create(&thread, nil, { raw in
         let box = Unmanaged<ThreadBody>.fromOpaque(raw!).takeRetainedValue()
-        _ = pthread_setname_np(pthread_self(), String(box.name.prefix(15)))
         box.body()
         return nil
     }, box)

@@ -73,8 +73,13 @@ public enum UnixSocket {
     static func accept(_ listener: FileDescriptor) throws -> FileDescriptor? {
         let raw = listener.rawValue
         while true {
-            let fd = accept4(raw, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
-            if fd >= 0 { return FileDescriptor(owning: fd) }
+            // accept4(SOCK_CLOEXEC) is a GNU extension Swift's Glibc module does not declare: set
+            // close-on-exec right after accepting instead.
+            let fd = Glibc.accept(raw, nil, nil)
+            if fd >= 0 {
+                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                return FileDescriptor(owning: fd)
+            }
             let code = errno
             switch code {
             case EINTR: continue
