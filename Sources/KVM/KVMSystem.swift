@@ -42,7 +42,7 @@ public final class KVMSystem: @unchecked Sendable {
         let fd: FileDescriptor
         do {
             fd = try FileDescriptor.open(path, flags: O_RDWR)
-        } catch let error as SystemError {
+        } catch {
             throw KVMError.deviceUnavailable(path: path, error)
         }
         let version = try kvmCall { try fd.ioctl(GODWIT_KVM_GET_API_VERSION, value: 0, "KVM_GET_API_VERSION") }
