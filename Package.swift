@@ -21,18 +21,20 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .target(name: "Virtio", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio"], swiftSettings: swift5),
+        .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
+        .target(name: "VMM", dependencies: ["API", "Machine", "Virtio", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
-            dependencies: ["Machine", "Virtio", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Machine", "Virtio", "API", "VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swift5),
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
             name: "UnitTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "Machine", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "Machine", "API", "GodwitTestSupport"],
             swiftSettings: swift5),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["GodwitSystem", "KVM", "Machine", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "KVM", "Machine", "API", "VMM", "GodwitTestSupport"],
             swiftSettings: swift5),
     ]
 )

@@ -141,10 +141,5 @@ void kbd_init(void)
     u32 apic_id = mmio_r32(lapic_base() + 0x20) >> 24;
     ioapic_write(0x10 + 2 * pin + 1, apic_id << 24);
     ioapic_write(0x10 + 2 * pin, KBD_VECTOR); /* fixed, physical, active high, edge, unmasked */
-    handling = 1;
-    kbd_seen = boot_kbd_count;
-    int cad = drain();
-    handling = 0;
-    if (cad)
-        ctrl_alt_del(cad);
+    kbd_irq();
 }

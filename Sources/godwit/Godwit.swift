@@ -1,7 +1,11 @@
+import API
 import ArgumentParser
+import Dispatch
+import Foundation
 import GodwitSystem
 import Machine
 import Virtio
+import VMM
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -30,8 +34,14 @@ struct VMCommand: ParsableCommand {
         failure: RIP and instruction bytes are printed); 6 an exit the VMM does not handle; 7 stopped by a signal.
         """)
 
-    @Option(help: "Guest kernel: an ELF with the Xen PVH entry note (the test guest, or a Linux vmlinux).")
-    var kernel: String
+    @Option(help: "Guest kernel: an ELF with the Xen PVH entry note (the test guest, or a Linux vmlinux). Not with --api-sock or --config-file.")
+    var kernel: String?
+
+    @Option(help: "Serve the Firecracker-compatible HTTP API on this Unix socket; the VM is configured and started through it.")
+    var apiSock: String?
+
+    @Option(help: "Build and start the VM from a Firecracker-format JSON configuration file.")
+    var configFile: String?
 
     @Option(help: "Guest kernel command line.")
     var cmdline: String = ""
@@ -59,7 +69,18 @@ struct VMCommand: ParsableCommand {
     @Option(help: "The KVM device.")
     var kvmDevice: String = "/dev/kvm"
 
+    func validate() throws {
+        if kernel == nil && apiSock == nil && configFile == nil {
+            throw ValidationError("give --kernel, --config-file or --api-sock")
+        }
+        if kernel != nil && configFile != nil { throw ValidationError("--kernel and --config-file exclude each other") }
+    }
+
     func run() throws {
+        if apiSock != nil || configFile != nil {
+            try runService()
+            return
+        }
         do {
             let config = try makeConfig()
             let vm = try MicroVM(config: config)
@@ -78,22 +99,64 @@ struct VMCommand: ParsableCommand {
         }
     }
 
+    /// API and config-file mode: one `VMMService` that both drive.
+    func runService() throws {
+        guard let mode = MachineConfig.QueueNotification(rawValue: notify) else {
+            throw ValidationError("--notify must be ioeventfd or exit, not '\(notify)'")
+        }
+        let (output, input) = try serialDescriptors()
+        let service = VMMService(serialOutput: output, serialInput: input, kvmPath: kvmDevice, queueNotification: mode)
+        let done = DispatchSemaphore(value: 0)
+        let exitBox = ExitBox()
+        service.onGuestExit = { exit in
+            exitBox.exit = exit
+            done.signal()
+        }
+        // Before any other thread starts, so that every thread inherits the blocked stop signals.
+        StopSignals.install {
+            if let machine = service.machineInstance { machine.requestExit(.stopped) } else { Glibc.exit(GuestExit.stopped.processExitStatus) }
+        }
+        var server: APIServer?
+        if let apiSock {
+            server = APIServer(socketPath: apiSock, controller: service)
+            do { try server?.start() } catch {
+                fputs("godwit: error: API socket \(apiSock): \(error)\n", stderr)
+                Glibc.exit(ExitStatus.setupError)
+            }
+        }
+        if let configFile {
+            do {
+                try VMConfigFile.apply(try VMConfigFile.load(path: configFile), to: service)
+            } catch {
+                fputs("godwit: error: config file \(configFile): \(error)\n", stderr)
+                server?.stop()
+                Glibc.exit(ExitStatus.setupError)
+            }
+        }
+        let terminal = RawTerminal(enabled: serial == "stdio" && apiSock == nil)
+        done.wait()
+        terminal.restore()
+        server?.stop(timeout: 1)
+        let exit = exitBox.exit ?? .stopped
+        if exit.processExitStatus != 0 { fputs("godwit: \(exit)\n", stderr) }
+        Glibc.exit(exit.processExitStatus)
+    }
+
+    func serialDescriptors() throws -> (FileDescriptor, FileDescriptor?) {
+        if serial == "stdio" { return (FileDescriptor(owning: dup(1)), FileDescriptor(owning: dup(0))) }
+        do {
+            return (try FileDescriptor.open(serial, flags: O_WRONLY | O_CREAT | O_TRUNC), nil)
+        } catch {
+            throw MachineError.setup("serial output \(serial): \(error)")
+        }
+    }
+
     func makeConfig() throws -> MachineConfig {
+        guard let kernel else { throw ValidationError("--kernel is required") }
         let bytes = try parseSize(memory)
         let disks = try disk.map(parseDisk)
         let nets = try net.map(parseNet)
-        let output: FileDescriptor
-        var input: FileDescriptor?
-        if serial == "stdio" {
-            output = FileDescriptor(owning: dup(1))
-            input = FileDescriptor(owning: dup(0))
-        } else {
-            do {
-                output = try FileDescriptor.open(serial, flags: O_WRONLY | O_CREAT | O_TRUNC)
-            } catch {
-                throw MachineError.setup("serial output \(serial): \(error)")
-            }
-        }
+        let (output, input) = try serialDescriptors()
         var config = MachineConfig(kernelPath: kernel, commandLine: cmdline, cpus: cpus, memoryBytes: bytes, disks: disks,
                                    serialOutput: output, serialInput: input, kvmPath: kvmDevice)
         config.nets = nets
@@ -182,4 +245,26 @@ final class RawTerminal {
     }
 
     deinit { restore() }
+}
+
+final class ExitBox: @unchecked Sendable {
+    var exit: GuestExit?
+}
+
+/// SIGINT/SIGTERM/SIGHUP in service mode: stop the guest (or exit if none runs), on a watcher thread.
+enum StopSignals {
+    static func install(_ handler: @escaping @Sendable () -> Void) {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, signal) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let waitSet = set
+        let thread = Thread {
+            var set = waitSet
+            var received: Int32 = 0
+            while sigwait(&set, &received) != 0 {}
+            handler()
+        }
+        thread.start()
+    }
 }

@@ -1,0 +1,411 @@
+import API
+import Foundation
+import GodwitSystem
+import Machine
+import Virtio
+
+/// The VMM behind the API: collects the pre-boot configuration, builds and runs the `MicroVM` on
+/// `InstanceStart`, and serves the run-time requests (pause, resume, drive updates, Ctrl-Alt-Del,
+/// events, metrics). The HTTP server, the config file and the tests all drive it through the same
+/// `VMMController` calls.
+public final class VMMService: VMMController, @unchecked Sendable {
+    public static let version = "0.1.0"
+
+    public let id: String
+    public let events = EventHub()
+    /// Called once, on the VM's thread, when the guest has stopped.
+    public var onGuestExit: ((GuestExit) -> Void)?
+
+    private let lock = Lock()
+    private var bootSource: BootSource?
+    private var machine = MachineConfiguration()
+    private var drives: [Drive] = []
+    private var interfaces: [NetworkInterface] = []
+    private var logger: Logger?
+    private var loggerFile: FileDescriptor?
+    private var metrics: Metrics?
+    private var metricsFile: FileDescriptor?
+    private var lifecycle = Lifecycle.notStarted
+    private var vm: MicroVM?
+    private var exit: GuestExit?
+    private let started = ContinuousClock.now
+
+    private let serialOutput: FileDescriptor
+    private let serialInput: FileDescriptor?
+    private let kvmPath: String
+    private let queueNotification: MachineConfig.QueueNotification
+
+    public init(id: String = "godwit", serialOutput: FileDescriptor, serialInput: FileDescriptor? = nil,
+                kvmPath: String = "/dev/kvm", queueNotification: MachineConfig.QueueNotification = .ioeventfd) {
+        self.id = id
+        self.serialOutput = serialOutput
+        self.serialInput = serialInput
+        self.kvmPath = kvmPath
+        self.queueNotification = queueNotification
+    }
+
+    /// The running VM, once started.
+    public var machineInstance: MicroVM? { lock.withLock { vm } }
+    public var state: Lifecycle { lock.withLock { lifecycle } }
+
+    // MARK: Information
+
+    public func instanceInfo() throws -> InstanceInfo {
+        InstanceInfo(id: id, state: lock.withLock { lifecycle.instanceState }, vmmVersion: VMMService.version)
+    }
+
+    public func version() throws -> FirecrackerVersion { FirecrackerVersion(firecrackerVersion: VMMService.version) }
+
+    public func vmConfig() throws -> FullVmConfiguration {
+        lock.withLock {
+            var config = FullVmConfiguration()
+            config.bootSource = bootSource
+            config.machineConfig = machine
+            config.drives = drives
+            config.networkInterfaces = interfaces
+            config.logger = logger
+            config.metrics = metrics
+            return config
+        }
+    }
+
+    public func machineConfig() throws -> MachineConfiguration { lock.withLock { machine } }
+
+    // MARK: Pre-boot configuration
+
+    private func requireNotStarted(_ what: String) throws {
+        guard case .notStarted = lifecycle else {
+            throw APIError.badRequest("\(what) is a pre-boot setting and the VM has already started (it is \(lifecycle.instanceState))")
+        }
+    }
+
+    public func putBootSource(_ bootSource: BootSource) throws {
+        try bootSource.validate()
+        try lock.withLock {
+            try requireNotStarted("PUT /boot-source")
+            guard FileManager.default.fileExists(atPath: bootSource.kernelImagePath) else {
+                throw APIError.badRequest("kernel_image_path \(bootSource.kernelImagePath) does not exist")
+            }
+            if let initrd = bootSource.initrdPath {
+                throw APIError.unsupported("initrd_path", initrd, "not supported by Godwit yet (comes with the Linux boot paths)")
+            }
+            self.bootSource = bootSource
+        }
+    }
+
+    public func putMachineConfig(_ config: MachineConfiguration) throws {
+        try config.validate()
+        try checkSupported(config)
+        try lock.withLock {
+            try requireNotStarted("PUT /machine-config")
+            machine = config
+        }
+    }
+
+    public func patchMachineConfig(_ update: MachineConfigurationUpdate) throws {
+        try lock.withLock {
+            try requireNotStarted("PATCH /machine-config")
+            let next = try machine.applying(update)
+            try checkSupported(next)
+            machine = next
+        }
+    }
+
+    private func checkSupported(_ config: MachineConfiguration) throws {
+        if config.smt == true { throw APIError.unsupported("smt", "true") }
+        if let t = config.cpuTemplate, t != .none { throw APIError.unsupported("cpu_template", t.rawValue) }
+        if let h = config.hugePages, h != .none { throw APIError.unsupported("huge_pages", h.rawValue) }
+        guard config.vcpuCount <= MachineConfig.maxCPUs else {
+            throw APIError.badRequest("vcpu_count \(config.vcpuCount) is more than Godwit's \(MachineConfig.maxCPUs)")
+        }
+    }
+
+    public func putDrive(_ drive: Drive) throws {
+        try drive.validate()
+        if drive.socket != nil {
+            throw APIError.unsupported("socket", drive.socket ?? "", "vhost-user drives come with the I/O domains")
+        }
+        if drive.rateLimiter != nil { throw APIError.unsupported("rate_limiter", "(set)") }
+        if drive.ioEngine == .async { throw APIError.unsupported("io_engine", "Async") }
+        if let path = drive.pathOnHost, !FileManager.default.fileExists(atPath: path) {
+            throw APIError.badRequest("path_on_host \(path) of drive \(drive.driveId) does not exist")
+        }
+        try lock.withLock {
+            try requireNotStarted("PUT /drives")
+            if drive.isRootDevice, drives.contains(where: { $0.isRootDevice && $0.driveId != drive.driveId }) {
+                throw APIError.badRequest("drive \(drive.driveId): another drive is already the root device")
+            }
+            if let i = drives.firstIndex(where: { $0.driveId == drive.driveId }) { drives[i] = drive } else { drives.append(drive) }
+        }
+    }
+
+    public func putNetworkInterface(_ iface: NetworkInterface) throws {
+        try iface.validate()
+        if iface.rxRateLimiter != nil { throw APIError.unsupported("rx_rate_limiter", "(set)") }
+        if iface.txRateLimiter != nil { throw APIError.unsupported("tx_rate_limiter", "(set)") }
+        if let mtu = iface.mtu { throw APIError.unsupported("mtu", String(mtu)) }
+        if let mac = iface.guestMac, MACAddress(mac) == nil {
+            throw APIError.badRequest("guest_mac \(mac) is not a unicast MAC address")
+        }
+        try lock.withLock {
+            try requireNotStarted("PUT /network-interfaces")
+            if interfaces.contains(where: { $0.hostDevName == iface.hostDevName && $0.ifaceId != iface.ifaceId }) {
+                throw APIError.badRequest("host_dev_name \(iface.hostDevName) is already used by another interface")
+            }
+            if let i = interfaces.firstIndex(where: { $0.ifaceId == iface.ifaceId }) { interfaces[i] = iface } else { interfaces.append(iface) }
+        }
+    }
+
+    public func putLogger(_ logger: Logger) throws {
+        try logger.validate()
+        var file: FileDescriptor?
+        if let path = logger.logPath {
+            do { file = try FileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_APPEND) } catch {
+                throw APIError.badRequest("log_path \(path): \(error)")
+            }
+        }
+        lock.withLock {
+            self.logger = logger
+            loggerFile = file
+        }
+        log("logger configured")
+    }
+
+    public func putMetrics(_ metrics: Metrics) throws {
+        try metrics.validate()
+        let file: FileDescriptor
+        do { file = try FileDescriptor.open(metrics.metricsPath, flags: O_WRONLY | O_CREAT | O_APPEND) } catch {
+            throw APIError.badRequest("metrics_path \(metrics.metricsPath): \(error)")
+        }
+        try lock.withLock {
+            guard metricsFile == nil else { throw APIError.badRequest("metrics are already configured") }
+            self.metrics = metrics
+            metricsFile = file
+        }
+    }
+
+    // MARK: Actions
+
+    public func instanceStart() throws {
+        let config: MachineConfig = try lock.withLock {
+            try requireNotStarted("InstanceStart")
+            guard let bootSource else { throw APIError.badRequest("cannot start: no boot source (PUT /boot-source first)") }
+            var arguments = bootSource.bootArgs ?? ""
+            if let root = drives.first(where: { $0.isRootDevice }) {
+                // As Firecracker: the root drive is the first virtio-blk device.
+                let suffix = root.isReadOnly == true ? " ro" : " rw"
+                arguments += root.partuuid.map { " root=PARTUUID=\($0)" } ?? " root=/dev/vda"
+                arguments += suffix
+            }
+            var config = MachineConfig(kernelPath: bootSource.kernelImagePath, commandLine: arguments,
+                                       cpus: self.machine.vcpuCount, memoryBytes: UInt64(self.machine.memSizeMib) << 20,
+                                       disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true) },
+                                       serialOutput: serialOutput, serialInput: serialInput, kvmPath: kvmPath)
+            config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init)) }
+            config.queueNotification = queueNotification
+            lifecycle = .booting
+            return config
+        }
+        let instance: MicroVM
+        do {
+            instance = try MicroVM(config: config)
+        } catch {
+            lock.withLock { lifecycle = .notStarted }
+            throw APIError.badRequest("cannot start the VM: \(error)")
+        }
+        lock.withLock { vm = instance }
+        let thread = Thread { [weak self] in self?.runGuest(instance) }
+        thread.name = "vm"
+        thread.start()
+    }
+
+    /// The drives in device order: the root device first, as Firecracker does.
+    private var orderedDrives: [Drive] { drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice } }
+
+    private func runGuest(_ machine: MicroVM) {
+        lock.withLock { lifecycle = .running }
+        publish(.booted, ["vcpus": .number(Double(machine.vcpus.count))])
+        let result: GuestExit
+        do { result = try machine.run() } catch { result = .unhandledExit("\(error)") }
+        lock.withLock {
+            lifecycle = .stopped
+            exit = result
+        }
+        publish(.shutdown, ["reason": .string(result.description), "exit_status": .number(Double(result.processExitStatus))])
+        try? flushMetrics()
+        onGuestExit?(result)
+    }
+
+    public func sendCtrlAltDel() throws {
+        let machine = try runningMachine("SendCtrlAltDel")
+        machine.keyboard.sendCtrlAltDel()
+        log("sent Ctrl-Alt-Del")
+    }
+
+    public func setVMState(_ state: VM.State) throws {
+        let machine = try lock.withLock { () throws -> MicroVM in
+            guard let vm, lifecycle == .running || lifecycle == .paused else {
+                throw APIError.badRequest("cannot set the VM \(state.rawValue): it is \(lifecycle.instanceState)")
+            }
+            return vm
+        }
+        switch state {
+        case .paused:
+            do { try machine.pause() } catch { throw APIError.badRequest("cannot pause: \(error)") }
+            lock.withLock { lifecycle = .paused }
+            publish(.paused)
+        case .resumed:
+            do { try machine.resume() } catch { throw APIError.badRequest("cannot resume: \(error)") }
+            lock.withLock { lifecycle = .running }
+            publish(.resumed)
+        }
+    }
+
+    private func runningMachine(_ what: String) throws -> MicroVM {
+        try lock.withLock {
+            guard let vm, lifecycle == .running || lifecycle == .paused else {
+                throw APIError.badRequest("\(what) needs a running VM; it is \(lifecycle.instanceState)")
+            }
+            return vm
+        }
+    }
+
+    public func patchDrive(_ update: PartialDrive) throws {
+        try update.validate()
+        let machine = try runningMachine("PATCH /drives")
+        if update.rateLimiter != nil { throw APIError.unsupported("rate_limiter", "(set)") }
+        let (index, drive) = try lock.withLock { () throws -> (Int, Drive) in
+            guard let i = orderedDrives.firstIndex(where: { $0.driveId == update.driveId }) else {
+                throw APIError.badRequest("no drive \(update.driveId)")
+            }
+            return (i, orderedDrives[i])
+        }
+        guard let path = update.pathOnHost else { return }
+        guard let block = machine.virtioDevices[index].device as? BlockDevice else {
+            throw APIError.internalError("drive \(update.driveId) is not a block device")
+        }
+        do {
+            let backend = try FileBlockBackend(path: path, readOnly: drive.isReadOnly == true)
+            try block.replaceBackend(backend)
+        } catch {
+            throw APIError.badRequest("path_on_host \(path) of drive \(update.driveId): \(error)")
+        }
+        lock.withLock {
+            if let i = drives.firstIndex(where: { $0.driveId == update.driveId }) { drives[i].pathOnHost = path }
+        }
+        publish("drive_updated", ["drive_id": .string(update.driveId), "path_on_host": .string(path)])
+    }
+
+    public func patchNetworkInterface(_ update: PartialNetworkInterface) throws {
+        try update.validate()
+        _ = try runningMachine("PATCH /network-interfaces")
+        guard lock.withLock({ interfaces.contains { $0.ifaceId == update.ifaceId } }) else {
+            throw APIError.badRequest("no network interface \(update.ifaceId)")
+        }
+        if update.rxRateLimiter != nil { throw APIError.unsupported("rx_rate_limiter", "(set)") }
+        if update.txRateLimiter != nil { throw APIError.unsupported("tx_rate_limiter", "(set)") }
+    }
+
+    // MARK: Events, logs, metrics
+
+    public func subscribeEvents(since: UInt64?) throws -> EventSubscription { events.subscribe(since: since) }
+
+    private func publish(_ kind: GodwitEvent.Kind, _ details: [String: JSONValue] = [:]) {
+        let event = events.publish(kind, details: details)
+        log("event \(event.type): \(details)")
+    }
+
+    private func log(_ message: String) {
+        guard let file = lock.withLock({ loggerFile }) else { return }
+        try? file.writeAll(Array("\(GodwitEvent.timestampNow()) [\(id)] \(message)\n".utf8))
+    }
+
+    public func flushMetrics() throws {
+        guard let file = lock.withLock({ metricsFile }) else {
+            throw APIError.badRequest("FlushMetrics: no metrics file (PUT /metrics first)")
+        }
+        let snapshot = metricsSnapshot()
+        let data = try JSONSerialization.data(withJSONObject: snapshot, options: [.sortedKeys])
+        try file.writeAll(Array(data) + [0x0a])
+    }
+
+    /// Counters as a JSON object, in the spirit of Firecracker's metrics file.
+    func metricsSnapshot() -> [String: Any] {
+        var object: [String: Any] = ["utc_timestamp_ms": Int(Date().timeIntervalSince1970 * 1000),
+                                     "uptime_seconds": uptimeSeconds]
+        guard let machine = machineInstance else { return object }
+        object["vcpu_exits"] = Dictionary(uniqueKeysWithValues: machine.exitStatistics.byReason.map { ($0.0, $0.1) })
+        var devices: [String: Any] = [:]
+        for (i, wired) in machine.virtioDevices.enumerated() {
+            switch wired.device {
+            case let blk as BlockDevice:
+                let s = blk.statistics
+                devices["block\(i)"] = ["requests": s.requests, "read_bytes": s.bytesRead, "write_bytes": s.bytesWritten, "errors": s.errors]
+            case let net as NetDevice:
+                let s = net.statistics
+                devices["net\(i)"] = ["rx_frames": s.rxFrames, "rx_bytes": s.rxBytes, "tx_frames": s.txFrames, "tx_bytes": s.txBytes,
+                                      "tx_malformed": s.txMalformed, "rx_no_buffers": s.rxNoBuffers]
+            default: break
+            }
+        }
+        object["devices"] = devices
+        return object
+    }
+
+    private var uptimeSeconds: Double {
+        let d = ContinuousClock.now - started
+        return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    public func prometheusMetrics() throws -> String {
+        var out = """
+        # HELP godwit_uptime_seconds Seconds since the VMM started.
+        # TYPE godwit_uptime_seconds gauge
+        godwit_uptime_seconds \(uptimeSeconds)
+
+        """
+        let state = lock.withLock { lifecycle }
+        out += "# HELP godwit_vm_state The VM lifecycle state (1 for the current one).\n# TYPE godwit_vm_state gauge\n"
+        for s in Lifecycle.allCases { out += "godwit_vm_state{state=\"\(s.instanceState)\"} \(s == state ? 1 : 0)\n" }
+        guard let machine = machineInstance else { return out }
+        out += "# HELP godwit_vcpu_exits_total vCPU exits to the VMM, by reason.\n# TYPE godwit_vcpu_exits_total counter\n"
+        for (reason, count) in machine.exitStatistics.byReason { out += "godwit_vcpu_exits_total{reason=\"\(reason)\"} \(count)\n" }
+        out += "# HELP godwit_virtio_requests_total Requests completed by each virtio device.\n# TYPE godwit_virtio_requests_total counter\n"
+        var bytes = "# HELP godwit_virtio_bytes_total Bytes moved by each virtio device.\n# TYPE godwit_virtio_bytes_total counter\n"
+        var errors = "# HELP godwit_virtio_errors_total Requests or frames that failed or were dropped.\n# TYPE godwit_virtio_errors_total counter\n"
+        for (i, wired) in machine.virtioDevices.enumerated() {
+            switch wired.device {
+            case let blk as BlockDevice:
+                let s = blk.statistics
+                out += "godwit_virtio_requests_total{device=\"\(i)\",type=\"block\"} \(s.requests)\n"
+                bytes += "godwit_virtio_bytes_total{device=\"\(i)\",type=\"block\",direction=\"read\"} \(s.bytesRead)\n"
+                bytes += "godwit_virtio_bytes_total{device=\"\(i)\",type=\"block\",direction=\"write\"} \(s.bytesWritten)\n"
+                errors += "godwit_virtio_errors_total{device=\"\(i)\",type=\"block\"} \(s.errors)\n"
+            case let net as NetDevice:
+                let s = net.statistics
+                out += "godwit_virtio_requests_total{device=\"\(i)\",type=\"net\"} \(s.rxFrames + s.txFrames)\n"
+                bytes += "godwit_virtio_bytes_total{device=\"\(i)\",type=\"net\",direction=\"rx\"} \(s.rxBytes)\n"
+                bytes += "godwit_virtio_bytes_total{device=\"\(i)\",type=\"net\",direction=\"tx\"} \(s.txBytes)\n"
+                errors += "godwit_virtio_errors_total{device=\"\(i)\",type=\"net\"} \(s.txMalformed + s.txBackendErrors + s.rxBadFrames + s.rxTooBig)\n"
+            default: break
+            }
+        }
+        return out + bytes + errors
+    }
+}
+
+/// The VMM's lifecycle as the API reports it: an explicit state machine (see `Lifecycle.applying`).
+public enum Lifecycle: CaseIterable, Equatable, Sendable {
+    case notStarted, booting, running, paused, shuttingDown, stopped
+
+    public var instanceState: InstanceState {
+        switch self {
+        case .notStarted: return .notStarted
+        case .booting: return .booting
+        case .running: return .running
+        case .paused: return .paused
+        case .shuttingDown: return .shuttingDown
+        case .stopped: return .stopped
+        }
+    }
+}
