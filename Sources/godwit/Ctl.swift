@@ -1,0 +1,150 @@
+import API
+import ArgumentParser
+import Foundation
+
+/// `godwit ctl`: a typed client for a running `godwit vm --api-sock`.
+struct CtlCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ctl",
+        abstract: "Control a VMM through its API socket.",
+        subcommands: [Info.self, Config.self, Version.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self,
+                      FlushMetrics.self, Metrics.self, Events.self, Drive.self])
+}
+
+/// Options every `ctl` subcommand takes.
+struct CtlOptions: ParsableArguments {
+    @Option(help: "The VMM's API socket.")
+    var apiSock: String
+
+    @Flag(help: "Print the JSON the API returned instead of a summary.")
+    var json = false
+
+    var client: APIClient { APIClient(socketPath: apiSock, timeout: 30) }
+
+    func print<T: Encodable>(_ value: T, summary: (T) -> String) throws {
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            Swift.print(String(decoding: try encoder.encode(value), as: UTF8.self))
+        } else {
+            Swift.print(summary(value))
+        }
+    }
+}
+
+/// Runs a client call and turns API errors into one line and exit status 1.
+func ctl(_ body: () throws -> Void) throws {
+    do { try body() } catch {
+        FileHandle.standardError.write(Data("godwit ctl: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+extension CtlCommand {
+    struct Info: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The instance: id, state, version.")
+        @OptionGroup var options: CtlOptions
+        func run() throws {
+            try ctl {
+                try options.print(try options.client.instanceInfo()) { "\($0.id): \($0.state) (\($0.appName) \($0.vmmVersion))" }
+            }
+        }
+    }
+
+    struct Config: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The VM's configuration (GET /vm/config).")
+        @OptionGroup var options: CtlOptions
+        func run() throws {
+            try ctl {
+                try options.print(try options.client.vmConfig()) { c in
+                    var lines: [String] = []
+                    if let b = c.bootSource { lines.append("kernel: \(b.kernelImagePath)  args: \(b.bootArgs ?? "")") }
+                    if let m = c.machineConfig { lines.append("vcpus: \(m.vcpuCount)  memory: \(m.memSizeMib) MiB") }
+                    for d in c.drives ?? [] {
+                        lines.append("drive \(d.driveId): \(d.pathOnHost ?? d.socket ?? "?")\(d.isReadOnly == true ? " (read-only)" : "")")
+                    }
+                    for n in c.networkInterfaces ?? [] { lines.append("nic \(n.ifaceId): \(n.hostDevName) \(n.guestMac ?? "")") }
+                    return lines.joined(separator: "\n")
+                }
+            }
+        }
+    }
+
+    struct Version: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The VMM's version.")
+        @OptionGroup var options: CtlOptions
+        func run() throws { try ctl { try options.print(try options.client.version()) { $0.firecrackerVersion } } }
+    }
+
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Start the configured VM (InstanceStart).")
+        @OptionGroup var options: CtlOptions
+        func run() throws { try ctl { try options.client.instanceStart() } }
+    }
+
+    struct Pause: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Pause the VM (its clock stops too).")
+        @OptionGroup var options: CtlOptions
+        func run() throws { try ctl { try options.client.pause() } }
+    }
+
+    struct Resume: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Resume a paused VM.")
+        @OptionGroup var options: CtlOptions
+        func run() throws { try ctl { try options.client.resume() } }
+    }
+
+    struct CtrlAltDel: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ctrl-alt-del", abstract: "Send Ctrl-Alt-Del to the guest.")
+        @OptionGroup var options: CtlOptions
+        func run() throws { try ctl { try options.client.sendCtrlAltDel() } }
+    }
+
+    struct FlushMetrics: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "flush-metrics", abstract: "Write the metrics file now.")
+        @OptionGroup var options: CtlOptions
+        func run() throws { try ctl { try options.client.flushMetrics() } }
+    }
+
+    struct Metrics: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The Prometheus metrics.")
+        @OptionGroup var options: CtlOptions
+        func run() throws { try ctl { print(try options.client.prometheusMetrics(), terminator: "") } }
+    }
+
+    struct Events: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Follow the event stream (boot, pause, resume, shutdown, ...).")
+        @OptionGroup var options: CtlOptions
+        @Option(help: "Start after this sequence number (default: the history the VMM keeps).")
+        var since: UInt64?
+        @Flag(help: "Stop after the shutdown event.")
+        var untilShutdown = false
+
+        func run() throws {
+            try ctl {
+                let stream = try options.client.events(since: since)
+                defer { stream.close() }
+                while let event = try stream.next() {
+                    try options.print(event) { e in
+                        let details = e.details.keys.sorted().map { "\($0)=\(e.details[$0]!)" }.joined(separator: " ")
+                        return "\(e.timestamp) #\(e.seq) \(e.type) \(details)"
+                    }
+                    fflush(stdout)
+                    if untilShutdown && event.type == .shutdown { break }
+                }
+            }
+        }
+    }
+
+    struct Drive: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Drives.", subcommands: [Update.self])
+
+        struct Update: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Point a running VM's drive at another image (PATCH /drives).")
+            @OptionGroup var options: CtlOptions
+            @Argument(help: "The drive id.") var id: String
+            @Option(help: "The new image on the host.") var path: String
+            func run() throws { try ctl { try options.client.patchDrive(PartialDrive(driveId: id, pathOnHost: path)) } }
+        }
+    }
+}

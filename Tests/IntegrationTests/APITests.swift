@@ -1,0 +1,226 @@
+import Foundation
+import GodwitTestSupport
+import Testing
+
+/// The Firecracker-compatible API end to end: `godwit vm --api-sock`, driven with curl as users do.
+@Suite("Integration: the API over a Unix socket", .serialized, .enabled(if: TestEnvironment.hasKVM && APIHarness.hasCurl))
+struct APITests {
+    @Test func bootThroughTheAPIInFirecrackersOrder() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        #expect(try api.call("PUT", "/logger", ["log_path": api.dir.appendingPathComponent("godwit.log").path, "level": "Info"]).status == 204)
+        #expect(try api.call("PUT", "/boot-source", ["kernel_image_path": TestEnvironment.guestPath,
+                                                     "boot_args": "godwit.job=ready godwit.job=blk-verify,size=1048576"]).status == 204)
+        #expect(try api.call("PUT", "/drives/rootfs", ["drive_id": "rootfs", "path_on_host": api.disk, "is_root_device": false,
+                                                       "is_read_only": false]).status == 204)
+        #expect(try api.call("PUT", "/machine-config", ["vcpu_count": 2, "mem_size_mib": 128]).status == 204)
+        #expect(try api.call("GET", "/").body.contains("\"Not started\""))
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        let r = api.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = try api.serialLines()
+        #expect(lines.first { $0.job == "ready" }?.int("cpus") == 2)
+        #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0")
+    }
+
+    @Test func sameVMFromAConfigFile() throws {
+        let dir = try TestEnvironment.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let disk = dir.appendingPathComponent("disk.img")
+        try TestEnvironment.makeImage(at: disk, size: 8 << 20)
+        let config: [String: Any] = [
+            "boot-source": ["kernel_image_path": TestEnvironment.guestPath, "boot_args": "godwit.job=ready godwit.job=blk-verify,size=65536"],
+            "drives": [["drive_id": "rootfs", "path_on_host": disk.path, "is_root_device": false, "is_read_only": false]],
+            "machine-config": ["vcpu_count": 2, "mem_size_mib": 128, "smt": false],
+        ]
+        let file = dir.appendingPathComponent("vm.json")
+        try JSONSerialization.data(withJSONObject: config).write(to: file)
+        let r = try runProcess(TestEnvironment.godwitPath, ["vm", "--config-file", file.path], timeout: 60)
+        #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+        #expect(r.lines(job: "ready").first?.int("cpus") == 2)
+        #expect(r.lines(job: "blk-verify").first?["errors"] == "0")
+
+        try Data("{\"boot-source\": {\"kernel_image_path\": 7}}".utf8).write(to: file)
+        let bad = try runProcess(TestEnvironment.godwitPath, ["vm", "--config-file", file.path], timeout: 30)
+        #expect(bad.status == 2, "\(bad.stderr)")
+        #expect(bad.stderr.contains("kernel_image_path"), "\(bad.stderr)")
+    }
+
+    @Test func pauseResumeEventsAndPreBootRefusals() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        try api.configure(jobs: "godwit.job=ready godwit.job=idle,seconds=3")
+        let events = try BackgroundProcess("/usr/bin/curl", ["-sN", "--unix-socket", api.socket, "http://localhost/events"])
+        defer { events.terminate() }
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        #expect(try api.waitForSerial { $0.contains("seq=20") })
+        #expect(try api.call("PATCH", "/vm", ["state": "Paused"]).status == 204)
+        #expect(try api.call("GET", "/").body.contains("\"Paused\""))
+        let atPause = try api.serialLines().count
+        Thread.sleep(forTimeInterval: 1)
+        #expect(try api.serialLines().count == atPause, "no heartbeat while paused")
+        #expect(try api.call("PATCH", "/vm", ["state": "Resumed"]).status == 204)
+
+        // Every pre-boot request is refused after boot, with a reason.
+        for (method, path, body) in [("PUT", "/boot-source", ["kernel_image_path": TestEnvironment.guestPath] as [String: Any]),
+                                     ("PUT", "/machine-config", ["vcpu_count": 1, "mem_size_mib": 64]),
+                                     ("PATCH", "/machine-config", ["vcpu_count": 1]),
+                                     ("PUT", "/drives/other", ["drive_id": "other", "path_on_host": api.disk, "is_root_device": false]),
+                                     ("PUT", "/network-interfaces/eth0", ["iface_id": "eth0", "host_dev_name": "tap0"]),
+                                     ("PUT", "/actions", ["action_type": "InstanceStart"])] {
+            let r = try api.call(method, path, body)
+            #expect(r.status == 400, "\(method) \(path): \(r.status) \(r.body)")
+            #expect(r.body.contains("fault_message"))
+        }
+        let r = api.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        let summary = try #require(try api.serialLines().last { $0.job == "idle" && $0["beats"] != nil })
+        #expect(summary.int("beats") == 300)
+        #expect((summary.int("max_gap_us") ?? .max) < 300_000, "the guest's clock did not advance by the pause")
+
+        #expect(events.waitForOutput(timeout: 5) { $0.contains("shutdown") })
+        let kinds = events.stdoutSoFar.split(separator: "\n").compactMap { line -> String? in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["type"] as? String
+        }
+        #expect(kinds.filter { ["booted", "paused", "resumed", "shutdown"].contains($0) } == ["booted", "paused", "resumed", "shutdown"], "\(kinds)")
+    }
+
+    @Test func growingADiskIsSeenByTheGuest() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        let bigger = api.dir.appendingPathComponent("bigger.img")
+        try TestEnvironment.makeImage(at: bigger, size: 32 << 20)
+        try api.configure(jobs: "godwit.job=blk-capacity godwit.job=blk-capacity,wait_sectors=65536,seconds=20,mode=irq")
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        #expect(try api.waitForSerial { $0.contains("job=blk-capacity") })
+        #expect(try api.call("PATCH", "/drives/rootfs", ["drive_id": "rootfs", "path_on_host": bigger.path]).status == 204)
+        let r = api.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = try api.serialLines().filter { $0.job == "blk-capacity" }
+        #expect(lines.first?.int("sectors") == 32768)
+        #expect(lines.last?.int("sectors") == 65536, "the guest saw the new capacity through a config interrupt")
+        #expect(try api.call("PATCH", "/drives/nosuch", ["drive_id": "nosuch", "path_on_host": bigger.path]).status != 204)
+    }
+
+    @Test func ctrlAltDelEndsTheGuestCleanly() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        try api.configure(jobs: "godwit.job=idle,seconds=30")
+        #expect(try api.call("PUT", "/actions", ["action_type": "SendCtrlAltDel"]).status == 400, "not before boot")
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        #expect(try api.waitForSerial { $0.contains("seq=5") })
+        #expect(try api.call("PUT", "/actions", ["action_type": "SendCtrlAltDel"]).status == 204)
+        let r = api.process.wait(timeout: 20)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try api.serialLines().contains { $0.job == "ctrl-alt-del" })
+    }
+
+    @Test func badInputGetsClearErrorsAndTheVMMKeepsServing() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        try api.configure(jobs: "godwit.job=blk-verify,seconds=4,size=1048576")
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        let cases: [(String, String, String, Int)] = [
+            ("PUT", "/machine-config", "{not json", 400),
+            ("PUT", "/nonexistent", "{}", 404),
+            ("PUT", "/drives/x", "{\"drive_id\": 5}", 400),
+            ("PATCH", "/vm", "{\"state\": \"Sleeping\"}", 400),
+            ("PATCH", "/drives/rootfs", "{\"drive_id\": \"rootfs\", \"path_on_host\": \"/nonexistent/disk.img\"}", 400),
+            ("PUT", "/actions", "{\"action_type\": \"InstanceStart\", \"extra\": 1}", 400),
+        ]
+        for (method, path, body, status) in cases {
+            let r = try api.raw(method, path, body)
+            #expect(r.status == status, "\(method) \(path) \(body): \(r.status) \(r.body)")
+        }
+        let huge = String(repeating: "x", count: 200_000)
+        #expect(try api.raw("PUT", "/logger", "{\"log_path\": \"\(huge)\"}").status == 413)
+
+        // 50 concurrent clients while the guest verifies its disk.
+        let group = DispatchGroup()
+        let failures = LockedCounter()
+        for _ in 0..<50 {
+            DispatchQueue.global().async(group: group) {
+                for _ in 0..<10 {
+                    if (try? api.call("GET", "/vm/config").status) != 200 { failures.add() }
+                }
+            }
+        }
+        group.wait()
+        #expect(failures.value == 0)
+        let r = api.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try api.serialLines().first { $0.job == "blk-verify" }?["errors"] == "0")
+    }
+}
+
+/// A `godwit vm --api-sock` process in a temporary directory, with a disk, and curl to talk to it.
+final class APIHarness: @unchecked Sendable {
+    static var hasCurl: Bool {
+        if FileManager.default.isExecutableFile(atPath: "/usr/bin/curl") { return true }
+        FileHandle.standardError.write(Data("skipping API test: curl is not installed (scripts/install-deps.sh installs it)\n".utf8))
+        return false
+    }
+
+    let dir: URL
+    let socket: String
+    let serial: String
+    let disk: String
+    let process: BackgroundProcess
+
+    init() throws {
+        dir = try TestEnvironment.temporaryDirectory()
+        socket = dir.appendingPathComponent("api.sock").path
+        serial = dir.appendingPathComponent("serial.log").path
+        disk = dir.appendingPathComponent("disk.img").path
+        try TestEnvironment.makeImage(at: URL(fileURLWithPath: disk), size: 16 << 20)
+        process = try BackgroundProcess(TestEnvironment.godwitPath, ["vm", "--api-sock", socket, "--serial", serial])
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
+    }
+
+    func stop() {
+        process.terminate()
+        _ = process.wait(timeout: 10)
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    func configure(jobs: String, cpus: Int = 1) throws {
+        _ = try call("PUT", "/boot-source", ["kernel_image_path": TestEnvironment.guestPath, "boot_args": jobs])
+        _ = try call("PUT", "/drives/rootfs", ["drive_id": "rootfs", "path_on_host": disk, "is_root_device": false, "is_read_only": false])
+        _ = try call("PUT", "/machine-config", ["vcpu_count": cpus, "mem_size_mib": 128])
+    }
+
+    struct Reply { var status: Int; var body: String }
+
+    func call(_ method: String, _ path: String, _ body: [String: Any]? = nil) throws -> Reply {
+        let text = try body.map { String(decoding: try JSONSerialization.data(withJSONObject: $0), as: UTF8.self) }
+        return try raw(method, path, text)
+    }
+
+    func raw(_ method: String, _ path: String, _ body: String?) throws -> Reply {
+        var args = ["-s", "--unix-socket", socket, "-X", method, "-w", "\n%{http_code}", "http://localhost\(path)"]
+        if let body { args += ["-H", "Content-Type: application/json", "--data-binary", body] }
+        let r = try runProcess("/usr/bin/curl", args, timeout: 30)
+        let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
+        return Reply(status: Int(lines.last ?? "") ?? -1, body: lines.dropLast().joined(separator: "\n"))
+    }
+
+    func serialLines() throws -> [GuestLine] {
+        (try? String(contentsOfFile: serial, encoding: .utf8))?.split(separator: "\n").compactMap { GuestLine(String($0)) } ?? []
+    }
+
+    func waitForSerial(timeout: Double = 30, _ predicate: (String) -> Bool) throws -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if predicate((try? String(contentsOfFile: serial, encoding: .utf8)) ?? "") { return true }
+            usleep(20_000)
+        }
+        return false
+    }
+}
+
+final class LockedCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func add() { lock.lock(); count += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return count }
+}
