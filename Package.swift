@@ -30,7 +30,7 @@ let package = Package(
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
             name: "UnitTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "Machine", "API", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "Machine", "API", "VMM", "GodwitTestSupport"],
             swiftSettings: swift5),
         .testTarget(
             name: "IntegrationTests",

@@ -197,20 +197,21 @@ public final class VMMService: VMMController, @unchecked Sendable {
                 arguments += root.partuuid.map { " root=PARTUUID=\($0)" } ?? " root=/dev/vda"
                 arguments += suffix
             }
+            let next = try lifecycle.applying(.start)
             var config = MachineConfig(kernelPath: bootSource.kernelImagePath, commandLine: arguments,
                                        cpus: self.machine.vcpuCount, memoryBytes: UInt64(self.machine.memSizeMib) << 20,
                                        disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true) },
                                        serialOutput: serialOutput, serialInput: serialInput, kvmPath: kvmPath)
             config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init)) }
             config.queueNotification = queueNotification
-            lifecycle = .booting
+            lifecycle = next
             return config
         }
         let instance: MicroVM
         do {
             instance = try MicroVM(config: config)
         } catch {
-            lock.withLock { lifecycle = .notStarted }
+            lock.withLock { lifecycle = (try? lifecycle.applying(.startFailed)) ?? lifecycle }
             throw APIError.badRequest("cannot start the VM: \(error)")
         }
         lock.withLock { vm = instance }
@@ -223,12 +224,12 @@ public final class VMMService: VMMController, @unchecked Sendable {
     private var orderedDrives: [Drive] { drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice } }
 
     private func runGuest(_ machine: MicroVM) {
-        lock.withLock { lifecycle = .running }
+        lock.withLock { lifecycle = (try? lifecycle.applying(.booted)) ?? lifecycle }
         publish(.booted, ["vcpus": .number(Double(machine.vcpus.count))])
         let result: GuestExit
         do { result = try machine.run() } catch { result = .unhandledExit("\(error)") }
         lock.withLock {
-            lifecycle = .stopped
+            lifecycle = (try? lifecycle.applying(.stopped)) ?? .stopped
             exit = result
         }
         publish(.shutdown, ["reason": .string(result.description), "exit_status": .number(Double(result.processExitStatus))])
@@ -238,6 +239,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
 
     public func sendCtrlAltDel() throws {
         let machine = try runningMachine("SendCtrlAltDel")
+        try lock.withLock { lifecycle = try lifecycle.applying(.shutdown) }
         machine.keyboard.sendCtrlAltDel()
         log("sent Ctrl-Alt-Del")
     }
@@ -251,12 +253,14 @@ public final class VMMService: VMMController, @unchecked Sendable {
         }
         switch state {
         case .paused:
+            _ = try lock.withLock { try lifecycle.applying(.pause) }
             do { try machine.pause() } catch { throw APIError.badRequest("cannot pause: \(error)") }
-            lock.withLock { lifecycle = .paused }
+            try lock.withLock { lifecycle = try lifecycle.applying(.pause) }
             publish(.paused)
         case .resumed:
+            _ = try lock.withLock { try lifecycle.applying(.resume) }
             do { try machine.resume() } catch { throw APIError.badRequest("cannot resume: \(error)") }
-            lock.withLock { lifecycle = .running }
+            try lock.withLock { lifecycle = try lifecycle.applying(.resume) }
             publish(.resumed)
         }
     }
@@ -394,9 +398,39 @@ public final class VMMService: VMMController, @unchecked Sendable {
     }
 }
 
-/// The VMM's lifecycle as the API reports it: an explicit state machine (see `Lifecycle.applying`).
+/// The VMM's lifecycle as the API reports it, as an explicit state machine: `applying(_:)` lists
+/// every allowed transition; anything else is refused with the state it was in.
 public enum Lifecycle: CaseIterable, Equatable, Sendable {
     case notStarted, booting, running, paused, shuttingDown, stopped
+
+    /// What moves the lifecycle.
+    public enum Event: CaseIterable, Equatable, Sendable {
+        /// InstanceStart accepted: the VM is being built.
+        case start
+        /// Building the VM failed: back to configuring.
+        case startFailed
+        /// The vCPUs run.
+        case booted
+        case pause, resume
+        /// Ctrl-Alt-Del sent or a stop requested: the guest is on its way down.
+        case shutdown
+        /// The guest has stopped (power-off, reboot, fault, or a stop).
+        case stopped
+    }
+
+    public func applying(_ event: Event) throws -> Lifecycle {
+        switch (self, event) {
+        case (.notStarted, .start): return .booting
+        case (.booting, .startFailed): return .notStarted
+        case (.booting, .booted): return .running
+        case (.running, .pause): return .paused
+        case (.paused, .resume): return .running
+        case (.running, .shutdown), (.paused, .shutdown): return .shuttingDown
+        case (.booting, .stopped), (.running, .stopped), (.paused, .stopped), (.shuttingDown, .stopped): return .stopped
+        default:
+            throw APIError.badRequest("cannot \(event) a VM that is \(instanceState)")
+        }
+    }
 
     public var instanceState: InstanceState {
         switch self {
