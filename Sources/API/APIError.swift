@@ -165,6 +165,34 @@ extension Decoder {
     }
 }
 
+extension KeyedDecodingContainer {
+    /// An integer field. Foundation reports a number that is not an integer in range (1.5, 1e40) with an
+    /// internal error that becomes "not valid JSON" without the field; this names the field and the value.
+    func decodeInteger<T: FixedWidthInteger & Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
+        do {
+            return try decode(T.self, forKey: key)
+        } catch let error as DecodingError {
+            throw error
+        } catch let error as APIError {
+            throw error
+        } catch {
+            let field = fieldPath(codingPath, key.stringValue)
+            guard let number = try? decode(Double.self, forKey: key) else {
+                throw APIError.badRequest("invalid value for `\(field)`: expected an integer")
+            }
+            if number != number.rounded() {
+                throw APIError.badRequest("invalid value for `\(field)`: \(number) is not an integer")
+            }
+            throw APIError.badRequest("invalid value for `\(field)`: \(number) is out of range for a \(T.bitWidth)-bit integer")
+        }
+    }
+
+    func decodeIntegerIfPresent<T: FixedWidthInteger & Decodable>(_ type: T.Type, forKey key: Key) throws -> T? {
+        guard contains(key), try !decodeNil(forKey: key) else { return nil }
+        return try decodeInteger(type, forKey: key)
+    }
+}
+
 func jsonQuoted(_ s: String) -> String {
     var out = "\""
     for scalar in s.unicodeScalars.prefix(200) {

@@ -1,3 +1,4 @@
+import GodwitSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -45,7 +46,7 @@ public struct GodwitEvent: Codable, Equatable, Sendable {
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.strictContainer(CodingKeys.self)
-        seq = try c.decode(UInt64.self, forKey: .seq)
+        seq = try c.decodeInteger(UInt64.self, forKey: .seq)
         type = try c.decode(Kind.self, forKey: .type)
         timestamp = try c.decode(String.self, forKey: .timestamp)
         details = try c.decodeIfPresent([String: JSONValue].self, forKey: .details) ?? [:]
@@ -72,11 +73,13 @@ public struct GodwitEvent: Codable, Equatable, Sendable {
 /// `events_dropped` event saying how many it missed, so a slow client never makes the VMM buffer without bound.
 public final class EventHub: @unchecked Sendable {
     public let historyLimit: Int
-    private let condition = Condition()
+    private let condition = ConditionLock()
     private var history: [GodwitEvent] = []   // ring: oldest at `head`
     private var head = 0
     private var nextSeq: UInt64 = 1
     private var closed = false
+    /// Each live subscription's eventfd, signalled on every publish and at close.
+    private var notifiers: [ObjectIdentifier: EventFD] = [:]
 
     public init(historyLimit: Int = 1024) {
         self.historyLimit = max(1, historyLimit)
@@ -95,6 +98,7 @@ public final class EventHub: @unchecked Sendable {
                 head = (head + 1) % historyLimit
             }
             condition.broadcast()
+            for notifier in notifiers.values { try? notifier.signal() }
             return event
         }
     }
@@ -106,7 +110,11 @@ public final class EventHub: @unchecked Sendable {
             guard let since else { return nextSeq }
             return min(since &+ 1, nextSeq)
         }
-        return EventSubscription(hub: self, next: max(start, 1))
+        let subscription = EventSubscription(hub: self, next: max(start, 1))
+        if let notifier = subscription.notifier {
+            condition.withLock { notifiers[ObjectIdentifier(subscription)] = notifier }
+        }
+        return subscription
     }
 
     /// Ends every subscription (the VMM is going away): their `next` returns nil once they have read what is left.
@@ -114,6 +122,7 @@ public final class EventHub: @unchecked Sendable {
         condition.withLock {
             closed = true
             condition.broadcast()
+            for notifier in notifiers.values { try? notifier.signal() }
         }
     }
 
@@ -146,19 +155,27 @@ public final class EventHub: @unchecked Sendable {
     }
 
     fileprivate func wakeAll() { condition.withLock { condition.broadcast() } }
+
+    fileprivate func forget(_ subscription: ObjectIdentifier) { _ = condition.withLock { notifiers.removeValue(forKey: subscription) } }
 }
 
 /// One reader of an `EventHub`.
 public final class EventSubscription: @unchecked Sendable {
     private let hub: EventHub
-    private let lock = Condition()
+    private let lock = ConditionLock()
     private var position: UInt64
     private var cancelled = false
+    /// Readable when events may be waiting (signalled by every publish, by `cancel` and at close), so that a
+    /// reader can wait for events and for something else at once with poll/epoll. `next` resets it.
+    public let notifier: EventFD?
 
     fileprivate init(hub: EventHub, next: UInt64) {
         self.hub = hub
         position = next
+        notifier = try? EventFD(nonBlocking: true)
     }
+
+    deinit { hub.forget(ObjectIdentifier(self)) }
 
     public enum Next: Equatable, Sendable {
         case event(GodwitEvent)
@@ -170,6 +187,8 @@ public final class EventSubscription: @unchecked Sendable {
 
     /// The next event, waiting at most `timeout` seconds.
     public func next(timeout: Double) -> Next {
+        // Reset the notifier before looking, so that an event published after the look signals it again.
+        _ = try? notifier?.wait()
         let deadline = monotonicNow() + max(0, timeout)
         var current = lock.withLock { position }
         let result = hub.next(after: &current, deadline: deadline, cancelled: { lock.withLock { cancelled } })
@@ -184,6 +203,8 @@ public final class EventSubscription: @unchecked Sendable {
     /// Ends this subscription; a `next` in progress returns `.finished`.
     public func cancel() {
         lock.withLock { cancelled = true }
+        hub.forget(ObjectIdentifier(self))
+        try? notifier?.signal()
         hub.wakeAll()
     }
 }

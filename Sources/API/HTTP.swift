@@ -159,6 +159,13 @@ public protocol HTTPStream: AnyObject {
     func next(timeout: Double) -> HTTPStreamStep
     /// The client went away or the server stops.
     func cancel()
+    /// A descriptor that becomes readable when `next` may have more after answering `.idle` (nil: the
+    /// server calls `next` again after a short wait).
+    var readinessDescriptor: Int32? { get }
+}
+
+extension HTTPStream {
+    public var readinessDescriptor: Int32? { nil }
 }
 
 public enum HTTPStreamStep: Equatable {
@@ -399,7 +406,9 @@ func percentDecode(_ text: Substring, plusIsSpace: Bool = false) -> String? {
     var iterator = Array(text.utf8)[...]
     while let b = iterator.popFirst() {
         if b == UInt8(ascii: "%") {
-            guard iterator.count >= 2, let v = UInt8(String(decoding: iterator.prefix(2), as: UTF8.self), radix: 16) else { return nil }
+            let hex = Array(iterator.prefix(2))
+            guard hex.count == 2, hex.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x66) }),
+                  let v = UInt8(String(decoding: hex, as: UTF8.self), radix: 16) else { return nil }
             bytes.append(v)
             iterator = iterator.dropFirst(2)
         } else if plusIsSpace && b == UInt8(ascii: "+") {

@@ -157,8 +157,8 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.strictContainer(CodingKeys.self)
-        vcpuCount = try c.decode(Int.self, forKey: .vcpuCount)
-        memSizeMib = try c.decode(Int.self, forKey: .memSizeMib)
+        vcpuCount = try c.decodeInteger(Int.self, forKey: .vcpuCount)
+        memSizeMib = try c.decodeInteger(Int.self, forKey: .memSizeMib)
         smt = try c.decodeIfPresent(Bool.self, forKey: .smt)
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
         cpuTemplate = try c.decodeIfPresent(CpuTemplate.self, forKey: .cpuTemplate)
@@ -213,8 +213,8 @@ public struct MachineConfigurationUpdate: Codable, Equatable, Sendable {
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.strictContainer(CodingKeys.self)
-        vcpuCount = try c.decodeIfPresent(Int.self, forKey: .vcpuCount)
-        memSizeMib = try c.decodeIfPresent(Int.self, forKey: .memSizeMib)
+        vcpuCount = try c.decodeIntegerIfPresent(Int.self, forKey: .vcpuCount)
+        memSizeMib = try c.decodeIntegerIfPresent(Int.self, forKey: .memSizeMib)
         smt = try c.decodeIfPresent(Bool.self, forKey: .smt)
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
         cpuTemplate = try c.decodeIfPresent(CpuTemplate.self, forKey: .cpuTemplate)
@@ -250,9 +250,9 @@ public struct TokenBucket: Codable, Equatable, Sendable {
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.strictContainer(CodingKeys.self)
-        size = try c.decode(Int64.self, forKey: .size)
-        oneTimeBurst = try c.decodeIfPresent(Int64.self, forKey: .oneTimeBurst)
-        refillTime = try c.decode(Int64.self, forKey: .refillTime)
+        size = try c.decodeInteger(Int64.self, forKey: .size)
+        oneTimeBurst = try c.decodeIntegerIfPresent(Int64.self, forKey: .oneTimeBurst)
+        refillTime = try c.decodeInteger(Int64.self, forKey: .refillTime)
     }
 
     public func validate(_ field: String) throws {
@@ -435,7 +435,7 @@ public struct NetworkInterface: Codable, Equatable, Sendable {
         ifaceId = try c.decode(String.self, forKey: .ifaceId)
         hostDevName = try c.decode(String.self, forKey: .hostDevName)
         guestMac = try c.decodeIfPresent(String.self, forKey: .guestMac)
-        mtu = try c.decodeIfPresent(Int.self, forKey: .mtu)
+        mtu = try c.decodeIntegerIfPresent(Int.self, forKey: .mtu)
         rxRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rxRateLimiter)
         txRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .txRateLimiter)
     }

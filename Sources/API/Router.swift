@@ -338,4 +338,6 @@ final class EventLineStream: HTTPStream {
     }
 
     func cancel() { subscription.cancel() }
+
+    var readinessDescriptor: Int32? { subscription.notifier?.descriptor.rawValue }
 }

@@ -32,7 +32,7 @@ public final class APIServer: @unchecked Sendable {
     public let handler: HTTPHandler
     public let options: Options
 
-    private let state = Condition()
+    private let state = ConditionLock()
     private var listener: FileDescriptor?
     private var wake: EventFD?
     private var acceptThread: pthread_t?
@@ -42,6 +42,7 @@ public final class APIServer: @unchecked Sendable {
     private var idleWorkers = 0
     private var workers = 0
     private var busy = 0
+    private var peakBusy = 0
     private var servedCount = 0
     private var rejectedCount = 0
 
@@ -66,14 +67,24 @@ public final class APIServer: @unchecked Sendable {
             started = true
         }
         let listener = try UnixSocket.listen(path: socketPath)
-        try listener.setNonBlocking(true)
-        let wake = try EventFD(nonBlocking: true)
-        state.withLock {
-            self.listener = listener
-            self.wake = wake
+        do {
+            try listener.setNonBlocking(true)
+            let wake = try EventFD(nonBlocking: true)
+            state.withLock {
+                self.listener = listener
+                self.wake = wake
+            }
+            let thread = try startThread(name: "api-accept", detached: false) { [self] in acceptLoop(listener, wake) }
+            state.withLock { acceptThread = thread }
+        } catch {
+            state.withLock {
+                self.listener = nil
+                self.wake = nil
+            }
+            listener.close()
+            _ = unlink(socketPath)
+            throw error
         }
-        let thread = try startThread(name: "api-accept", detached: false) { [self] in acceptLoop(listener, wake) }
-        state.withLock { acceptThread = thread }
     }
 
     /// Stops accepting, ends every connection (streams included) and removes the socket file. Waits up
@@ -94,11 +105,9 @@ public final class APIServer: @unchecked Sendable {
         try? wake.signal()
         if let thread { pthread_join(thread, nil) }
         if let listener {
-            // Remove the socket file only if it is still ours (nobody replaced it).
-            var ours = stat(), onDisk = stat()
-            if fstat(listener.rawValue, &ours) == 0, lstat(socketPath, &onDisk) == 0, (onDisk.st_mode & S_IFMT) == S_IFSOCK {
-                _ = unlink(socketPath)
-            }
+            // Remove the socket file, unless something other than a socket has taken its place.
+            var onDisk = stat()
+            if lstat(socketPath, &onDisk) == 0, (onDisk.st_mode & S_IFMT) == S_IFSOCK { _ = unlink(socketPath) }
             listener.close()
         }
         let deadline = monotonicNow() + timeout
@@ -111,6 +120,8 @@ public final class APIServer: @unchecked Sendable {
 
     /// Connections being served now.
     public var activeConnections: Int { state.withLock { busy } }
+    /// The most connections served at once since start.
+    public var peakActiveConnections: Int { state.withLock { peakBusy } }
     /// Connections accepted and served since start.
     public var servedConnections: Int { state.withLock { servedCount } }
     /// Connections refused with 503 because the pool was full.
@@ -184,6 +195,7 @@ public final class APIServer: @unchecked Sendable {
         while let connection = next {
             state.withLock {
                 busy += 1
+                peakBusy = max(peakBusy, busy)
                 servedCount += 1
             }
             serve(connection)
@@ -281,17 +293,30 @@ public final class APIServer: @unchecked Sendable {
     }
 
     private func stream(_ response: HTTPResponse, to connection: FileDescriptor, chunked: Bool) {
-        guard let stream = response.stream else { return }
+        guard let stream = response.stream, let wake = state.withLock({ self.wake }) else { return }
         defer { stream.cancel() }
         guard (try? UnixSocket.sendAll(connection, response.serialized(keepAlive: false, chunked: chunked))) != nil else { return }
-        while !isStopping {
-            switch stream.next(timeout: 0.25) {
+        let ready = stream.readinessDescriptor
+        streaming: while !isStopping {
+            switch stream.next(timeout: ready == nil ? 0.25 : 0) {
             case let .data(bytes):
                 if bytes.isEmpty { continue }
                 let framed = chunked ? Array((String(bytes.count, radix: 16) + "\r\n").utf8) + bytes + [0x0d, 0x0a] : bytes
                 guard (try? UnixSocket.sendAll(connection, framed)) != nil else { return }
             case .idle:
-                if UnixSocket.peerClosed(connection) { return }
+                if let ready {
+                    // Wait for more data, the client closing, or the server stopping — whichever comes first.
+                    let pollRDHUP: Int16 = 0x2000
+                    var fds = [pollfd(fd: connection.rawValue, events: pollRDHUP, revents: 0),
+                               pollfd(fd: wake.descriptor.rawValue, events: Int16(POLLIN), revents: 0),
+                               pollfd(fd: ready, events: Int16(POLLIN), revents: 0)]
+                    if poll(&fds, 3, 1000) > 0 {
+                        if fds[0].revents != 0 { return }           // the client went away
+                        if fds[1].revents != 0 { break streaming }  // the server stops: end the body properly
+                    }
+                } else if UnixSocket.peerClosed(connection) {
+                    return
+                }
             case .end:
                 if chunked { _ = try? UnixSocket.sendAll(connection, Array("0\r\n\r\n".utf8)) }
                 return

@@ -22,7 +22,7 @@ func posixCall<T: FixedWidthInteger>(_ operation: @autoclosure () -> String, con
 }
 
 /// A mutex with a condition variable (CLOCK_MONOTONIC timeouts), both heap-allocated so they never move.
-final class Condition: @unchecked Sendable {
+final class ConditionLock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let cond: UnsafeMutablePointer<pthread_cond_t>
 

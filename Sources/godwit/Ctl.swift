@@ -122,7 +122,7 @@ extension CtlCommand {
 
         func run() throws {
             try ctl {
-                let stream = try options.client.events(since: since)
+                let stream = try options.client.events(since: since ?? 0)
                 defer { stream.close() }
                 while let event = try stream.next() {
                     try options.print(event) { e in

@@ -238,6 +238,8 @@ struct APIHTTPParserTests {
         #expect(percentDecode("a+b", plusIsSpace: true) == "a b")
         #expect(percentDecode("a%2") == nil)
         #expect(percentDecode("a%zz") == nil)
+        #expect(percentDecode("a%+1") == nil)
+        #expect(percentDecode("%4a%4A") == "JJ")
         #expect(percentDecode("%ff") == nil)   // not UTF-8
     }
 }

@@ -187,8 +187,8 @@ struct APIRouterTests {
         controller.failNext = DiskError()
         expect400(handle(router, "PUT", "/drives/rootfs", APIRouterTests.sample[.putGuestDriveByID]!.1), "/missing.img")
         controller.failNext = APIError.internalError("KVM_CREATE_VM failed")
-        let internal = handle(router, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
-        #expect(internal.status == 500 && APITest.fault(internal) == "KVM_CREATE_VM failed")
+        let internalFailure = handle(router, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        #expect(internalFailure.status == 500 && APITest.fault(internalFailure) == "KVM_CREATE_VM failed")
         controller.failNext = APIError.badRequest("already paused")
         expect400(handle(router, "GET", "/"), "already paused")
         // Vhost-user drives are refused, by name, until the I/O domain exists.

@@ -206,7 +206,8 @@ final class APIRawConnection {
         var out: [APIClientResponse] = []
         let deadline = monotonicNow() + timeout
         while out.count < count {
-            guard let head = try? reader.head(deadline: deadline), let (status, headers) = head else { break }
+            guard let head = (try? reader.head(deadline: deadline)) ?? nil else { break }
+            let (status, headers) = head
             let length = headers["Content-Length"].flatMap { Int($0) } ?? 0
             guard let body = try? reader.exactly(length, deadline: deadline) else { break }
             out.append(APIClientResponse(status: status, headers: headers, body: body))
