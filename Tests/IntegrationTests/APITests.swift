@@ -198,7 +198,12 @@ final class APIHarness: @unchecked Sendable {
 
     func raw(_ method: String, _ path: String, _ body: String?) throws -> Reply {
         var args = ["-s", "--unix-socket", socket, "-X", method, "-w", "\n%{http_code}", "http://localhost\(path)"]
-        if let body { args += ["-H", "Content-Type: application/json", "--data-binary", body] }
+        if let body {
+            // Through a file: a large body does not fit in one command-line argument.
+            let file = dir.appendingPathComponent("body-\(UUID().uuidString).json")
+            try Data(body.utf8).write(to: file)
+            args += ["-H", "Content-Type: application/json", "--data-binary", "@\(file.path)"]
+        }
         let r = try runProcess("/usr/bin/curl", args, timeout: 30)
         let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
         return Reply(status: Int(lines.last ?? "") ?? -1, body: lines.dropLast().joined(separator: "\n"))
