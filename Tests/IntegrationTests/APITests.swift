@@ -85,6 +85,29 @@ struct APITests {
         #expect(kinds.filter { ["booted", "paused", "resumed", "shutdown"].contains($0) } == ["booted", "paused", "resumed", "shutdown"], "\(kinds)")
     }
 
+    /// `godwit ctl` over the same socket: events in order, info, pause/resume, a refused request.
+    @Test func ctlFollowsEventsAndDrivesTheVM() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        try api.configure(jobs: "godwit.job=ready godwit.job=idle,seconds=2")
+        let ctl = { (args: [String]) in try runProcess(TestEnvironment.godwitPath, ["ctl"] + args + ["--api-sock", api.socket], timeout: 30) }
+        let events = try BackgroundProcess(TestEnvironment.godwitPath, ["ctl", "events", "--api-sock", api.socket, "--until-shutdown"])
+        #expect(try ctl(["info"]).stdout.contains("Not started"))
+        #expect(try ctl(["start"]).status == 0)
+        #expect(try api.waitForSerial { $0.contains("seq=10") })
+        #expect(try ctl(["pause"]).status == 0)
+        let info = try ctl(["info", "--json"])
+        #expect(info.stdout.contains("\"state\" : \"Paused\""), "\(info.stdout)")
+        #expect(try ctl(["resume"]).status == 0)
+        let refused = try ctl(["start"])
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("already started"), "\(refused.stderr)")
+        let r = events.wait(timeout: 30)
+        let kinds = r.stdout.split(separator: "\n").compactMap { $0.split(separator: " ").dropFirst(2).first.map(String.init) }
+        #expect(kinds == ["booted", "paused", "resumed", "shutdown"], "\(r.stdout)")
+        #expect(api.process.wait(timeout: 30).status == 0)
+    }
+
     @Test func growingADiskIsSeenByTheGuest() throws {
         let api = try APIHarness()
         defer { api.stop() }
