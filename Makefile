@@ -54,6 +54,7 @@ unit: build
 bench: guest
 	bench/boot
 	bench/net
+	bench/api
 
 clean:
 	rm -rf .build guest/out out
