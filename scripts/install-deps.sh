@@ -12,3 +12,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# schemathesis (PyPI) runs the property-based API test against api/openapi.yaml.
+if ! python3 -c "import schemathesis" 2>/dev/null; then
+  echo "installing: schemathesis (pip)"
+  python3 -m pip install -q "schemathesis==4.32.5" 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi
