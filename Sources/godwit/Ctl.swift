@@ -7,8 +7,9 @@ struct CtlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ctl",
         abstract: "Control a VMM through its API socket.",
-        subcommands: [Info.self, Config.self, Version.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self,
-                      FlushMetrics.self, Metrics.self, Events.self, Drive.self])
+        subcommands: [Info.self, Config.self, Version.self, BootSourceCommand.self, MachineConfigCommand.self, Drive.self,
+                      Net.self, LoggerCommand.self, MetricsFile.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self,
+                      FlushMetrics.self, Metrics.self, Events.self])
 }
 
 /// Options every `ctl` subcommand takes.
@@ -136,8 +137,78 @@ extension CtlCommand {
         }
     }
 
+    struct BootSourceCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "boot-source", abstract: "Set the kernel and its command line (PUT /boot-source).")
+        @OptionGroup var options: CtlOptions
+        @Option(help: "The guest kernel on the host.") var kernel: String
+        @Option(help: "The guest command line.") var bootArgs: String?
+        func run() throws {
+            let path = URL(fileURLWithPath: kernel).standardizedFileURL.path
+            try ctl { try options.client.putBootSource(BootSource(kernelImagePath: path, bootArgs: bootArgs)) }
+        }
+    }
+
+    struct MachineConfigCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "machine-config",
+                                                        abstract: "Show the machine configuration, or change it before boot (PATCH /machine-config).")
+        @OptionGroup var options: CtlOptions
+        @Option(help: "vCPUs.") var vcpus: Int?
+        @Option(help: "Memory in MiB.") var memory: Int?
+        func run() throws {
+            try ctl {
+                if vcpus != nil || memory != nil {
+                    try options.client.patchMachineConfig(MachineConfigurationUpdate(vcpuCount: vcpus, memSizeMib: memory))
+                }
+                try options.print(try options.client.machineConfig()) { "vcpus: \($0.vcpuCount)  memory: \($0.memSizeMib) MiB" }
+            }
+        }
+    }
+
+    struct Net: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Network interfaces.", subcommands: [Add.self])
+
+        struct Add: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Add a NIC on a TAP before boot (PUT /network-interfaces).")
+            @OptionGroup var options: CtlOptions
+            @Argument(help: "The interface id.") var id: String
+            @Option(help: "The TAP on the host.") var tap: String
+            @Option(help: "The guest's MAC.") var mac: String?
+            func run() throws {
+                try ctl { try options.client.putNetworkInterface(NetworkInterface(ifaceId: id, hostDevName: tap, guestMac: mac)) }
+            }
+        }
+    }
+
+    struct LoggerCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "logger", abstract: "Log the VMM's events to a file (PUT /logger).")
+        @OptionGroup var options: CtlOptions
+        @Option(help: "The log file.") var path: String
+        func run() throws { try ctl { try options.client.putLogger(Logger(logPath: path)) } }
+    }
+
+    struct MetricsFile: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "metrics-file", abstract: "The file FlushMetrics writes to (PUT /metrics).")
+        @OptionGroup var options: CtlOptions
+        @Option(help: "The metrics file.") var path: String
+        func run() throws { try ctl { try options.client.putMetrics(API.Metrics(metricsPath: path)) } }
+    }
+
     struct Drive: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Drives.", subcommands: [Update.self])
+        static let configuration = CommandConfiguration(abstract: "Drives.", subcommands: [Add.self, Update.self])
+
+        struct Add: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Add a drive before boot (PUT /drives).")
+            @OptionGroup var options: CtlOptions
+            @Argument(help: "The drive id.") var id: String
+            @Option(help: "The image on the host.") var path: String
+            @Flag(help: "Read-only.") var readOnly = false
+            @Flag(help: "The root device (root=/dev/vda on the command line).") var root = false
+            func run() throws {
+                try ctl {
+                    try options.client.putDrive(API.Drive(driveId: id, pathOnHost: path, isRootDevice: root, isReadOnly: readOnly))
+                }
+            }
+        }
 
         struct Update: ParsableCommand {
             static let configuration = CommandConfiguration(abstract: "Point a running VM's drive at another image (PATCH /drives).")
