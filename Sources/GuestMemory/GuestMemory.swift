@@ -69,6 +69,17 @@ public final class GuestMemory: @unchecked Sendable {
         return GuestMemory(regions: regions)
     }
 
+    /// Another process's RAM, mapped from the file descriptors it passed (vhost-user SET_MEM_TABLE):
+    /// each region is `size` bytes of `fd` from `offset`, at guest-physical `base`.
+    public static func mapping(regions: [(base: UInt64, size: UInt64, fd: FileDescriptor, offset: UInt64)]) throws -> GuestMemory {
+        try validate(regions.map { (base: $0.base, size: $0.size) })
+        let mapped = try regions.map { r in
+            GuestRegion(guestBase: r.base, size: r.size, backing: r.fd, backingOffset: r.offset,
+                        mapping: try MemoryMapping(size: Int(r.size), fd: r.fd, offset: Int(r.offset)))
+        }
+        return GuestMemory(regions: mapped)
+    }
+
     /// Anonymous, unshared RAM: for tests of device logic over plain memory.
     public static func anonymous(layout: [(base: UInt64, size: UInt64)]) throws -> GuestMemory {
         try validate(layout)
