@@ -228,6 +228,27 @@ func virtioRandomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
         #expect(throws: VirtioError.self) { try harness.device.replaceBackend(try FileBlockBackend(path: large.path, readOnly: true)) }
     }
 
+    @Test func slicesStayInsideTheirWindow() throws {
+        let image = try VirtioTempImage(size: 64 * 1024, pattern: { _ in 0 })
+        let file = try FileBlockBackend(path: image.path)
+        let slice = try SliceBlockBackend(base: file, offset: 16 * 1024, size: 8 * 1024)
+        let harness = try VirtioBlockHarness(backend: slice)
+        var capacity: UInt64 = 0
+        withUnsafeMutableBytes(of: &capacity) { harness.device.readConfig(offset: 0, into: $0) }
+        #expect(capacity == 16, "8 KiB in sectors")
+        let write = try harness.run(type: VirtioBlkType.write, sector: 1, out: [UInt8](repeating: 0xab, count: 512))
+        #expect(write.status == VirtioBlkStatus.ok)
+        #expect(try image.bytes(at: 16 * 1024 + 512, count: 512) == [UInt8](repeating: 0xab, count: 512))
+        #expect(try image.bytes(at: 512, count: 512) == [UInt8](repeating: 0, count: 512), "nothing outside the slice")
+        // Past the slice's end: refused, even though the file goes on.
+        let past = try harness.run(type: VirtioBlkType.read, sector: 16, inLength: 512)
+        #expect(past.status == VirtioBlkStatus.ioError)
+        #expect(throws: VirtioError.self) { _ = try SliceBlockBackend(base: file, offset: 60 * 1024, size: 8 * 1024) }
+        #expect(throws: VirtioError.self) { _ = try SliceBlockBackend(base: file, offset: 100, size: 512) }
+        let readOnly = try SliceBlockBackend(base: file, offset: 0, size: 4096, readOnly: true)
+        #expect(readOnly.readOnly && !readOnly.supportsDiscard)
+    }
+
     @Test func writeLandsOnDiskAndReadsBack() throws {
         let image = try VirtioTempImage(size: 64 * 1024)
         let before = try image.contents
