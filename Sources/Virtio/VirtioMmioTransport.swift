@@ -108,6 +108,12 @@ public final class VirtioMmioTransport: @unchecked Sendable {
     private var queueSel: UInt32 = 0
     private var queues: [QueueConfig]
     private var interruptStatusValue: UInt32 = 0
+    /// For out-of-process devices (vhost-user): InterruptStatus always shows the used-ring bit.
+    public var reportsUsedBufferAlways: Bool {
+        get { stateLock.withLock { reportsUsedBufferAlwaysValue } }
+        set { stateLock.withLock { reportsUsedBufferAlwaysValue = newValue } }
+    }
+    private var reportsUsedBufferAlwaysValue = false
     private var configGenerationValue: UInt32 = 0
     /// Bumped on every activation and reset: callbacks from an older activation are ignored.
     private var generation: UInt64 = 0
@@ -206,7 +212,12 @@ public final class VirtioMmioTransport: @unchecked Sendable {
             case R.queueDriverHigh: return queue.map { UInt32(truncatingIfNeeded: queues[$0].driverArea >> 32) } ?? 0
             case R.queueDeviceLow: return queue.map { UInt32(truncatingIfNeeded: queues[$0].deviceArea) } ?? 0
             case R.queueDeviceHigh: return queue.map { UInt32(truncatingIfNeeded: queues[$0].deviceArea >> 32) } ?? 0
-            case R.interruptStatus: return interruptStatusValue
+            case R.interruptStatus:
+                // A device whose interrupts go straight from another process to KVM (an irqfd) never
+                // tells the transport; report the used-ring bit whenever the driver is running so its
+                // interrupt handler looks at the rings (a spurious check is allowed by the spec).
+                let running = statusValue & VirtioStatus.driverOK != 0
+                return interruptStatusValue | (reportsUsedBufferAlways && running ? VirtioMmioTransport.interruptUsedBuffer : 0)
             case R.status: return statusValue
             case R.configGeneration: return configGenerationValue
             default: return 0
