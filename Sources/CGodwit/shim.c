@@ -33,6 +33,7 @@ void godwit_set_thread_name(const char *name) {
     pthread_setname_np(pthread_self(), buf);
 }
 void godwit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void godwit_atomic_or8(uint8_t *address, uint8_t bits) { __atomic_fetch_or(address, bits, __ATOMIC_SEQ_CST); }
 
 int godwit_set_nonblocking(int fd, int on) {
     int flags = fcntl(fd, F_GETFL);
@@ -202,3 +203,66 @@ const uint32_t GODWIT_EPOLLIN = EPOLLIN;
 const uint32_t GODWIT_EPOLLOUT = EPOLLOUT;
 const uint32_t GODWIT_EPOLLERR = EPOLLERR;
 const uint32_t GODWIT_EPOLLHUP = EPOLLHUP;
+
+int godwit_socketpair(int *fds) { return socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds); }
+
+int godwit_accept(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+long godwit_send_fds(int socket, const void *buffer, size_t length, const int *fds, int nfds) {
+    if (nfds < 0 || nfds > GODWIT_MAX_PASSED_FDS) { errno = EINVAL; return -1; }
+    struct iovec iov = { .iov_base = (void *)buffer, .iov_len = length };
+    // Aligned storage for the largest control message we send.
+    union { char buf[CMSG_SPACE(sizeof(int) * GODWIT_MAX_PASSED_FDS)]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (nfds > 0) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t n;
+    do { n = sendmsg(socket, &msg, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return (long)n;
+}
+
+long godwit_recv_fds(int socket, void *buffer, size_t length, int *fds, int max_fds, int *nfds, int *truncated) {
+    *nfds = 0;
+    *truncated = 0;
+    struct iovec iov = { .iov_base = buffer, .iov_len = length };
+    // Room for more descriptors than anyone may send, so that extras are seen (and closed), not lost.
+    union { char buf[CMSG_SPACE(sizeof(int) * GODWIT_MAX_PASSED_FDS * 2)]; struct cmsghdr align; } control;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    ssize_t n;
+    do { n = recvmsg(socket, &msg, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -1;
+    if (msg.msg_flags & MSG_CTRUNC) *truncated = 1;
+    for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg != NULL; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        if (cmsg->cmsg_len < CMSG_LEN(0)) continue;
+        size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const unsigned char *data = CMSG_DATA(cmsg);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, data + i * sizeof(int), sizeof fd);
+            if (*nfds < max_fds) {
+                fds[(*nfds)++] = fd;
+            } else {
+                close(fd);
+                *truncated = 1;
+            }
+        }
+    }
+    return (long)n;
+}

@@ -28,6 +28,9 @@ void godwit_set_thread_name(const char *name);
 // A full memory barrier (guest memory is shared with running vCPUs and other processes).
 void godwit_fence(void);
 
+/// Atomically ORs `bits` into the byte at `address` (shared dirty-log bitmaps).
+void godwit_atomic_or8(uint8_t *address, uint8_t bits);
+
 // Signal used to kick a vCPU thread out of KVM_RUN; the handler does nothing.
 int godwit_install_kick_handler(int signo);
 int godwit_kick_signal(void);
@@ -114,4 +117,19 @@ uint64_t godwit_run_fail_entry_reason(const struct kvm_run *run);
 /// KVM_EXIT_SYSTEM_EVENT: type.
 uint32_t godwit_run_system_event_type(const struct kvm_run *run);
 
+// Unix stream sockets with file-descriptor passing (SCM_RIGHTS; the CMSG_* macros are C-only).
+/// The most descriptors `godwit_send_fds` sends in one message (vhost-user itself allows 8).
+#define GODWIT_MAX_PASSED_FDS 16
+/// socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC); fills `fds[2]`.
+int godwit_socketpair(int *fds);
+/// accept4(SOCK_CLOEXEC) on a listening socket.
+int godwit_accept(int fd);
+/// sendmsg of `length` bytes with `nfds` descriptors (0...GODWIT_MAX_PASSED_FDS) as SCM_RIGHTS,
+/// MSG_NOSIGNAL. Returns the bytes sent or -1 with errno (EINVAL when `nfds` is out of range).
+long godwit_send_fds(int socket, const void *buffer, size_t length, const int *fds, int nfds);
+/// recvmsg of up to `length` bytes with MSG_CMSG_CLOEXEC. Received descriptors are stored in `fds`
+/// (up to `max_fds`; any beyond are closed) and counted in `*nfds`; `*truncated` is set to 1 when
+/// descriptors were dropped (more than `max_fds`, or MSG_CTRUNC). Returns the bytes received (0 at
+/// end of file) or -1 with errno; on -1 no descriptor is left open.
+long godwit_recv_fds(int socket, void *buffer, size_t length, int *fds, int max_fds, int *nfds, int *truncated);
 #endif
