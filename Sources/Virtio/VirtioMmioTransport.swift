@@ -217,7 +217,7 @@ public final class VirtioMmioTransport: @unchecked Sendable {
                 // tells the transport; report the used-ring bit whenever the driver is running so its
                 // interrupt handler looks at the rings (a spurious check is allowed by the spec).
                 let running = statusValue & VirtioStatus.driverOK != 0
-                return interruptStatusValue | (reportsUsedBufferAlways && running ? VirtioMmioTransport.interruptUsedBuffer : 0)
+                return interruptStatusValue | (reportsUsedBufferAlwaysValue && running ? VirtioMmioTransport.interruptUsedBuffer : 0)
             case R.status: return statusValue
             case R.configGeneration: return configGenerationValue
             default: return 0

@@ -145,6 +145,20 @@ final class VirtioMmioBlockRig {
 // MARK: - virtio-mmio transport tests
 
 @Suite struct VirtioMmioTests {
+    /// Out-of-process devices: the used-ring bit shows once the driver runs, and reading it does not
+    /// deadlock (a regression: the flag was read under the transport's own lock).
+    @Test func usedBufferBitAlwaysReportedForExternalDevices() throws {
+        let rig = try VirtioMmioBlockRig(activate: false)
+        rig.transport.reportsUsedBufferAlways = true
+        #expect(rig.transport.readRegister(VirtioMmioTransport.Register.interruptStatus) == 0, "not before DRIVER_OK")
+        #expect(rig.transport.negotiate(rig.features))
+        rig.transport.setUpQueue(0, rig.driver)
+        rig.transport.driverOK()
+        #expect(rig.transport.readRegister(VirtioMmioTransport.Register.interruptStatus) & 1 == 1)
+        rig.transport.reportsUsedBufferAlways = false
+        #expect(rig.transport.readRegister(VirtioMmioTransport.Register.interruptStatus) == 0)
+    }
+
     @Test func identityRegistersAndWidths() throws {
         let rig = try VirtioMmioBlockRig(activate: false)
         let t = rig.transport
