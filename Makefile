@@ -14,7 +14,7 @@ deps:
 guest: deps
 	@$(MAKE) -s -C guest
 
-build:
+build: deps
 	$(SWIFT) build
 
 $(DEMO_DISK):

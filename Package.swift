@@ -15,7 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
-        .target(name: "CGodwit"),
+        .target(name: "CGodwit", linkerSettings: [.linkedLibrary("seccomp")]),
         .target(name: "GodwitSystem", dependencies: ["CGodwit"], swiftSettings: swift5),
         .target(name: "GuestMemory", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "KVM", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory"], swiftSettings: swift5),

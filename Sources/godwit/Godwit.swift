@@ -15,7 +15,7 @@ struct Godwit: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "godwit",
         abstract: "A KVM virtual machine monitor whose device I/O runs in separate I/O domains.",
-        subcommands: [VMCommand.self, CtlCommand.self])
+        subcommands: [VMCommand.self, CtlCommand.self, SandboxProbeCommand.self])
 }
 
 /// Exit statuses of `godwit vm`, documented in the README.

@@ -132,4 +132,49 @@ long godwit_send_fds(int socket, const void *buffer, size_t length, const int *f
 /// descriptors were dropped (more than `max_fds`, or MSG_CTRUNC). Returns the bytes received (0 at
 /// end of file) or -1 with errno; on -1 no descriptor is left open.
 long godwit_recv_fds(int socket, void *buffer, size_t length, int *fds, int max_fds, int *nfds, int *truncated);
+
+// Process sandbox (sandbox.c): namespaces entered by a constructor before Swift's main, then
+// no_new_privs, no capabilities and a libseccomp allow-list once set-up is done (GodwitSystem's Sandbox).
+/// 1 in the process the constructor moved into new user, mount, IPC, network and PID namespaces
+/// (it ran with GODWIT_SANDBOX_NAMESPACES=1 and is PID 1 there), else 0.
+int godwit_sandbox_in_namespaces(void);
+/// prctl(PR_SET_NO_NEW_PRIVS, 1) for the calling thread (seccomp's thread sync extends it to all).
+int godwit_sandbox_set_no_new_privs(void);
+/// Empties the effective, permitted, inheritable, ambient and bounding capability sets of every
+/// thread of the process (capabilities are per thread: the others are reached with a SIGSYS from
+/// tgkill, which libdispatch's workers leave unblocked), then checks each thread's
+/// /proc/self/task/TID/status. Returns 0, or -1 with errno and `*failed_tid` set to the thread that
+/// kept a capability (0 when the failure is not a thread's). Call before loading the seccomp filter.
+int godwit_sandbox_drop_capabilities(int *failed_tid);
+
+// seccomp filters built with libseccomp. Comparison operators for a rule's conditions:
+#define GODWIT_SECCOMP_CMP_EQ 0        // argument == value
+#define GODWIT_SECCOMP_CMP_NE 1        // argument != value
+#define GODWIT_SECCOMP_CMP_MASKED_EQ 2 // (argument & mask) == value
+// Actions:
+#define GODWIT_SECCOMP_ALLOW 0
+#define GODWIT_SECCOMP_ERRNO 1         // fail the call with `errno_value`
+#define GODWIT_SECCOMP_KILL_PROCESS 2
+struct godwit_seccomp_condition {
+    uint32_t argument;  // 0...5
+    uint32_t operation; // GODWIT_SECCOMP_CMP_*
+    uint64_t mask;      // for GODWIT_SECCOMP_CMP_MASKED_EQ
+    uint64_t value;
+};
+/// 1 when this build has libseccomp (header at compile time, library linked), else 0.
+int godwit_seccomp_available(void);
+/// A new filter whose default action fails every other syscall with `default_errno`; foreign
+/// architectures (i386 int 0x80, x32) kill the process. NULL with errno on failure.
+void *godwit_seccomp_new(int default_errno);
+/// Adds one rule for the syscall `name` (resolved with seccomp_syscall_resolve_name; an unknown
+/// name is -ENOENT). All `count` conditions must hold. Returns 0 or a negative errno.
+int godwit_seccomp_add(void *filter, const char *name, int action, int errno_value,
+                       const struct godwit_seccomp_condition *conditions, uint32_t count);
+/// Loads the filter into every thread of the process (SECCOMP_FILTER_FLAG_TSYNC). Returns 0 or a
+/// negative errno; a positive value is the id of a thread that could not be synchronised.
+int godwit_seccomp_load(void *filter);
+void godwit_seccomp_release(void *filter);
+/// The syscall number of `name` on this architecture, or -1 when libseccomp does not know it.
+int godwit_seccomp_resolve(const char *name);
+
 #endif
