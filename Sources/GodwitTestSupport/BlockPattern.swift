@@ -23,15 +23,16 @@ public enum BlockPattern {
         return h
     }
 
-    /// Checks every sector of `[offset, offset+size)` in the image file.
-    public static func verify(imagePath: String, offset: UInt64, size: UInt64) throws -> Report {
+    /// Checks every sector of `[offset, offset+size)` in the image file. `sliceStart` is where the
+    /// guest's disk begins in the file (an I/O domain slice): the guest numbers sectors from there.
+    public static func verify(imagePath: String, offset: UInt64, size: UInt64, sliceStart: UInt64 = 0) throws -> Report {
         let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: imagePath))
         defer { try? handle.close() }
         try handle.seek(toOffset: offset)
         let data = try handle.read(upToCount: Int(size)) ?? Data()
         var report = Report()
         for sector in 0..<(data.count / 512) {
-            let lba = offset / 512 + UInt64(sector)
+            let lba = (offset - sliceStart) / 512 + UInt64(sector)
             let w: [UInt64] = (0..<64).map { i in
                 data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: sector * 512 + i * 8, as: UInt64.self)) }
             }

@@ -2,21 +2,26 @@ import CGodwit
 import GodwitSystem
 import GuestMemory
 import KVM
+import VhostUser
 import Virtio
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// One disk as the user gave it: a raw image file or block device.
+/// One disk as the user gave it: a raw image file or block device, or a vhost-user socket of an
+/// I/O domain (or any vhost-user-blk backend) that serves it.
 public struct DiskConfig: Equatable, Sendable {
     public var path: String
     public var readOnly: Bool
     public var direct: Bool
+    /// The vhost-user socket; when set, `path` is unused and the device logic runs in the backend.
+    public var socket: String?
 
-    public init(path: String, readOnly: Bool = false, direct: Bool = false) {
+    public init(path: String, readOnly: Bool = false, direct: Bool = false, socket: String? = nil) {
         self.path = path
         self.readOnly = readOnly
         self.direct = direct
+        self.socket = socket
     }
 }
 
@@ -283,6 +288,10 @@ public final class MicroVM: @unchecked Sendable {
             throw MachineError.layout("\(config.disks.count) disks, at most \(Layout.maxVirtioDevices) devices")
         }
         for disk in config.disks {
+            if let socket = disk.socket {
+                try addVhostUserDevice(socket: socket, deviceID: VirtioDeviceType.block)
+                continue
+            }
             let backend: FileBlockBackend
             do {
                 backend = try FileBlockBackend(path: disk.path, readOnly: disk.readOnly, direct: disk.direct)
@@ -293,8 +302,32 @@ public final class MicroVM: @unchecked Sendable {
         }
     }
 
+    /// A virtio device served by a vhost-user backend at `socket`: the guest's queue notifications go
+    /// to the backend through KVM ioeventfds and its completions come back through the device's irqfd,
+    /// so neither passes through the VMM.
+    public func addVhostUserDevice(socket: String, deviceID: UInt32) throws {
+        let index = virtioDevices.count
+        let address = Layout.virtioMMIOBase + UInt64(index) * Layout.virtioMMIOSize
+        let slot = ExternalSlot()
+        let vmRef = vm
+        let device: VhostUserDevice
+        do {
+            device = try VhostUserDevice(socketPath: socket, deviceID: deviceID) { queue in
+                try slot.notifiers(queue: queue, vm: vmRef, notifyAddress: address + VirtioMmioTransport.Register.queueNotify)
+            }
+        } catch {
+            throw MachineError.disk(path: socket, reason: "vhost-user: \(error)")
+        }
+        try addVirtioDevice(device, external: true)
+        slot.call = virtioDevices[index].interruptFD
+    }
+
     /// Places a virtio device in the next virtio-mmio window with the next IRQ.
     public func addVirtioDevice(_ device: VirtioDevice) throws {
+        try addVirtioDevice(device, external: false)
+    }
+
+    private func addVirtioDevice(_ device: VirtioDevice, external: Bool) throws {
         let index = virtioDevices.count
         let address = Layout.virtioMMIOBase + UInt64(index) * Layout.virtioMMIOSize
         let irq = Layout.virtioFirstIRQ + UInt32(index)
@@ -303,6 +336,10 @@ public final class MicroVM: @unchecked Sendable {
             read: { offset, data in wired.transport.read(offset: offset, into: data) },
             write: { offset, data in wired.transport.write(offset: offset, from: data) }))
         virtioDevices.append(wired)
+        if external {
+            wired.transport.reportsUsedBufferAlways = true
+            return
+        }
         if config.queueNotification == .ioeventfd {
             // QueueNotify writes of queue i signal an eventfd in the kernel; the device thread runs the queue.
             for queue in 0..<device.queueCount {
@@ -353,7 +390,7 @@ public final class MicroVM: @unchecked Sendable {
                 switch wired.device {
                 case let net as NetDevice: line = "\(net.statistics)"
                 case let blk as BlockDevice: line = "\(blk.statistics)"
-                default: line = "?"
+                default: line = "vhost-user (statistics in the backend)"
                 }
                 fputs("godwit: device \(i): \(line)\n", stderr)
             }
@@ -528,6 +565,25 @@ public final class MicroVM: @unchecked Sendable {
                     if !pending.isEmpty { usleep(1000) }
                 }
             }
+        }
+    }
+}
+
+/// The kick and call eventfds of one vhost-user device, made once per queue and registered with KVM:
+/// kicks as ioeventfds on the queue-notify register (datamatch = queue), calls on the device's irqfd.
+final class ExternalSlot: @unchecked Sendable {
+    private let lock = Lock()
+    private var kicks: [Int: EventFD] = [:]
+    var call: EventFD?
+
+    func notifiers(queue: Int, vm: VirtualMachine, notifyAddress: UInt64) throws -> (kick: EventFD, call: EventFD) {
+        try lock.withLock {
+            guard let call else { throw MachineError.setup("vhost-user device activated before it was placed") }
+            if let kick = kicks[queue] { return (kick, call) }
+            let kick = try EventFD(nonBlocking: true)
+            try vm.registerIOEventFD(kick, mmioAddress: notifyAddress, length: 4, matching: UInt64(queue))
+            kicks[queue] = kick
+            return (kick, call)
         }
     }
 }

@@ -15,7 +15,7 @@ struct Godwit: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "godwit",
         abstract: "A KVM virtual machine monitor whose device I/O runs in separate I/O domains.",
-        subcommands: [VMCommand.self, CtlCommand.self, SandboxProbeCommand.self])
+        subcommands: [VMCommand.self, IODomainCommand.self, CtlCommand.self, SandboxProbeCommand.self])
 }
 
 /// Exit statuses of `godwit vm`, documented in the README.
@@ -52,8 +52,8 @@ struct VMCommand: ParsableCommand {
     @Option(help: "Guest RAM, in MiB or with a K/M/G suffix (e.g. 256M, 1G).")
     var memory: String = "128M"
 
-    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,direct]. Repeat for more disks.",
-                               valueName: "path[,readonly][,direct]"))
+    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,direct], or socket=PATH for a disk an I/O domain (any vhost-user-blk backend) serves. Repeat for more disks.",
+                               valueName: "path[,readonly][,direct]|socket=path"))
     var disk: [String] = []
 
     @Option(help: ArgumentHelp("A virtio-net NIC on a TAP: tap=NAME (an existing TAP) or tap=auto (a new TAP, removed at exit), with an optional mac=aa:bb:cc:dd:ee:ff. Repeat for more NICs.",
@@ -186,8 +186,13 @@ func parseSize(_ text: String) throws -> UInt64 {
     return bytes
 }
 
-/// Parses "PATH[,readonly][,direct]".
+/// Parses "PATH[,readonly][,direct]" or "socket=PATH" (a vhost-user backend such as an I/O domain).
 func parseDisk(_ text: String) throws -> DiskConfig {
+    if text.hasPrefix("socket=") {
+        let path = String(text.dropFirst("socket=".count))
+        guard !path.isEmpty, !path.contains(",") else { throw ValidationError("--disk socket= needs one socket path: '\(text)'") }
+        return DiskConfig(path: "", socket: path)
+    }
     var parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
     guard let path = parts.first, !path.isEmpty else { throw ValidationError("--disk needs a path: '\(text)'") }
     parts.removeFirst()

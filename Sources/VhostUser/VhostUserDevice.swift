@@ -1,0 +1,360 @@
+import GodwitSystem
+import GuestMemory
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A virtio device whose logic lives in a vhost-user backend (an I/O domain, qemu-storage-daemon): the
+/// VMM's transport (virtio-mmio) talks to this object, and this object drives the backend.
+///
+/// Notifications never pass through the VMM: the Machine gives each queue a kick eventfd (registered
+/// as a KVM ioeventfd on the queue's notify address) and a call eventfd (registered as a KVM irqfd on
+/// the device's interrupt line), both through the `notifiers` closure, and the backend reads the kicks
+/// and writes the calls. `queueNotified` (the path of `--notify exit`) writes the kick eventfd.
+///
+/// ```swift
+/// let disk = try VhostUserDevice(socketPath: "/run/godwit/vm1-disk.sock", deviceID: VirtioDeviceType.block) { queue in
+///     (kick: kickFDs[queue], call: callFD)   // the Machine's ioeventfd and irqfd
+/// }
+/// ```
+public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
+    /// The kick and call eventfds of queue `queue`, made (and registered with KVM) by the Machine.
+    public typealias Notifiers = (_ queue: Int) throws -> (kick: EventFD, call: EventFD)
+
+    /// The protocol features the frontend uses when the backend offers them.
+    public static let wantedProtocolFeatures: UInt64 = VhostUserProtocolFeature.multiQueue
+        | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.config | VhostUserProtocolFeature.logSharedMemory
+    /// Features never offered to the guest: in the transport range (bits 24-40) only indirect
+    /// descriptors, event-idx and VERSION_1 pass (vhost-user's own bits 26 and 30, packed rings, IOMMU,
+    /// queue reset and the rest need the VMM's transport, which does not do them); device bits pass.
+    public static let hiddenFeatures: UInt64 = (((1 << 41) - 1) & ~((1 << 24) - 1))
+        & ~(VirtioFeature.indirectDescriptors | VirtioFeature.eventIndex | VirtioFeature.version1)
+
+    public let deviceID: UInt32
+    public let queueCount: Int
+    public let maxQueueSize: UInt16
+    /// How many bytes of config space are fetched (GET_CONFIG) and cached.
+    public let configSize: Int
+
+    private let connector: () throws -> VhostUserFrontend
+    private let notifiers: Notifiers
+    private let lock = Lock()
+    private var frontend: VhostUserFrontend?
+    private var backendFeatures: UInt64 = 0
+    private var protocolFeatures: UInt64 = 0
+    private var guestFeatures: UInt64 = 0
+    private var config: [UInt8]
+    private var activation: Activation?
+    private var ringBases: [Int: UInt16] = [:]
+    private var lastErrorValue: Error?
+
+    /// What `activate` was given: replayed on reconnect.
+    private struct Activation {
+        var memory: GuestMemory
+        var queues: [(index: Int, state: VirtqueueState)]
+        var features: UInt64
+        var interrupt: VirtioInterrupt
+        var eventFDs: [Int: (kick: EventFD, call: EventFD)]
+    }
+
+    /// Connects to the backend at `socketPath` and runs the handshake (features, protocol features,
+    /// queue count, owner, config space).
+    ///
+    /// - Parameters:
+    ///   - deviceID: the virtio device type the guest sees (2 block, 1 net).
+    ///   - queueCount: the queues the guest gets (default 1 for block, 2 for net, else the backend's count).
+    ///   - configSize: bytes of config space to fetch (default 60 for block, 12 for net).
+    public convenience init(socketPath: String, deviceID: UInt32, queueCount: Int? = nil, maxQueueSize: UInt16 = 256,
+                            configSize: Int? = nil, notifiers: @escaping Notifiers) throws {
+        try self.init(deviceID: deviceID, queueCount: queueCount, maxQueueSize: maxQueueSize, configSize: configSize,
+                      notifiers: notifiers, connect: { try VhostUserFrontend.connect(path: socketPath) })
+    }
+
+    /// Like `init(socketPath:...)` with a connection function of the caller's (a socket passed in, a test pair).
+    /// `connect` is called again by `reconnect()`.
+    public init(deviceID: UInt32, queueCount: Int? = nil, maxQueueSize: UInt16 = 256, configSize: Int? = nil,
+                notifiers: @escaping Notifiers, connect: @escaping () throws -> VhostUserFrontend) throws {
+        self.deviceID = deviceID
+        self.maxQueueSize = maxQueueSize
+        self.notifiers = notifiers
+        self.connector = connect
+        self.configSize = min(configSize ?? (deviceID == VirtioDeviceType.block ? 60 : deviceID == VirtioDeviceType.network ? 12 : 0),
+                              VhostUserConfigSpace.maxSize)
+        config = Array(repeating: 0, count: self.configSize)
+        let frontend = try connect()
+        do {
+            let negotiated = try VhostUserDevice.negotiate(frontend, configSize: self.configSize)
+            let wanted = queueCount ?? (deviceID == VirtioDeviceType.block ? 1 : deviceID == VirtioDeviceType.network ? 2 : nil)
+                ?? Int(negotiated.queues ?? 1)
+            guard wanted >= 1, wanted <= 256 else { throw VhostUserError.deviceError("queue count \(wanted) is not 1 to 256") }
+            self.queueCount = wanted
+            try lock.withLock { try adopt(frontend, negotiated) }
+        } catch {
+            frontend.close()
+            throw error
+        }
+    }
+
+    /// What the handshake learnt from the backend.
+    private struct Negotiated {
+        var features: UInt64
+        var protocolFeatures: UInt64
+        /// GET_QUEUE_NUM's answer (nil: MQ not offered).
+        var queues: UInt64?
+        var config: [UInt8]
+    }
+
+    /// The handshake on a new connection, in QEMU's order: GET_FEATURES, GET/SET_PROTOCOL_FEATURES,
+    /// GET_QUEUE_NUM, SET_OWNER, GET_CONFIG.
+    private static func negotiate(_ frontend: VhostUserFrontend, configSize: Int) throws -> Negotiated {
+        let features = try frontend.getFeatures()
+        var negotiated: UInt64 = 0
+        var queues: UInt64?
+        if features & VhostUserFeature.protocolFeatures != 0 {
+            let offered = try frontend.getProtocolFeatures()
+            negotiated = offered & VhostUserDevice.wantedProtocolFeatures
+            try frontend.setProtocolFeatures(negotiated)
+            if negotiated & VhostUserProtocolFeature.multiQueue != 0 { queues = try frontend.getQueueNum() }
+        }
+        try frontend.setOwner()
+        var space = Array(repeating: UInt8(0), count: configSize)
+        if negotiated & VhostUserProtocolFeature.config != 0 && configSize > 0 {
+            space = try frontend.getConfig(offset: 0, size: configSize)
+        }
+        return Negotiated(features: features, protocolFeatures: negotiated, queues: queues, config: space)
+    }
+
+    /// Makes `frontend` the device's connection. Called with the lock held.
+    private func adopt(_ frontend: VhostUserFrontend, _ negotiated: Negotiated) throws {
+        if let queues = negotiated.queues, queues < UInt64(queueCount) {
+            throw VhostUserError.deviceError("the backend serves \(queues) queues, \(queueCount) wanted")
+        }
+        var guest = negotiated.features & ~VhostUserDevice.hiddenFeatures
+        if deviceID == VirtioDeviceType.block && queueCount == 1 { guest &= ~BlockDevice.Feature.multiQueue }
+        // The guest negotiated with the old backend's features: a backend that lacks some cannot take over.
+        if let activation, activation.features & ~guest != 0 {
+            let missing = activation.features & ~guest
+            throw VhostUserError.deviceError("the new backend lacks negotiated features 0x\(String(missing, radix: 16))")
+        }
+        try frontend.watchForDisconnect { [weak self] error in self?.disconnected(frontend, error) }
+        self.frontend = frontend
+        backendFeatures = negotiated.features
+        protocolFeatures = negotiated.protocolFeatures
+        guestFeatures = guest
+        config = negotiated.config
+    }
+
+    deinit { frontend?.close() }
+
+    /// Closes the connection on purpose (no `onDisconnect`); the backend stops the rings.
+    public func disconnect() {
+        let old: VhostUserFrontend? = lock.withLock {
+            let f = frontend
+            frontend = nil
+            activation = nil
+            return f
+        }
+        old?.close()
+    }
+
+    // MARK: Connection
+
+    private var disconnectHandler: (@Sendable (VhostUserDevice, VhostUserError) -> Void)?
+
+    /// Called on a thread of its own when the backend goes away (it crashed, was restarted, or closed
+    /// the connection). The device keeps what it needs to replay its set-up: call `reconnect` (with the
+    /// backend back) and the rings resume where the guest left them.
+    public var onDisconnect: (@Sendable (VhostUserDevice, VhostUserError) -> Void)? {
+        get { lock.withLock { disconnectHandler } }
+        set { lock.withLock { disconnectHandler = newValue } }
+    }
+
+    private func disconnected(_ frontend: VhostUserFrontend, _ error: VhostUserError) {
+        let handler: (@Sendable (VhostUserDevice, VhostUserError) -> Void)? = lock.withLock {
+            // A connection that was already replaced is not news.
+            guard self.frontend === frontend else { return nil }
+            lastErrorValue = error
+            return disconnectHandler
+        }
+        handler?(self, error)
+    }
+
+    /// `reconnect()` until it succeeds, waiting `initialDelay` after the first failure and twice as long
+    /// after each next one (at most `maxDelay`), for up to `timeout` seconds; throws the last error.
+    public func reconnect(timeout: Double, initialDelay: Double = 0.05, maxDelay: Double = 2) throws {
+        let deadline = VhostUserSocket.now() + timeout
+        var delay = initialDelay
+        while true {
+            do {
+                try reconnect()
+                return
+            } catch {
+                let remaining = deadline - VhostUserSocket.now()
+                if remaining <= 0 { throw error }
+                usleep(UInt32(min(delay, remaining) * 1_000_000))
+                delay = min(delay * 2, maxDelay)
+            }
+        }
+    }
+
+    // MARK: State
+
+    /// The features the backend offered (GET_FEATURES), vhost-user bits included.
+    public var backendFeatureBits: UInt64 { lock.withLock { backendFeatures } }
+    /// The protocol features in use.
+    public var negotiatedProtocolFeatures: UInt64 { lock.withLock { protocolFeatures } }
+    /// The next avail index of each queue, as the backend reported it when its ring stopped (reset).
+    public var savedRingBases: [Int: UInt16] { lock.withLock { ringBases } }
+    /// The last error talking to the backend outside a throwing call (reset, config writes).
+    public var lastError: Error? { lock.withLock { lastErrorValue } }
+    /// True while the rings run in the backend.
+    public var isActive: Bool { lock.withLock { activation != nil } }
+
+    /// Fetches the config space again (GET_CONFIG), for example after the backend resized its image.
+    public func refreshConfig() throws {
+        try lock.withLock {
+            guard let frontend else { throw VhostUserError.disconnected(reason: "no connection") }
+            guard protocolFeatures & VhostUserProtocolFeature.config != 0, configSize > 0 else { return }
+            config = try frontend.getConfig(offset: 0, size: configSize)
+        }
+    }
+
+    /// Connects again and replays the handshake and, when the device was active, the activation. The
+    /// rings restart from the used index in guest memory, so requests the old backend took but did not
+    /// complete are submitted again (correct for backends that complete in order).
+    public func reconnect() throws {
+        let frontend = try connector()
+        try lock.withLock {
+            self.frontend?.close()
+            self.frontend = nil
+            do {
+                try adopt(frontend, try VhostUserDevice.negotiate(frontend, configSize: configSize))
+            } catch {
+                frontend.close()
+                throw error
+            }
+            guard let activation else { return }
+            var queues = activation.queues
+            for i in queues.indices {
+                let state = queues[i].state
+                queues[i].state.nextAvail = (try? activation.memory.load(UInt16.self, at: state.deviceArea &+ 2)) ?? state.nextAvail
+            }
+            try start(frontend, memory: activation.memory, queues: queues, features: activation.features,
+                      interrupt: activation.interrupt, eventFDs: activation.eventFDs)
+        }
+    }
+
+    // MARK: VirtioDevice
+
+    public var deviceFeatures: UInt64 { lock.withLock { guestFeatures } }
+
+    public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        let space = lock.withLock { config }
+        for i in 0..<data.count {
+            let (position, overflow) = offset.addingReportingOverflow(i)
+            data[i] = !overflow && position >= 0 && position < space.count ? space[position] : 0
+        }
+    }
+
+    public func writeConfig(offset: Int, from data: UnsafeRawBufferPointer) {
+        lock.withLock {
+            guard offset >= 0, offset <= configSize, data.count <= configSize - offset else { return }
+            for (i, byte) in data.enumerated() { config[offset + i] = byte }
+            guard let frontend, protocolFeatures & VhostUserProtocolFeature.config != 0 else { return }
+            do { try frontend.setConfig(offset: UInt32(offset), bytes: Array(data)) } catch { lastErrorValue = error }
+        }
+    }
+
+    public func activate(memory: GuestMemory, queues: [Virtqueue], features: UInt64, interrupt: VirtioInterrupt) throws {
+        try lock.withLock {
+            guard let frontend else { throw VhostUserError.disconnected(reason: "no connection to the backend") }
+            var eventFDs: [Int: (kick: EventFD, call: EventFD)] = [:]
+            for queue in queues { eventFDs[queue.index] = try notifiers(queue.index) }
+            do {
+                try start(frontend, memory: memory, queues: queues.map { (index: $0.index, state: $0.state) },
+                          features: features, interrupt: interrupt, eventFDs: eventFDs)
+            } catch {
+                lastErrorValue = error
+                throw error
+            }
+        }
+    }
+
+    /// SET_FEATURES, SET_MEM_TABLE, then per queue NUM, BASE, ADDR, KICK, CALL and ENABLE (QEMU's order).
+    /// Called with the lock held.
+    private func start(_ frontend: VhostUserFrontend, memory: GuestMemory, queues: [(index: Int, state: VirtqueueState)],
+                       features: UInt64, interrupt: VirtioInterrupt,
+                       eventFDs: [Int: (kick: EventFD, call: EventFD)]) throws {
+        let usesProtocolFeatures = backendFeatures & VhostUserFeature.protocolFeatures != 0
+        try frontend.setFeatures(features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0))
+        let (regions, fds) = try VhostUserDevice.memoryTable(memory)
+        try frontend.setMemoryTable(regions, fileDescriptors: fds)
+        for (index, state) in queues {
+            guard let notifier = eventFDs[index] else { throw VhostUserError.deviceError("queue \(index) has no eventfds") }
+            try frontend.setVringNum(queue: index, size: state.size)
+            try frontend.setVringBase(queue: index, base: state.nextAvail)
+            try frontend.setVringAddress(VhostUserVringAddress(
+                index: UInt32(index),
+                descriptor: try VhostUserDevice.userAddress(memory, state.descriptorTable, queue: index, ring: "descriptor table"),
+                used: try VhostUserDevice.userAddress(memory, state.deviceArea, queue: index, ring: "used ring"),
+                available: try VhostUserDevice.userAddress(memory, state.driverArea, queue: index, ring: "avail ring"),
+                log: state.deviceArea))
+            try frontend.setVringKick(queue: index, fileDescriptor: notifier.kick.descriptor)
+            try frontend.setVringCall(queue: index, fileDescriptor: notifier.call.descriptor)
+        }
+        if usesProtocolFeatures {
+            for (index, _) in queues { try frontend.setVringEnable(queue: index, enabled: true) }
+        }
+        activation = Activation(memory: memory, queues: queues, features: features, interrupt: interrupt,
+                                eventFDs: eventFDs)
+    }
+
+    public func queueNotified(_ index: Int) {
+        let kick = lock.withLock { activation?.eventFDs[index]?.kick }
+        try? kick?.signal()
+    }
+
+    public func reset() {
+        lock.withLock {
+            guard let active = activation else { return }
+            activation = nil
+            guard let frontend else { return }
+            do {
+                if backendFeatures & VhostUserFeature.protocolFeatures != 0 {
+                    for (index, _) in active.queues { try frontend.setVringEnable(queue: index, enabled: false) }
+                }
+                for (index, _) in active.queues { ringBases[index] = try frontend.getVringBase(queue: index) }
+            } catch {
+                lastErrorValue = error
+            }
+        }
+    }
+
+    // MARK: Address translation
+
+    /// The memory table of `memory`: every region must be backed by a shareable file (a memfd).
+    static func memoryTable(_ memory: GuestMemory) throws -> ([VhostUserMemoryRegion], [FileDescriptor]) {
+        guard memory.regions.count <= VhostUserCodec.maxRegions else {
+            throw VhostUserError.badRegionCount(count: UInt32(memory.regions.count), maximum: VhostUserCodec.maxRegions)
+        }
+        var regions: [VhostUserMemoryRegion] = []
+        var fds: [FileDescriptor] = []
+        for region in memory.regions {
+            guard let backing = region.backing else { throw VhostUserError.memoryNotShareable(guestBase: region.guestBase) }
+            regions.append(VhostUserMemoryRegion(guestAddress: region.guestBase, size: region.size,
+                                                 userAddress: UInt64(UInt(bitPattern: region.hostBase)),
+                                                 mmapOffset: region.backingOffset))
+            fds.append(backing)
+        }
+        return (regions, fds)
+    }
+
+    /// The VMM's host address of guest-physical `address`.
+    static func userAddress(_ memory: GuestMemory, _ address: UInt64, queue: Int, ring: String) throws -> UInt64 {
+        for region in memory.regions where address >= region.guestBase && address - region.guestBase < region.size {
+            return UInt64(UInt(bitPattern: region.hostBase)) + (address - region.guestBase)
+        }
+        throw VhostUserError.deviceError("queue \(queue) \(ring) at guest 0x\(String(address, radix: 16)) is outside guest RAM")
+    }
+}

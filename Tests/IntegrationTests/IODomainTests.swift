@@ -1,0 +1,93 @@
+import Foundation
+import GodwitTestSupport
+import Testing
+
+/// I/O domains: `godwit iodomain` serves slices of one image over vhost-user to VMs that `godwit vm`
+/// runs with `--disk socket=PATH`; notifications and completions bypass the VMM.
+@Suite("Integration: I/O domain over vhost-user", .serialized, .enabled(if: TestEnvironment.hasKVM))
+struct IODomainTests {
+    static let slice: UInt64 = 16 << 20
+
+    /// An I/O domain serving `count` slices of a fresh image.
+    final class Domain {
+        let dir: URL
+        let image: String
+        let sockets: [String]
+        let process: BackgroundProcess
+
+        init(slices count: Int) throws {
+            dir = try TestEnvironment.temporaryDirectory()
+            image = dir.appendingPathComponent("device.img").path
+            try TestEnvironment.makeImage(at: URL(fileURLWithPath: image), size: IODomainTests.slice * UInt64(count))
+            let base = dir
+            let paths = (0..<count).map { base.appendingPathComponent("vm\($0).sock").path }
+            sockets = paths
+            var args = ["iodomain", "--blk", image]
+            for (i, socket) in paths.enumerated() {
+                args += ["--device", "socket=\(socket),offset=\(UInt64(i) * IODomainTests.slice),size=\(IODomainTests.slice)"]
+            }
+            process = try BackgroundProcess(TestEnvironment.godwitPath, args)
+            for _ in 0..<500 where !paths.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) { usleep(10_000) }
+        }
+
+        func stop() {
+            process.terminate()
+            _ = process.wait(timeout: 10)
+            try? FileManager.default.removeItem(at: dir)
+        }
+    }
+
+    @Test(arguments: [1, 2])
+    func guestUsesADiskServedByAnIODomain(cpus: Int) throws {
+        let domain = try Domain(slices: 2)
+        defer { domain.stop() }
+        let r = try runGodwit(jobs: "godwit.job=blk-verify,size=1048576,mode=poll godwit.job=blk-verify,offset=2097152,size=1048576,mode=irq godwit.job=blk-check,offset=2097152,size=1048576",
+                              cpus: cpus, extra: ["--disk", "socket=\(domain.sockets[1])"])
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(r.lines(job: "blk-verify").count == 2)
+        // The pattern is in the second slice of the device, at the slice's offset; the first is untouched.
+        let report = try BlockPattern.verify(imagePath: domain.image, offset: Self.slice + (2 << 20), size: 1 << 20, sliceStart: Self.slice)
+        #expect(report.bad.isEmpty && report.sectors == 2048, "\(report.bad.count) bad sectors, first \(report.bad.prefix(3))")
+        #expect(try BlockPattern.verify(imagePath: domain.image, offset: 0, size: 1 << 20).bad.count == 2048)
+    }
+
+    @Test func notificationsAndCompletionsBypassTheVMM() throws {
+        let domain = try Domain(slices: 1)
+        defer { domain.stop() }
+        let r = try runGodwit(jobs: "godwit.job=blk-bench,n=4000,mode=poll", extra: ["--disk", "socket=\(domain.sockets[0])"], statistics: true)
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        let mmio = try #require(r.counter("exits", "mmio"), "\(r.stderr)")
+        #expect(mmio < 100, "4000 polled requests, only set-up register accesses exit: \(mmio)")
+    }
+
+    @Test func fourVMsShareOneDomainEachOnItsSlice() throws {
+        let domain = try Domain(slices: 4)
+        defer { domain.stop() }
+        let vms = try domain.sockets.map { socket in
+            try BackgroundProcess(TestEnvironment.godwitPath, ["vm", "--kernel", TestEnvironment.guestPath, "--memory", "64M",
+                                                             "--disk", "socket=\(socket)",
+                                                             "--cmdline", "godwit.job=blk-verify,seconds=2,size=2097152,mode=irq"])
+        }
+        var seeds: [String] = []
+        for vm in vms {
+            let r = vm.wait(timeout: 60)
+            #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+            let line = try #require(r.lines(job: "blk-verify").first, "\(r.stdout)")
+            #expect(line["errors"] == "0")
+            seeds.append(line["seed"] ?? "")
+        }
+        // Each slice holds exactly its own VM's last pass.
+        for (i, seed) in seeds.enumerated() {
+            let report = try BlockPattern.verify(imagePath: domain.image, offset: UInt64(i) * Self.slice, size: 2 << 20, sliceStart: UInt64(i) * Self.slice)
+            #expect(report.bad.isEmpty, "slice \(i): \(report.bad.count) bad sectors, first \(report.bad.prefix(3))")
+            #expect(report.seeds.map { String($0, radix: 16) } == [seed.trimmingLeadingZeros], "slice \(i)")
+        }
+        #expect(domain.process.isRunning)
+    }
+
+    @Test func aMissingSocketIsAClearError() throws {
+        let r = try runGodwit(jobs: "", extra: ["--disk", "socket=/nonexistent/vm.sock"])
+        #expect(r.status == 2, "\(r.stderr)")
+        #expect(r.stderr.contains("/nonexistent/vm.sock"), "\(r.stderr)")
+    }
+}
