@@ -91,3 +91,48 @@ struct IODomainTests {
         #expect(r.stderr.contains("/nonexistent/vm.sock"), "\(r.stderr)")
     }
 }
+
+/// vhost-user with real peers: QEMU as the frontend of a Godwit I/O domain, and Godwit as the
+/// frontend of qemu-storage-daemon.
+@Suite("Interop: vhost-user with QEMU and qemu-storage-daemon", .serialized,
+       .enabled(if: TestEnvironment.hasKVM && QEMU.isAvailable))
+struct VhostUserInteropTests {
+    @Test func qemuDrivesAGodwitIODomain() throws {
+        let domain = try IODomainTests.Domain(slices: 1)
+        defer { domain.stop() }
+        let r = try runProcess(QEMU.binary, [
+            "-M", "microvm,acpi=off,memory-backend=mem", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128M",
+            "-object", "memory-backend-memfd,id=mem,size=128M,share=on",
+            "-chardev", "socket,id=c0,path=\(domain.sockets[0])", "-device", "vhost-user-blk,chardev=c0",
+            "-global", "virtio-mmio.force-legacy=false", "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", TestEnvironment.guestPath,
+            "-append", "godwit.job=blk-verify,size=1048576 godwit.job=blk-verify,offset=1048576,size=1048576,mode=irq",
+        ], timeout: 60)
+        #expect(r.status == QEMU.passStatus, "\(r.stdout)\n\(r.stderr)")
+        #expect(r.lines(job: "blk-verify").count == 2)
+        #expect(try BlockPattern.verify(imagePath: domain.image, offset: 1 << 20, size: 1 << 20).bad.isEmpty)
+        #expect(domain.process.isRunning, "the domain outlives its frontend")
+    }
+
+    @Test func godwitDrivesQemuStorageDaemon() throws {
+        let daemon = "/usr/bin/qemu-storage-daemon"
+        guard FileManager.default.isExecutableFile(atPath: daemon) else {
+            FileHandle.standardError.write(Data("skipping: \(daemon) is not installed\n".utf8))
+            return
+        }
+        let dir = try TestEnvironment.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let image = dir.appendingPathComponent("disk.img").path
+        let socket = dir.appendingPathComponent("qsd.sock").path
+        try TestEnvironment.makeImage(at: URL(fileURLWithPath: image), size: 16 << 20)
+        let qsd = try BackgroundProcess(daemon, ["--blockdev", "driver=file,node-name=f,filename=\(image)",
+                                                 "--export", "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=\(socket),writable=on"])
+        defer { qsd.terminate(); _ = qsd.wait(timeout: 10) }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
+        let r = try runGodwit(jobs: "godwit.job=ready godwit.job=blk-verify,size=1048576 godwit.job=blk-verify,offset=2097152,size=1048576,mode=irq",
+                              extra: ["--disk", "socket=\(socket)"])
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(r.lines(job: "ready").first?.int("disks") == 1)
+        #expect(try BlockPattern.verify(imagePath: image, offset: 2 << 20, size: 1 << 20).bad.isEmpty)
+    }
+}
