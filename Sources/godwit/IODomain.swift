@@ -26,6 +26,9 @@ struct IODomainCommand: ParsableCommand {
     @Flag(help: "Open the device with O_DIRECT.")
     var direct = false
 
+    @Flag(help: "Do not lock the domain down after set-up (debugging only: the domain then keeps every privilege it started with).")
+    var noSandbox = false
+
     func validate() throws {
         guard !device.isEmpty else { throw ValidationError("give at least one --device socket=PATH") }
     }
@@ -54,15 +57,25 @@ struct IODomainCommand: ParsableCommand {
                 Foundation.exit(2)
             }
         }
-        fputs("godwit iodomain: serving \(blk) on \(specs.count) socket(s)\n", stderr)
         var set = sigset_t()
         sigemptyset(&set)
         for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, signal) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
+        if noSandbox {
+            fputs("godwit iodomain: WARNING: --no-sandbox: this I/O domain runs with every privilege it was started with\n", stderr)
+        } else {
+            // Everything is open: the image and the listening sockets. From here the domain can only
+            // use what it holds (no open, no new sockets, no exec), with no capabilities.
+            do { try Sandbox.lockDown() } catch {
+                fputs("godwit iodomain: error: cannot lock down: \(error)\n", stderr)
+                Foundation.exit(70)
+            }
+        }
+        fputs("godwit iodomain: serving \(blk) on \(specs.count) socket(s)\(noSandbox ? "" : ", sandboxed")\n", stderr)
         var received: Int32 = 0
         while sigwait(&set, &received) != 0 {}
         for backend in backends { backend.stop() }
-        for spec in specs { unlink(spec.socket) }
+        if noSandbox { for spec in specs { unlink(spec.socket) } }
     }
 
     struct DeviceSpec {

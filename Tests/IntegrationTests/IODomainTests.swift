@@ -15,7 +15,7 @@ struct IODomainTests {
         let sockets: [String]
         let process: BackgroundProcess
 
-        init(slices count: Int) throws {
+        init(slices count: Int, namespaces: Bool = false) throws {
             dir = try TestEnvironment.temporaryDirectory()
             image = dir.appendingPathComponent("device.img").path
             try TestEnvironment.makeImage(at: URL(fileURLWithPath: image), size: IODomainTests.slice * UInt64(count))
@@ -26,7 +26,9 @@ struct IODomainTests {
             for (i, socket) in paths.enumerated() {
                 args += ["--device", "socket=\(socket),offset=\(UInt64(i) * IODomainTests.slice),size=\(IODomainTests.slice)"]
             }
-            process = try BackgroundProcess(TestEnvironment.godwitPath, args)
+            process = namespaces
+                ? try BackgroundProcess("/usr/bin/env", ["GODWIT_SANDBOX_NAMESPACES=1", TestEnvironment.godwitPath] + args)
+                : try BackgroundProcess(TestEnvironment.godwitPath, args)
             for _ in 0..<500 where !paths.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) { usleep(10_000) }
         }
 
@@ -83,6 +85,40 @@ struct IODomainTests {
             #expect(report.seeds.map { String($0, radix: 16) } == [seed.trimmingLeadingZeros], "slice \(i)")
         }
         #expect(domain.process.isRunning)
+    }
+
+    /// The domain locks itself down after set-up (seccomp, no_new_privs, no capabilities) and, with
+    /// GODWIT_SANDBOX_NAMESPACES=1, runs as PID 1 of its own user, mount, IPC, network and PID
+    /// namespaces; it still serves its VMs.
+    @Test(arguments: [false, true])
+    func sandboxedDomainServesAndIsLockedDown(namespaces: Bool) throws {
+        let domain = try IODomainTests.Domain(slices: 1, namespaces: namespaces)
+        defer { domain.stop() }
+        #expect(domain.process.waitForOutput(timeout: 10) { _ in
+            (try? String(decoding: Data(contentsOf: URL(fileURLWithPath: "/proc/\(domain.process.pid)/status")), as: UTF8.self)) != nil
+        })
+        let r = try runGodwit(jobs: "godwit.job=blk-verify,size=1048576,mode=irq", extra: ["--disk", "socket=\(domain.sockets[0])"])
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        // The process that serves: the domain itself, or with namespaces the child of the waiting parent.
+        let server = namespaces ? try #require(childOf(domain.process.pid), "the namespaced child") : domain.process.pid
+        let status = try String(contentsOfFile: "/proc/\(server)/status", encoding: .utf8)
+        #expect(status.contains("Seccomp:\t2"), "\(status)")
+        #expect(status.contains("NoNewPrivs:\t1"))
+        #expect(status.contains("CapEff:\t0000000000000000"))
+        if namespaces {
+            let mine = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/net")
+            let its = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(server)/ns/net")
+            #expect(mine != its, "a network namespace of its own")
+        }
+    }
+
+    func childOf(_ parent: Int32) -> Int32? {
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = Int32(entry),
+                  let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { continue }
+            if status.split(separator: "\n").contains(where: { $0 == "PPid:\t\(parent)" }) { return pid }
+        }
+        return nil
     }
 
     @Test func aMissingSocketIsAClearError() throws {
