@@ -322,6 +322,13 @@ public final class APIServer: @unchecked Sendable {
                 return
             }
         }
+        // The server stops: deliver what is already queued (a VMM's last event is its shutdown) first.
+        drain: for _ in 0..<1024 {
+            guard case let .data(bytes) = stream.next(timeout: 0) else { break drain }
+            if bytes.isEmpty { continue }
+            let framed = chunked ? Array((String(bytes.count, radix: 16) + "\r\n").utf8) + bytes + [0x0d, 0x0a] : bytes
+            guard (try? UnixSocket.sendAll(connection, framed)) != nil else { return }
+        }
         if chunked { _ = try? UnixSocket.sendAll(connection, Array("0\r\n\r\n".utf8)) }
     }
 }
