@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Forwards TCP connections on 127.0.0.1:PORT to a Unix socket, so HTTP tools that only speak TCP
 (schemathesis) can test the VMM's API socket. Loopback only; stops when killed."""
-import socket, sys, threading
+import signal, socket, sys, threading
 
 def pipe(src, dst):
     try:
@@ -20,6 +20,8 @@ def pipe(src, dst):
                 pass
 
 def main():
+    # A parent may have started us with SIGTERM blocked (Foundation's Process passes its mask on).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     port, path = int(sys.argv[1]), sys.argv[2]
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -145,8 +145,16 @@ public final class BackgroundProcess: @unchecked Sendable {
         return false
     }
 
-    /// Asks the process to stop (SIGTERM: `godwit vm` stops its guest and exits 7).
-    public func terminate() { if process.isRunning { process.terminate() } }
+    /// Asks the process to stop (SIGTERM: `godwit vm` stops its guest and exits 7), and kills it if it
+    /// is still there after 3 seconds (a child started with SIGTERM blocked ignores it). Returns at once
+    /// when the process has already gone.
+    public func terminate() {
+        guard process.isRunning else { return }
+        process.terminate()
+        let grace = Date().addingTimeInterval(3)
+        while process.isRunning && Date() < grace { usleep(10_000) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    }
 
     public func wait(timeout: Double = 120) -> ProcessResult {
         let deadline = Date().addingTimeInterval(timeout)

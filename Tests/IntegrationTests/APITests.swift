@@ -75,8 +75,9 @@ struct APITests {
         let r = api.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr)")
         let summary = try #require(try api.serialLines().last { $0.job == "idle" && $0["beats"] != nil })
-        #expect(summary.int("beats") == 300)
-        #expect((summary.int("max_gap_us") ?? .max) < 300_000, "the guest's clock did not advance by the pause")
+        // 3 s of guest time; a loaded host can delay a few beats, but a 1 s pause must not show as a gap.
+        #expect((summary.int("beats") ?? 0) >= 240, "\(summary)")
+        #expect((summary.int("max_gap_us") ?? .max) < 500_000, "the guest's clock did not advance by the 1 s pause: \(summary)")
 
         #expect(events.waitForOutput(timeout: 5) { $0.contains("shutdown") })
         let kinds = events.stdoutSoFar.split(separator: "\n").compactMap { line -> String? in
@@ -264,7 +265,7 @@ struct APIPropertyTests {
         let port = String(Int.random(in: 20000..<40000))
         let proxy = try BackgroundProcess("/usr/bin/python3", [TestEnvironment.repositoryRoot.appendingPathComponent("scripts/unix-proxy.py").path,
                                                              port, api.socket])
-        defer { proxy.terminate() }
+        defer { proxy.terminate(); _ = proxy.wait(timeout: 5) }
         #expect(proxy.waitForOutput(timeout: 10) { $0.contains("ready") })
         // PUT /logger and /metrics would create files at generated paths; GET /events is an endless stream.
         let r = try runProcess(APIHarness.schemathesis, [

@@ -163,7 +163,7 @@ struct VhostUserInteropTests {
         try TestEnvironment.makeImage(at: URL(fileURLWithPath: image), size: 16 << 20)
         let qsd = try BackgroundProcess(daemon, ["--blockdev", "driver=file,node-name=f,filename=\(image)",
                                                  "--export", "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=\(socket),writable=on"])
-        defer { qsd.terminate(); _ = qsd.wait(timeout: 10) }
+        defer { qsd.terminate(); _ = qsd.wait(timeout: 5) }
         for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
         let r = try runGodwit(jobs: "godwit.job=ready godwit.job=blk-verify,size=1048576 godwit.job=blk-verify,offset=2097152,size=1048576,mode=irq",
                               extra: ["--disk", "socket=\(socket)"])

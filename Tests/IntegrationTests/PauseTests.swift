@@ -35,8 +35,9 @@ struct PauseTests {
 
         let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").compactMap { GuestLine(String($0)) }
         let summary = try #require(lines.last { $0.job == "idle" && $0["beats"] != nil })
-        #expect(summary.int("beats") == 200, "\(summary)")
-        #expect((summary.int("max_gap_us") ?? .max) < 200_000, "the guest's clock did not advance by the pause: \(summary)")
+        // 2 s of guest time; a loaded host can delay a few beats, but the 1 s pause must not show as a gap.
+        #expect((summary.int("beats") ?? 0) >= 160, "\(summary)")
+        #expect((summary.int("max_gap_us") ?? .max) < 500_000, "the guest's clock did not advance by the 1 s pause: \(summary)")
     }
 
     @Test func pauseIsRefusedWhenNotRunning() throws {
