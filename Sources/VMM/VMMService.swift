@@ -122,8 +122,8 @@ public final class VMMService: VMMController, @unchecked Sendable {
 
     public func putDrive(_ drive: Drive) throws {
         try drive.validate()
-        if drive.socket != nil {
-            throw APIError.unsupported("socket", drive.socket ?? "", "vhost-user drives come with the I/O domains")
+        if let socket = drive.socket, !FileManager.default.fileExists(atPath: socket) {
+            throw APIError.badRequest("socket \(socket) of drive \(drive.driveId) does not exist (is its I/O domain running?)")
         }
         if drive.rateLimiter != nil { throw APIError.unsupported("rate_limiter", "(set)") }
         if drive.ioEngine == .async { throw APIError.unsupported("io_engine", "Async") }
@@ -200,7 +200,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
             let next = try lifecycle.applying(.start)
             var config = MachineConfig(kernelPath: bootSource.kernelImagePath, commandLine: arguments,
                                        cpus: self.machine.vcpuCount, memoryBytes: UInt64(self.machine.memSizeMib) << 20,
-                                       disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true) },
+                                       disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true, socket: $0.socket) },
                                        serialOutput: serialOutput, serialInput: serialInput, kvmPath: kvmPath)
             config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init)) }
             config.queueNotification = queueNotification
@@ -286,7 +286,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
         }
         guard let path = update.pathOnHost else { return }
         guard let block = machine.virtioDevices[index].device as? BlockDevice else {
-            throw APIError.internalError("drive \(update.driveId) is not a block device")
+            throw APIError.badRequest("drive \(update.driveId) is served by a vhost-user backend: change its image there")
         }
         do {
             let backend = try FileBlockBackend(path: path, readOnly: drive.isReadOnly == true)

@@ -121,6 +121,23 @@ struct IODomainTests {
         return nil
     }
 
+    /// `"socket"` in `PUT /drives`, as in Firecracker's schema: the API's VM gets its disk from the domain.
+    @Test func apiDriveWithASocket() throws {
+        let domain = try Domain(slices: 1)
+        defer { domain.stop() }
+        let api = try APIHarness()
+        defer { api.stop() }
+        #expect(try api.call("PUT", "/boot-source", ["kernel_image_path": TestEnvironment.guestPath,
+                                                     "boot_args": "godwit.job=blk-verify,size=1048576,mode=irq"]).status == 204)
+        #expect(try api.call("PUT", "/drives/missing", ["drive_id": "missing", "socket": "/nonexistent/x.sock", "is_root_device": false]).status == 400)
+        #expect(try api.call("PUT", "/drives/rootfs", ["drive_id": "rootfs", "socket": domain.sockets[0], "is_root_device": false]).status == 204)
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        let r = api.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try api.serialLines().first { $0.job == "blk-verify" }?["errors"] == "0")
+        #expect(try BlockPattern.verify(imagePath: domain.image, offset: 0, size: 1 << 20).bad.isEmpty)
+    }
+
     @Test func aMissingSocketIsAClearError() throws {
         let r = try runGodwit(jobs: "", extra: ["--disk", "socket=/nonexistent/vm.sock"])
         #expect(r.status == 2, "\(r.stderr)")
