@@ -18,6 +18,12 @@ int godwit_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd
 int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
 int godwit_open(const char *path, int flags, unsigned int mode) { return open(path, flags | O_CLOEXEC, (mode_t)mode); }
 int godwit_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+int godwit_memfd_create_sealable(const char *name) { return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING); }
+int godwit_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
+int godwit_add_seals(int fd, int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
+const int GODWIT_F_SEAL_SEAL = F_SEAL_SEAL;
+const int GODWIT_F_SEAL_SHRINK = F_SEAL_SHRINK;
+const int GODWIT_F_SEAL_GROW = F_SEAL_GROW;
 int godwit_eventfd(unsigned int initval, int nonblocking) { return eventfd(initval, EFD_CLOEXEC | (nonblocking ? EFD_NONBLOCK : 0)); }
 int godwit_fallocate(int fd, int mode, int64_t offset, int64_t length) { return fallocate(fd, mode, offset, length); }
 const int GODWIT_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;

@@ -76,10 +76,23 @@ public final class VhostUserBackend: @unchecked Sendable {
 
     func log(_ message: String) { logger("vhost-user \(name): \(message)") }
 
+    private var requireSealed = false
+
+    /// Refuse guest memory whose file is not sealed against shrinking (F_SEAL_SHRINK): a frontend that
+    /// truncates a mapped file makes the domain's next access raise SIGBUS. QEMU's memfd backends are
+    /// sealed; off by default until every frontend seals (unsealed memory is then only logged).
+    public var requireSealedMemory: Bool {
+        get { lock.withLock { requireSealed } }
+        set { lock.withLock { requireSealed = newValue } }
+    }
+
     /// Connections being served.
     public var connectionCount: Int { lock.withLock { connections.count } }
 
-    /// Connections that ended, in order.
+    /// How many ended connections `closedConnections` remembers.
+    public static let closedHistory = 64
+
+    /// Connections that ended, in order (the last `closedHistory`).
     public var closedConnections: [ClosedConnection] { lock.withLock { closedList } }
 
     /// Waits until at least `count` connections have ended, or `timeout` seconds pass; returns whether they had.
@@ -172,6 +185,7 @@ public final class VhostUserBackend: @unchecked Sendable {
         if let text { log("connection \(connection.id) closed: \(text)") } else { log("connection \(connection.id) closed") }
         lock.withLock {
             closedList.append(ClosedConnection(id: connection.id, error: text))
+            if closedList.count > VhostUserBackend.closedHistory { closedList.removeFirst(closedList.count - VhostUserBackend.closedHistory) }
             // The entry stays until `stop()` joins the thread or the next connection replaces it.
             _ = connections.removeValue(forKey: connection.id)
             finishedConnections.append(connection)

@@ -92,6 +92,7 @@ final class VhostUserConnection: @unchecked Sendable {
     /// Why the connection is closing (nil: the peer closed it).
     private var closeReason: Error?
     private var closing = false
+    private var warnedUnsealed = false
 
     init(id: Int, channel: VhostUserChannel, device: VirtioDevice, backend: VhostUserBackend) throws {
         self.id = id
@@ -246,6 +247,10 @@ final class VhostUserConnection: @unchecked Sendable {
             return nil
 
         case let (.setLogBase, .log(description)):
+            let fileSize = try VhostUserConnection.fileSize(fds[0])
+            guard description.mmapOffset <= fileSize, description.mmapSize <= fileSize - description.mmapOffset else {
+                throw violation(request, "log offset \(description.mmapOffset) size \(description.mmapSize) runs past the end of its file (\(fileSize) bytes)")
+            }
             let log = try VhostUserDirtyLog(fd: fds[0], size: description.mmapSize, offset: description.mmapOffset)
             log.setNotifier(logNotifier)
             dirtyLog = log
@@ -375,6 +380,26 @@ final class VhostUserConnection: @unchecked Sendable {
                 throw VhostUserError.badMemoryTable(reason: "region \(i) user range overlaps another region")
             }
         }
+        // Touching a mapping past the end of its file raises SIGBUS and would kill the whole domain:
+        // every region must lie inside its file as the file is now. (A frontend that shrinks the file
+        // later can still do that; its memfd should be sealed against shrinking, as QEMU's are.)
+        for (i, (region, fd)) in zip(regions, fds).enumerated() {
+            let size = try VhostUserConnection.fileSize(fd)
+            guard region.mmapOffset <= size, region.size <= size - region.mmapOffset else {
+                throw VhostUserError.badMemoryTable(reason: "region \(i) (offset 0x\(String(region.mmapOffset, radix: 16)) size 0x\(String(region.size, radix: 16))) runs past the end of its file (\(size) bytes)")
+            }
+        }
+        // A file that can still shrink is a way to crash the domain later (see above).
+        let unsealed = fds.indices.filter { !VhostUserSharedMemory.isSealedAgainstShrinking(fds[$0]) }
+        if let first = unsealed.first {
+            if backend?.requireSealedMemory == true {
+                throw VhostUserError.badMemoryTable(reason: "region \(first)'s file is not sealed against shrinking (F_SEAL_SHRINK)")
+            }
+            if !warnedUnsealed {
+                warnedUnsealed = true
+                log("warning: guest memory is not sealed against shrinking; a frontend that truncates it can crash this domain")
+            }
+        }
         let mapped: GuestMemory
         do {
             mapped = try GuestMemory.mapping(regions: zip(regions, fds).map {
@@ -387,6 +412,18 @@ final class VhostUserConnection: @unchecked Sendable {
         memory = mapped
         table = regions
         try reconcile()
+    }
+
+    /// The size of a regular file (a memfd); anything else cannot be mapped safely.
+    static func fileSize(_ fd: FileDescriptor) throws -> UInt64 {
+        var st = stat()
+        guard fstat(fd.rawValue, &st) == 0 else {
+            throw VhostUserError.system(SystemError(operation: "fstat", errno: godwit_errno(), context: "a passed memory descriptor"))
+        }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            throw VhostUserError.badMemoryTable(reason: "a passed memory descriptor is not a regular file or memfd")
+        }
+        return UInt64(st.st_size)
     }
 
     // MARK: Rings

@@ -147,15 +147,43 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
 
     deinit { frontend?.close() }
 
-    /// Closes the connection on purpose (no `onDisconnect`); the backend stops the rings.
+    /// Closes the connection on purpose (no `onDisconnect`, and automatic reconnection stops); the
+    /// backend stops the rings.
     public func disconnect() {
         let old: VhostUserFrontend? = lock.withLock {
             let f = frontend
             frontend = nil
             activation = nil
+            closedOnPurpose = true
             return f
         }
         old?.close()
+    }
+
+    private var closedOnPurpose = false
+
+    /// From now on, when the backend goes away, reconnect (and replay the set-up) until it is back:
+    /// retries wait `initialDelay`, doubling up to `maxDelay`; the device is never latched off. Stops
+    /// after `disconnect()`. `log` hears of each loss and recovery. Replaces `onDisconnect`.
+    public func reconnectAutomatically(initialDelay: Double = 0.05, maxDelay: Double = 1,
+                                       log: (@Sendable (String) -> Void)? = nil) {
+        onDisconnect = { device, error in
+            log?("vhost-user device lost its backend (\(error)); reconnecting")
+            var delay = initialDelay
+            var attempts = 0
+            while !device.lock.withLock({ device.closedOnPurpose }) {
+                attempts += 1
+                do {
+                    try device.reconnect()
+                    log?("vhost-user device reconnected after \(attempts) attempt(s)")
+                    return
+                } catch {
+                    if attempts == 1 || attempts % 50 == 0 { log?("vhost-user reconnect attempt \(attempts) failed: \(error)") }
+                    usleep(UInt32(delay * 1_000_000))
+                    delay = min(delay * 2, maxDelay)
+                }
+            }
+        }
     }
 
     // MARK: Connection

@@ -1,5 +1,3 @@
-// Compiled only once the package has a VhostUser target (the file can sit in the test directory before).
-#if canImport(VhostUser)
 import Foundation
 import GodwitSystem
 import GuestMemory
@@ -586,6 +584,42 @@ enum VUTestDriverTable {
         #expect(device.savedRingBases[0] == 3)
     }
 
+    @Test func automaticReconnectionSurvivesRepeatedRestarts() throws {
+        let image = VUTempPath(".img")
+        try image.createImage(size: 1 << 20)
+        let file = try FileBlockBackend(path: image.path)
+        let socket = VUTempPath(".sock")
+        var backend = VhostUserBackend(name: "restart-0", logger: { _ in }) { BlockDevice(backend: file) }
+        try backend.listen(path: socket.path)
+        let memory = try GuestMemory.create(layout: [(base: 0, size: 1 << 20)], name: "vu-auto")
+        let kick = try EventFD(), call = try EventFD(nonBlocking: true)
+        let device = try VhostUserDevice(socketPath: socket.path, deviceID: VirtioDeviceType.block,
+                                         notifiers: { _ in (kick: kick, call: call) })
+        let lines = VULog()
+        device.reconnectAutomatically(initialDelay: 0.01, maxDelay: 0.05, log: { lines.append($0) })
+        var driver = try VUTestDriver(memory: memory)
+        try device.activate(memory: memory, queues: [try driver.queue(features: VirtioFeature.version1)],
+                            features: VirtioFeature.version1, interrupt: VURecordingInterrupt())
+        for round in 1...5 {
+            // A request is made while the backend is down, then it comes back.
+            backend.stop()
+            try memory.writeBytes(Array(repeating: UInt8(round), count: 512), at: 0x11000)
+            try driver.blockRequest(type: 1, sector: UInt64(round), data: 0x11000, length: 512)
+            try kick.signal()
+            backend = VhostUserBackend(name: "restart-\(round)", logger: { _ in }) { BlockDevice(backend: file) }
+            try backend.listen(path: socket.path)
+            #expect(driver.waitForUsed(UInt16(round)))
+            #expect(driver.status == 0)
+            #expect(try image.bytes(at: round * 512, count: 512) == Array(repeating: UInt8(round), count: 512))
+        }
+        // The last request completes inside the replay, just before `reconnect` returns and logs.
+        let deadline = Date().addingTimeInterval(5)
+        while lines.all.filter({ $0.contains("reconnected") }).count < 5 && Date() < deadline { usleep(1000) }
+        #expect(lines.all.filter { $0.contains("reconnected") }.count == 5)
+        device.disconnect()
+        backend.stop()
+    }
+
     @Test func reconnectRetriesUntilTheBackendIsBack() throws {
         let image = VUTempPath(".img")
         try image.createImage(size: 1 << 20)
@@ -681,9 +715,25 @@ enum VUTestDriverTable {
             try channel.sendRaw(VhostUserCodec.encodeHeader(request: 5, flags: 1, size: 1 << 30))
             vuExpectDisconnected { _ = try VhostUserFrontend(channel: channel).getFeatures() }
         }
-        #expect(backend.waitForClosedConnections(4, timeout: 5))
+        // Hostile 5: a region larger than the file behind it (touching it would raise SIGBUS).
+        do {
+            let frontend = try VhostUserFrontend.connect(path: socket.path)
+            let small = try MemFD.create(name: "vu-evil3", size: 4096)
+            try frontend.setMemoryTable([VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: 0x7000_0000_0000,
+                                                               mmapOffset: 0)], fileDescriptors: [small])
+            vuExpectDisconnected { _ = try frontend.getFeatures() }
+        }
+        // Hostile 6: a dirty log larger than its file.
+        do {
+            let frontend = try VhostUserFrontend.connect(path: socket.path)
+            try frontend.setProtocolFeatures(VhostUserProtocolFeature.logSharedMemory)
+            vuExpectDisconnected { try frontend.setLogBase(size: 1 << 20, offset: 0, fileDescriptor: try MemFD.create(name: "vu-log", size: 4096)) }
+        }
+        #expect(backend.waitForClosedConnections(6, timeout: 5))
         let errors = backend.closedConnections.compactMap(\.error)
-        #expect(errors.count == 4)
+        #expect(errors.count == 6)
+        #expect(errors.contains { $0.contains("runs past the end of its file (4096 bytes)") && $0.contains("region 0") })
+        #expect(errors.contains { $0.contains("log offset 0 size 1048576 runs past the end of its file") })
         #expect(errors.contains { $0.contains("is not inside the memory table") })
         #expect(errors.contains { $0.contains("used ring") && $0.contains("outside guest RAM") })
         #expect(errors.contains { $0.contains("unknown vhost-user request 77") })
@@ -693,6 +743,40 @@ enum VUTestDriverTable {
         try goodRequest(2)
         try goodRequest(3)
         #expect(backend.connectionCount == 1)
+    }
+
+    @Test func unsealedMemoryCanBeRefused() throws {
+        let image = VUTempPath(".img")
+        try image.createImage(size: 1 << 20)
+        let file = try FileBlockBackend(path: image.path)
+        let lines = VULog()
+        let backend = VhostUserBackend(name: "sealed", logger: { lines.append($0) }) { BlockDevice(backend: file) }
+        defer { backend.stop() }
+        let region = [VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: 0x7000_0000_0000, mmapOffset: 0)]
+
+        // By default unsealed memory is taken, with a warning.
+        let (a, b) = try VhostUserChannel.pair()
+        try backend.serve(a)
+        let lenient = VhostUserFrontend(channel: b)
+        try lenient.setProtocolFeatures(VhostUserProtocolFeature.replyAck)
+        try lenient.setMemoryTable(region, fileDescriptors: [try MemFD.create(name: "vu-unsealed", size: 1 << 20)])
+        #expect(lines.all.contains { $0.contains("not sealed against shrinking") })
+
+        // Required: unsealed memory is refused, sealed memory is taken.
+        backend.requireSealedMemory = true
+        let (c, d) = try VhostUserChannel.pair()
+        try backend.serve(c)
+        let strict = VhostUserFrontend(channel: d)
+        try strict.setProtocolFeatures(VhostUserProtocolFeature.replyAck)
+        let sealed = try VhostUserSharedMemory.createSealed(name: "vu-sealed", size: 1 << 20)
+        #expect(VhostUserSharedMemory.isSealedAgainstShrinking(sealed))
+        #expect(ftruncate(sealed.rawValue, 4096) != 0)
+        try strict.setMemoryTable(region, fileDescriptors: [sealed])
+        vuExpectError(.requestFailed(request: 5, status: 1)) {
+            try strict.setMemoryTable(region, fileDescriptors: [try MemFD.create(name: "vu-unsealed", size: 1 << 20)])
+        }
+        #expect(backend.waitForClosedConnections(1, timeout: 5))
+        #expect(backend.closedConnections.first?.error?.contains("not sealed against shrinking (F_SEAL_SHRINK)") == true)
     }
 
     @Test func oneDeviceServesOneConnectionAtATime() throws {
@@ -715,4 +799,3 @@ enum VUTestDriverTable {
         #expect(try third.getQueueNum() == 1)
     }
 }
-#endif

@@ -14,6 +14,15 @@ int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int godwit_open(const char *path, int flags, unsigned int mode);
 /// memfd_create with MFD_CLOEXEC.
 int godwit_memfd_create(const char *name);
+/// memfd_create with MFD_CLOEXEC | MFD_ALLOW_SEALING (seals can be added later).
+int godwit_memfd_create_sealable(const char *name);
+/// fcntl(F_GET_SEALS): the seals of a memfd (GODWIT_F_SEAL_*), or -1 with errno.
+int godwit_get_seals(int fd);
+/// fcntl(F_ADD_SEALS) (the memfd must have been created with MFD_ALLOW_SEALING).
+int godwit_add_seals(int fd, int seals);
+extern const int GODWIT_F_SEAL_SEAL;
+extern const int GODWIT_F_SEAL_SHRINK;
+extern const int GODWIT_F_SEAL_GROW;
 /// eventfd with EFD_CLOEXEC, and EFD_NONBLOCK when `nonblocking`.
 int godwit_eventfd(unsigned int initval, int nonblocking);
 int godwit_fallocate(int fd, int mode, int64_t offset, int64_t length);
