@@ -202,19 +202,30 @@ static int arg_region(struct args *a, struct region *r, u64 def_size)
 #define CHUNK (256u * 1024)
 static u64 verify_passes; /* across jobs: every pass of this boot has its own seed */
 
+/* The common start of the pattern jobs: the region, a CHUNK buffer, and the completion mode.
+ * Returns 0, or the job's failing status (already reported). */
+static int region_open(struct args *a, struct region *r, int irq, u64 **buf)
+{
+    if (arg_region(a, r, MIB))
+        return 1;
+    *buf = heap_alloc(CHUNK, 4096);
+    if (!*buf)
+        return job_error(a->job, "nomem", 0);
+    if (blk_set_mode(r->d, irq))
+        return job_error(a->job, blk_error(r->d), 0);
+    return 0;
+}
+
 static int job_blk_verify(struct args *a)
 {
     struct region r;
+    u64 *buf;
     u64 secs = arg_num(a, "seconds", 0, 0, 1000000);
     int irq = arg_mode(a);
-    if (arg_region(a, &r, MIB))
-        return 1;
+    int failed = region_open(a, &r, irq, &buf);
+    if (failed)
+        return failed;
     struct blkdev *d = r.d;
-    u64 *buf = heap_alloc(CHUNK, 4096);
-    if (!buf)
-        return job_error(a->job, "nomem", 0);
-    if (blk_set_mode(d, irq))
-        return job_error(a->job, blk_error(d), 0);
     const char *mode = irq ? "irq" : "poll";
 
     if (blk_ro(d)) {
@@ -310,15 +321,12 @@ dev_error:
 static int job_blk_check(struct args *a)
 {
     struct region r;
+    u64 *buf;
     int irq = arg_mode(a);
-    if (arg_region(a, &r, MIB))
-        return 1;
+    int failed = region_open(a, &r, irq, &buf);
+    if (failed)
+        return failed;
     struct blkdev *d = r.d;
-    u64 *buf = heap_alloc(CHUNK, 4096);
-    if (!buf)
-        return job_error(a->job, "nomem", 0);
-    if (blk_set_mode(d, irq))
-        return job_error(a->job, blk_error(d), 0);
     u64 errors = 0, seed = 0, seeds = 0, bad_lba = 0;
     const char *bad_kind = 0;
     int bad_status = 0;
