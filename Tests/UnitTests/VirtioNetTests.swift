@@ -6,125 +6,14 @@ import Virtio
 
 // MARK: - Driver-side helpers
 
-/// Hands out guest memory for buffers, shared by the rings of one device (from 1 MiB up).
-final class NetTestAllocator {
-    let memory: GuestMemory
-    private var next: UInt64 = 1 << 20
-
-    init(memory: GuestMemory) { self.memory = memory }
-
-    func allocate(_ count: Int, fill: UInt8 = 0) throws -> UInt64 {
-        let address = next
-        next += (UInt64(count) + 15) & ~15
-        try memory.writeBytes([UInt8](repeating: fill, count: count), at: address)
-        return address
-    }
-
-    func place(_ bytes: [UInt8]) throws -> UInt64 {
-        let address = try allocate(bytes.count)
-        try memory.writeBytes(bytes, at: address)
-        return address
-    }
-}
-
-/// The driver's side of one split virtqueue at `base` (descriptor table, then avail ring, then used ring).
-final class NetTestRing {
-    let memory: GuestMemory
-    let index: Int
-    let size: UInt16
-    let descriptorTable: UInt64
-    let driverArea: UInt64
-    let deviceArea: UInt64
-    var availIdx: UInt16 = 0
-    var usedSeen: UInt16 = 0
-    var nextDescriptor: UInt16 = 0
-
-    init(memory: GuestMemory, index: Int, size: UInt16, base: UInt64) {
-        self.memory = memory
-        self.index = index
-        self.size = size
-        descriptorTable = base
-        driverArea = base + 16 * UInt64(size)
-        deviceArea = (driverArea + 6 + 2 * UInt64(size) + 0xFF) & ~0xFF
-    }
-
-    func makeQueue(features: UInt64) throws -> Virtqueue {
-        let queue = try Virtqueue(index: index, memory: memory, size: size, descriptorTable: descriptorTable,
-                                  driverArea: driverArea, deviceArea: deviceArea, features: features)
-        queue.nextAvail = availIdx
-        queue.nextUsed = usedSeen
-        return queue
-    }
-
-    func writeDescriptor(table: UInt64? = nil, _ index: UInt16, address: UInt64, length: UInt32, flags: UInt16,
-                         next: UInt16 = 0) throws {
-        let entry = (table ?? descriptorTable) + 16 * UInt64(index)
-        try memory.store(address, at: entry)
-        try memory.store(length, at: entry + 8)
-        try memory.store(flags, at: entry + 12)
-        try memory.store(next, at: entry + 14)
-    }
-
-    /// Writes `buffers` into consecutive descriptors linked with NEXT; returns the head.
-    func addChain(_ buffers: [VirtioTestBuffer]) throws -> UInt16 {
-        let head = nextDescriptor
-        for (i, buffer) in buffers.enumerated() {
-            let index = (head &+ UInt16(i)) % size
-            let last = i == buffers.count - 1
-            let flags = (last ? 0 : VirtioTestFlag.next) | (buffer.writable ? VirtioTestFlag.write : 0)
-            try writeDescriptor(index, address: buffer.address, length: buffer.length, flags: flags,
-                                next: (index &+ 1) % size)
-        }
-        nextDescriptor = (head &+ UInt16(buffers.count)) % size
-        return head
-    }
-
-    /// Writes `buffers` as an indirect table behind one descriptor; returns the head.
-    func addIndirectChain(_ buffers: [VirtioTestBuffer], allocator: NetTestAllocator) throws -> UInt16 {
-        let table = try allocator.allocate(16 * buffers.count)
-        for (i, buffer) in buffers.enumerated() {
-            let last = i == buffers.count - 1
-            let flags = (last ? 0 : VirtioTestFlag.next) | (buffer.writable ? VirtioTestFlag.write : 0)
-            try writeDescriptor(table: table, UInt16(i), address: buffer.address, length: buffer.length, flags: flags,
-                                next: UInt16(i + 1))
-        }
-        let head = nextDescriptor
-        try writeDescriptor(head, address: table, length: UInt32(16 * buffers.count), flags: VirtioTestFlag.indirect)
-        nextDescriptor = (head &+ 1) % size
-        return head
-    }
-
-    func publish(_ head: UInt16) throws {
-        try memory.store(head, at: driverArea + 4 + 2 * UInt64(availIdx % size))
-        availIdx &+= 1
-        try memory.store(availIdx, at: driverArea + 2)
-    }
-
-    func setAvailFlags(_ flags: UInt16) throws { try memory.store(flags, at: driverArea) }
-    func setUsedEvent(_ value: UInt16) throws { try memory.store(value, at: driverArea + 4 + 2 * UInt64(size)) }
-    func availEvent() throws -> UInt16 { try memory.load(UInt16.self, at: deviceArea + 4 + 8 * UInt64(size)) }
-    func usedIdx() throws -> UInt16 { try memory.load(UInt16.self, at: deviceArea + 2) }
-
-    func takeUsed() throws -> [(id: UInt32, length: UInt32)] {
-        let idx = try usedIdx()
-        var result: [(id: UInt32, length: UInt32)] = []
-        while usedSeen != idx {
-            let element = deviceArea + 4 + 8 * UInt64(usedSeen % size)
-            result.append((try memory.load(UInt32.self, at: element), try memory.load(UInt32.self, at: element + 4)))
-            usedSeen &+= 1
-        }
-        return result
-    }
-}
-
 /// A virtio-net device over a `MemoryNetBackend`, with the driver's RX and TX rings in plain memory.
 final class NetHarness {
     static let ramSize: UInt64 = 8 << 20
 
     let memory: GuestMemory
-    let allocator: NetTestAllocator
-    let rx: NetTestRing
-    let tx: NetTestRing
+    let allocator: VirtioTestAllocator
+    let rx: VirtioTestDriver
+    let tx: VirtioTestDriver
     let backend: MemoryNetBackend
     let device: NetDevice
     let interrupt = VirtioRecordingInterrupt()
@@ -136,9 +25,9 @@ final class NetHarness {
     init(features: ((UInt64) -> UInt64)? = nil, queueSize: UInt16 = 16, mtu: UInt16? = nil,
          offloads: UInt64 = NetDevice.implementedOffloads, activate: Bool = true) throws {
         memory = try GuestMemory.anonymous(layout: [(base: 0, size: NetHarness.ramSize)])
-        allocator = NetTestAllocator(memory: memory)
-        rx = NetTestRing(memory: memory, index: 0, size: queueSize, base: 0x1000)
-        tx = NetTestRing(memory: memory, index: 1, size: queueSize, base: 0x40000)
+        allocator = VirtioTestAllocator(memory: memory)
+        rx = try VirtioTestDriver(size: queueSize, memory: memory, index: 0, base: 0x1000, allocator: allocator)
+        tx = try VirtioTestDriver(size: queueSize, memory: memory, index: 1, base: 0x40000, allocator: allocator)
         backend = try MemoryNetBackend()
         device = NetDevice(backend: backend, mac: MACAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56])!, mtu: mtu,
                            offloads: offloads)
@@ -148,8 +37,8 @@ final class NetHarness {
     }
 
     func activate() throws {
-        try device.activate(memory: memory, queues: [try rx.makeQueue(features: features),
-                                                     try tx.makeQueue(features: features)],
+        try device.activate(memory: memory, queues: [try rx.makeQueueAtDriverPosition(features: features),
+                                                     try tx.makeQueueAtDriverPosition(features: features)],
                             features: features, interrupt: interrupt)
     }
 
@@ -170,7 +59,7 @@ final class NetHarness {
     /// Publishes a TX chain of `pieces` (readable unless marked) and notifies; returns the head.
     @discardableResult
     func transmit(_ buffers: [VirtioTestBuffer], indirect: Bool = false, notify: Bool = true) throws -> UInt16 {
-        let head = indirect ? try tx.addIndirectChain(buffers, allocator: allocator) : try tx.addChain(buffers)
+        let head = indirect ? try tx.addIndirectChain(buffers) : try tx.addChain(buffers)
         try tx.publish(head)
         if notify { device.queueNotified(1) }
         return head
@@ -276,7 +165,7 @@ fileprivate extension VirtioMmioTransport {
         return netRead(R.status) & VirtioStatus.featuresOK != 0
     }
 
-    func netSetUpQueue(_ ring: NetTestRing) {
+    func netSetUpQueue(_ ring: VirtioTestDriver) {
         typealias R = VirtioMmioTransport.Register
         netWrite(R.queueSel, UInt32(ring.index))
         netWrite(R.queueNum, UInt32(ring.size))
@@ -1058,12 +947,12 @@ let netTapUnavailableReason: String? = {
         // Through a device: activation sets the guest's offloads; an empty TAP reads as empty; a frame
         // written by the guest is accepted by the kernel.
         let memory = try GuestMemory.anonymous(layout: [(base: 0, size: NetHarness.ramSize)])
-        let allocator = NetTestAllocator(memory: memory)
-        let rx = NetTestRing(memory: memory, index: 0, size: 16, base: 0x1000)
-        let tx = NetTestRing(memory: memory, index: 1, size: 16, base: 0x40000)
+        let allocator = VirtioTestAllocator(memory: memory)
+        let rx = try VirtioTestDriver(size: 16, memory: memory, index: 0, base: 0x1000, allocator: allocator)
+        let tx = try VirtioTestDriver(size: 16, memory: memory, index: 1, base: 0x40000, allocator: allocator)
         let device = NetDevice(backend: backend, mac: MACAddress.generated(seed: name))
         let features = device.deviceFeatures & ~(NetF.guestTSO6)
-        try device.activate(memory: memory, queues: [try rx.makeQueue(features: features), try tx.makeQueue(features: features)],
+        try device.activate(memory: memory, queues: [try rx.makeQueueAtDriverPosition(features: features), try tx.makeQueueAtDriverPosition(features: features)],
                             features: features, interrupt: VirtioRecordingInterrupt())
         #expect(backend.offloadFlags == Tap.offloadChecksum | Tap.offloadTSO4)
         try backend.tap.setUp(true)

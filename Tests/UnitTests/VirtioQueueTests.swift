@@ -22,47 +22,80 @@ struct VirtioTestBuffer {
 /// Plays the driver's side of one split virtqueue in plain guest memory: writes descriptors and
 /// avail entries, reads used entries. Guest RAM is 4 MiB at 0; rings live in the first 64 KiB,
 /// buffers are handed out from 1 MiB up.
-final class VirtioTestDriver {
-    static let ramSize: UInt64 = 4 << 20
-
+/// Hands out guest memory for buffers (16-byte aligned, from 1 MiB up), shared by the rings of one device.
+final class VirtioTestAllocator {
     let memory: GuestMemory
-    let size: UInt16
-    let descriptorTable: UInt64
-    let driverArea: UInt64
-    let deviceArea: UInt64
-    var availIdx: UInt16 = 0
-    var usedSeen: UInt16 = 0
-    var nextDescriptor: UInt16 = 0
-    private var nextBuffer: UInt64 = 1 << 20
+    private var next: UInt64 = 1 << 20
 
-    init(size: UInt16 = 16, memory: GuestMemory? = nil) throws {
-        self.memory = try memory ?? GuestMemory.anonymous(layout: [(base: 0, size: VirtioTestDriver.ramSize)])
-        self.size = size
-        descriptorTable = 0x1000
-        driverArea = descriptorTable + 16 * UInt64(size) + 0x100
-        deviceArea = (driverArea + 6 + 2 * UInt64(size) + 0x100) & ~0xFF
-    }
+    init(memory: GuestMemory) { self.memory = memory }
 
-    /// Creates the device-side queue over this layout.
-    func makeQueue(features: UInt64 = VirtioFeature.version1) throws -> Virtqueue {
-        try Virtqueue(memory: memory, size: size, descriptorTable: descriptorTable, driverArea: driverArea,
-                      deviceArea: deviceArea, features: features)
-    }
-
-    /// Hands out `count` bytes of guest memory (16-byte aligned), filled with `fill`.
+    /// `count` bytes filled with `fill`.
     func allocate(_ count: Int, fill: UInt8 = 0) throws -> UInt64 {
-        let address = nextBuffer
-        nextBuffer += (UInt64(count) + 15) & ~15
+        let address = next
+        next += (UInt64(count) + 15) & ~15
         try memory.writeBytes([UInt8](repeating: fill, count: count), at: address)
         return address
     }
 
-    /// Copies `bytes` into fresh guest memory.
+    /// A copy of `bytes`.
     func place(_ bytes: [UInt8]) throws -> UInt64 {
         let address = try allocate(bytes.count)
         try memory.writeBytes(bytes, at: address)
         return address
     }
+}
+
+final class VirtioTestDriver {
+    static let ramSize: UInt64 = 4 << 20
+
+    let memory: GuestMemory
+    let index: Int
+    let size: UInt16
+    let descriptorTable: UInt64
+    let driverArea: UInt64
+    let deviceArea: UInt64
+    let allocator: VirtioTestAllocator
+    var availIdx: UInt16 = 0
+    var usedSeen: UInt16 = 0
+    var nextDescriptor: UInt16 = 0
+
+    /// A ring at `base` (default 0x1000) of queue `index`; rings of one device share an `allocator`.
+    init(size: UInt16 = 16, memory: GuestMemory? = nil, index: Int = 0, base: UInt64? = nil,
+         allocator: VirtioTestAllocator? = nil) throws {
+        self.memory = try memory ?? GuestMemory.anonymous(layout: [(base: 0, size: VirtioTestDriver.ramSize)])
+        self.index = index
+        self.size = size
+        self.allocator = allocator ?? VirtioTestAllocator(memory: self.memory)
+        if let base {
+            descriptorTable = base
+            driverArea = base + 16 * UInt64(size)
+            deviceArea = (driverArea + 6 + 2 * UInt64(size) + 0xFF) & ~0xFF
+        } else {
+            descriptorTable = 0x1000
+            driverArea = descriptorTable + 16 * UInt64(size) + 0x100
+            deviceArea = (driverArea + 6 + 2 * UInt64(size) + 0x100) & ~0xFF
+        }
+    }
+
+    /// Creates the device-side queue over this layout.
+    func makeQueue(features: UInt64 = VirtioFeature.version1) throws -> Virtqueue {
+        try Virtqueue(index: index, memory: memory, size: size, descriptorTable: descriptorTable, driverArea: driverArea,
+                      deviceArea: deviceArea, features: features)
+    }
+
+    /// Creates the device-side queue starting where the driver is (as after a reset and re-activation).
+    func makeQueueAtDriverPosition(features: UInt64) throws -> Virtqueue {
+        let queue = try makeQueue(features: features)
+        queue.nextAvail = availIdx
+        queue.nextUsed = usedSeen
+        return queue
+    }
+
+    /// Hands out `count` bytes of guest memory (16-byte aligned), filled with `fill`.
+    func allocate(_ count: Int, fill: UInt8 = 0) throws -> UInt64 { try allocator.allocate(count, fill: fill) }
+
+    /// Copies `bytes` into fresh guest memory.
+    func place(_ bytes: [UInt8]) throws -> UInt64 { try allocator.place(bytes) }
 
     func writeDescriptor(table: UInt64? = nil, _ index: UInt16, address: UInt64, length: UInt32, flags: UInt16,
                          next: UInt16 = 0) throws {
