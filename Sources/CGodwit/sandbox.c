@@ -171,6 +171,15 @@ __attribute__((noreturn)) static void supervise(pid_t child, const sigset_t *ori
 }
 
 __attribute__((constructor)) static void godwit_sandbox_enter_namespaces(void) {
+    // A supervised I/O domain dies with its VMM, even one killed with SIGKILL (a supervisor that
+    // restarts it sets GODWIT_PARENT_PID). PDEATHSIG follows the spawning thread, which in the
+    // supervisor lives as long as it watches this process.
+    const char *parent = getenv("GODWIT_PARENT_PID");
+    if (parent != NULL) {
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) sandbox_fail("prctl(PR_SET_PDEATHSIG)", errno);
+        if (getppid() != (pid_t)atol(parent)) _exit(70); // the parent is already gone
+        unsetenv("GODWIT_PARENT_PID");
+    }
     const char *request = getenv("GODWIT_SANDBOX_NAMESPACES");
     if (request == NULL || strcmp(request, "1") != 0) return;
 

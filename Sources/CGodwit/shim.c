@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "CGodwit.h"
+#include <spawn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -144,6 +145,24 @@ int godwit_tap_open(const char *name, char *actual_name) {
     return fd;
 }
 
+int godwit_tap_adopt(int fd, char *actual_name) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (ioctl(fd, TUNGETIFF, &ifr) < 0) return -1;
+    if ((ifr.ifr_flags & (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)) != (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)) {
+        errno = EINVAL;
+        return -1;
+    }
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return -1;
+    if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) return -1;
+    memcpy(actual_name, ifr.ifr_name, IFNAMSIZ);
+    actual_name[IFNAMSIZ - 1] = 0;
+    return fd;
+}
+
+const unsigned long GODWIT_TUNSETOFFLOAD = TUNSETOFFLOAD;
+
 int godwit_tap_set_offload(int fd, unsigned int flags) { return ioctl(fd, TUNSETOFFLOAD, flags); }
 int godwit_tap_set_vnet_header_size(int fd, int size) { return ioctl(fd, TUNSETVNETHDRSZ, &size); }
 
@@ -271,4 +290,38 @@ long godwit_recv_fds(int socket, void *buffer, size_t length, int *fds, int max_
         }
     }
     return (long)n;
+}
+
+// MARK: - Spawning supervised processes
+
+int godwit_spawn(const char *path, char *const argv[], char *const envp[], const int *keep, int count) {
+    if (count < 0 || count > 64) return -EINVAL;
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    int rc = posix_spawn_file_actions_init(&actions);
+    if (rc != 0) return -rc;
+    rc = posix_spawnattr_init(&attributes);
+    if (rc != 0) {
+        posix_spawn_file_actions_destroy(&actions);
+        return -rc;
+    }
+    // Move the kept descriptors out of the way first (one may already sit at 3 + j), then into place.
+    int moved[64];
+    for (int i = 0; i < count && rc == 0; i++) {
+        moved[i] = 100 + i;
+        rc = posix_spawn_file_actions_adddup2(&actions, keep[i], moved[i]);
+    }
+    for (int i = 0; i < count && rc == 0; i++) rc = posix_spawn_file_actions_adddup2(&actions, moved[i], 3 + i);
+    if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, 3 + count);
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    if (rc == 0) rc = posix_spawnattr_setsigmask(&attributes, &empty);
+    if (rc == 0) rc = posix_spawnattr_setsigdefault(&attributes, &all);
+    if (rc == 0) rc = posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t pid = -1;
+    if (rc == 0) rc = posix_spawn(&pid, path, &actions, &attributes, argv, envp);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+    return rc == 0 ? (int)pid : -rc;
 }

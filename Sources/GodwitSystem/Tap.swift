@@ -26,6 +26,21 @@ public final class Tap: @unchecked Sendable {
         _ = try systemCall("TUNSETVNETHDRSZ", context: self.name) { godwit_tap_set_vnet_header_size(fd, 12) }
     }
 
+    /// Adopts a TAP descriptor passed in by another process (an I/O domain's supervisor): it must have
+    /// been opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR. Takes ownership of `descriptor`.
+    public init(adopting descriptor: FileDescriptor) throws(SystemError) {
+        var actual = [CChar](repeating: 0, count: 16)
+        let fd = descriptor.rawValue
+        _ = try systemCall("adopt TAP", context: "descriptor \(fd)") { godwit_tap_adopt(fd, &actual) }
+        self.descriptor = descriptor
+        self.name = String(decoding: actual.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        created = false
+        _ = try systemCall("TUNSETVNETHDRSZ", context: self.name) { godwit_tap_set_vnet_header_size(fd, 12) }
+    }
+
+    /// The TUNSETOFFLOAD request number (for a sandbox's ioctl allow-list).
+    public static let setOffloadRequest = UInt(GODWIT_TUNSETOFFLOAD)
+
     /// Tells the kernel which offloads the guest can take on received frames (TUN_F_* flags).
     public func setOffload(_ flags: UInt32) throws(SystemError) {
         _ = try systemCall("TUNSETOFFLOAD", context: name) { godwit_tap_set_offload(descriptor.rawValue, flags) }

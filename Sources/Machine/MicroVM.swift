@@ -16,6 +16,8 @@ public struct DiskConfig: Equatable, Sendable {
     public var direct: Bool
     /// The vhost-user socket; when set, `path` is unused and the device logic runs in the backend.
     public var socket: String?
+    /// Asked for an I/O domain that the VMM starts (`iodomain=`): the CLI starts it and sets `socket`.
+    public var inIODomain = false
 
     public init(path: String, readOnly: Bool = false, direct: Bool = false, socket: String? = nil) {
         self.path = path
@@ -25,16 +27,22 @@ public struct DiskConfig: Equatable, Sendable {
     }
 }
 
-/// One network interface as the user gave it: a TAP device and an optional MAC.
+/// One network interface as the user gave it: a TAP device and an optional MAC, or the vhost-user
+/// socket of an I/O domain that serves the NIC.
 public struct NetConfig: Equatable, Sendable {
     /// The TAP to attach to; nil creates one (`tap=auto`) that is removed when the VM exits.
     public var tap: String?
     /// The guest's MAC; nil derives a stable one from the TAP's name.
     public var mac: MACAddress?
+    /// The vhost-user socket; when set, `tap` and `mac` are the backend's business.
+    public var socket: String?
+    /// Asked for an I/O domain that the VMM starts (`iodomain`): the CLI starts it and sets `socket`.
+    public var inIODomain = false
 
-    public init(tap: String?, mac: MACAddress? = nil) {
+    public init(tap: String?, mac: MACAddress? = nil, socket: String? = nil) {
         self.tap = tap
         self.mac = mac
+        self.socket = socket
     }
 }
 
@@ -266,6 +274,10 @@ public final class MicroVM: @unchecked Sendable {
 
     private func addNets() throws {
         for net in config.nets {
+            if let socket = net.socket {
+                try addVhostUserDevice(socket: socket, deviceID: VirtioDeviceType.network)
+                continue
+            }
             if let name = net.tap, access("/sys/class/net/\(name)", F_OK) != 0 {
                 throw MachineError.setup("TAP \(name) does not exist (create it, or use tap=auto)")
             }
@@ -318,8 +330,19 @@ public final class MicroVM: @unchecked Sendable {
         } catch {
             throw MachineError.disk(path: socket, reason: "vhost-user: \(error)")
         }
+        // A backend that dies (an I/O domain restarted by its supervisor) is reconnected, with back-off,
+        // for as long as the VM runs; the guest sees latency, not an error.
+        device.reconnectAutomatically { message in
+            let line = Array("godwit: \(socket): \(message)\n".utf8)
+            line.withUnsafeBytes { _ = Glibc.write(2, $0.baseAddress, $0.count) }
+        }
         try addVirtioDevice(device, external: true)
         slot.call = virtioDevices[index].interruptFD
+    }
+
+    /// Closes every vhost-user connection on purpose (no reconnection): before the backends go away at exit.
+    public func disconnectExternalDevices() {
+        for wired in virtioDevices { (wired.device as? VhostUserDevice)?.disconnect() }
     }
 
     /// Places a virtio device in the next virtio-mmio window with the next IRQ.

@@ -34,6 +34,7 @@ public final class VhostUserBackend: @unchecked Sendable {
     /// The protocol features offered (and implemented).
     public static let offeredProtocolFeatures: UInt64 = VhostUserProtocolFeature.multiQueue
         | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.config | VhostUserProtocolFeature.logSharedMemory
+        | VhostUserProtocolFeature.inflightSharedMemory
 
     public let name: String
     private let makeDevice: DeviceFactory

@@ -89,6 +89,8 @@ final class VhostUserConnection: @unchecked Sendable {
     private var active: [Int: Virtqueue] = [:]
     private var dirtyLog: VhostUserDirtyLog?
     private var logNotifier: FileDescriptor?
+    /// The inflight-tracking region (GET/SET_INFLIGHT_FD) and the queue geometry it was made for.
+    private var inflight: (mapping: MemoryMapping, queueCount: Int, queueSize: UInt16)?
     /// Why the connection is closing (nil: the peer closed it).
     private var closeReason: Error?
     private var closing = false
@@ -148,6 +150,7 @@ final class VhostUserConnection: @unchecked Sendable {
         channel.socket.close()
         memory = nil
         dirtyLog = nil
+        inflight = nil
     }
 
     // MARK: Messages
@@ -357,8 +360,36 @@ final class VhostUserConnection: @unchecked Sendable {
             config.bytes.withUnsafeBytes { device.writeConfig(offset: Int(config.offset), from: $0) }
             return nil
 
-        case (.getInflightFD, _), (.setInflightFD, _):
-            throw violation(request, "INFLIGHT_SHMFD is not offered")
+        case let (.getInflightFD, .inflight(description)):
+            // A new region for the frontend to keep: it hands it back (SET_INFLIGHT_FD) after a reconnect.
+            let (count, size) = try inflightGeometry(description, request)
+            let length = count * VirtqueueInflight.regionSize(queueSize: size)
+            let (fd, mapping) = try vhostSystem { () throws(SystemError) -> (FileDescriptor, MemoryMapping) in
+                let fd = try MemFD.create(name: "godwit-inflight", size: UInt64(length))
+                return (fd, try MemoryMapping(size: length, fd: fd))
+            }
+            deactivate()
+            inflight = (mapping, count, size)
+            try reconcile()
+            return .reply(to: request, .inflight(VhostUserInflightDescription(
+                mmapSize: UInt64(length), mmapOffset: 0, queueCount: UInt16(count), queueSize: size)), fileDescriptors: [fd])
+
+        case let (.setInflightFD, .inflight(description)):
+            let (count, size) = try inflightGeometry(description, request)
+            let length = count * VirtqueueInflight.regionSize(queueSize: size)
+            let fileSize = try VhostUserConnection.fileSize(fds[0])
+            guard description.mmapSize >= UInt64(length), description.mmapOffset <= fileSize,
+                  description.mmapSize <= fileSize - description.mmapOffset, description.mmapOffset % UInt64(getpagesize()) == 0,
+                  description.mmapSize <= UInt64(Int.max) else {
+                throw violation(request, "inflight region offset \(description.mmapOffset) size \(description.mmapSize) does not hold \(count) queue(s) of \(size) inside its file (\(fileSize) bytes)")
+            }
+            let mapping = try vhostSystem { () throws(SystemError) in
+                try MemoryMapping(size: Int(description.mmapSize), fd: fds[0], offset: Int(description.mmapOffset))
+            }
+            deactivate()
+            inflight = (mapping, count, size)
+            try reconcile()
+            return nil
 
         default:
             throw VhostUserError.unexpectedMessage(request: request.rawValue, reason: "payload \(message.payload) does not fit")
@@ -412,6 +443,15 @@ final class VhostUserConnection: @unchecked Sendable {
         memory = mapped
         table = regions
         try reconcile()
+    }
+
+    /// The queue count and size of an inflight description, checked against the device.
+    private func inflightGeometry(_ description: VhostUserInflightDescription, _ request: VhostUserRequest) throws -> (Int, UInt16) {
+        let count = Int(description.queueCount), size = description.queueSize
+        guard count >= 1, count <= rings.count, size >= 1, size <= 32768 else {
+            throw violation(request, "inflight region for \(count) queue(s) of \(size) entries does not fit a device of \(rings.count) queue(s)")
+        }
+        return (count, size)
     }
 
     /// The size of a regular file (a memfd); anything else cannot be mapped safely.
@@ -470,9 +510,18 @@ final class VhostUserConnection: @unchecked Sendable {
             do {
                 // The next used index is the one in guest memory (the spec: the backend reads it there).
                 let usedIndex = try memory.load(UInt16.self, at: used &+ 2)
-                queues.append(try Virtqueue(index: i, memory: memory, size: rings[i].size, descriptorTable: descriptor,
-                                            driverArea: available, deviceArea: used, features: guestFeatures,
-                                            maxSize: device.maxQueueSize, nextAvail: rings[i].base, nextUsed: usedIndex))
+                let queue = try Virtqueue(index: i, memory: memory, size: rings[i].size, descriptorTable: descriptor,
+                                          driverArea: available, deviceArea: used, features: guestFeatures,
+                                          maxSize: device.maxQueueSize, nextAvail: rings[i].base, nextUsed: usedIndex)
+                if let inflight, i < inflight.queueCount, rings[i].size <= inflight.queueSize {
+                    let stride = VirtqueueInflight.regionSize(queueSize: inflight.queueSize)
+                    // In bounds: the mapping holds queueCount regions of `stride` bytes (checked when it was set).
+                    let tracker = try VirtqueueInflight(base: inflight.mapping.base + i * stride, length: stride,
+                                                        queueSize: rings[i].size, owner: inflight.mapping)
+                    let resubmitted = try queue.resumeInflight(tracker)
+                    if resubmitted > 0 { log("queue \(i): resubmitting \(resubmitted) request(s) left in flight") }
+                }
+                queues.append(queue)
             } catch {
                 throw VhostUserError.deviceError("queue \(i): \(error)")
             }

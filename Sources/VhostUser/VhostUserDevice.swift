@@ -25,6 +25,7 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
     /// The protocol features the frontend uses when the backend offers them.
     public static let wantedProtocolFeatures: UInt64 = VhostUserProtocolFeature.multiQueue
         | VhostUserProtocolFeature.replyAck | VhostUserProtocolFeature.config | VhostUserProtocolFeature.logSharedMemory
+        | VhostUserProtocolFeature.inflightSharedMemory
     /// Features never offered to the guest: in the transport range (bits 24-40) only indirect
     /// descriptors, event-idx and VERSION_1 pass (vhost-user's own bits 26 and 30, packed rings, IOMMU,
     /// queue reset and the rest need the VMM's transport, which does not do them); device bits pass.
@@ -48,6 +49,9 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
     private var activation: Activation?
     private var ringBases: [Int: UInt16] = [:]
     private var lastErrorValue: Error?
+    /// The backend's inflight-tracking region (INFLIGHT_SHMFD), kept across reconnects so that a new
+    /// backend resubmits what the old one had taken; dropped when the driver resets the device.
+    private var inflightRegion: (description: VhostUserInflightDescription, fd: FileDescriptor)?
 
     /// What `activate` was given: replayed on reconnect.
     private struct Activation {
@@ -248,9 +252,10 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
         }
     }
 
-    /// Connects again and replays the handshake and, when the device was active, the activation. The
-    /// rings restart from the used index in guest memory, so requests the old backend took but did not
-    /// complete are submitted again (correct for backends that complete in order).
+    /// Connects again and replays the handshake and, when the device was active, the activation. With
+    /// INFLIGHT_SHMFD the new backend resubmits, oldest first, the requests the old one took and did not
+    /// complete, and continues after them; without it the rings restart from the used index in guest
+    /// memory, so those requests are submitted again (correct only for backends that complete in order).
     public func reconnect() throws {
         let frontend = try connector()
         try lock.withLock {
@@ -315,6 +320,15 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
                        features: UInt64, interrupt: VirtioInterrupt,
                        eventFDs: [Int: (kick: EventFD, call: EventFD)]) throws {
         let usesProtocolFeatures = backendFeatures & VhostUserFeature.protocolFeatures != 0
+        if protocolFeatures & VhostUserProtocolFeature.inflightSharedMemory != 0 {
+            // QEMU's order: the region first (fetched once, handed back to every later backend).
+            if inflightRegion == nil {
+                inflightRegion = try frontend.getInflightFD(queueCount: UInt16(queueCount), queueSize: maxQueueSize)
+            }
+            if let region = inflightRegion {
+                try frontend.setInflightFD(region.description, fileDescriptor: region.fd)
+            }
+        }
         try frontend.setFeatures(features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0))
         let (regions, fds) = try VhostUserDevice.memoryTable(memory)
         try frontend.setMemoryTable(regions, fileDescriptors: fds)
@@ -347,6 +361,7 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
         lock.withLock {
             guard let active = activation else { return }
             activation = nil
+            inflightRegion = nil
             guard let frontend else { return }
             do {
                 if backendFeatures & VhostUserFeature.protocolFeatures != 0 {

@@ -55,6 +55,9 @@ public enum VirtioError: Error, CustomStringConvertible, Equatable, Sendable {
     /// A replacement backend does not fit the device as the driver negotiated it.
     case backendMismatch(reason: String)
 
+    /// An inflight-tracking region (vhost-user INFLIGHT_SHMFD) that cannot track the queue.
+    case inflightRegion(reason: String)
+
     public var description: String {
         switch self {
         case let .headOutOfRange(head, queueSize):
@@ -101,6 +104,8 @@ public enum VirtioError: Error, CustomStringConvertible, Equatable, Sendable {
             return "request at head \(head) is malformed: \(reason)"
         case let .backendMismatch(reason):
             return "cannot replace the backend: \(reason)"
+        case let .inflightRegion(reason):
+            return "inflight region: \(reason)"
         }
     }
 }

@@ -54,6 +54,10 @@ public final class Virtqueue: @unchecked Sendable {
     public var nextUsed: UInt16
     /// `nextUsed` when the last notification decision was made; nil forces the next decision to notify.
     private var signalledUsed: UInt16?
+    /// Inflight tracking (vhost-user INFLIGHT_SHMFD): every chain taken is marked there until returned.
+    public var inflight: VirtqueueInflight?
+    /// Heads taken before a restart and not returned: handed out again, in order, before new chains.
+    public private(set) var resubmissions: [UInt16] = []
 
     /// Checks and creates a queue. `maxSize` is the device's QueueNumMax.
     public init(index: Int = 0, memory: GuestMemory, size: UInt16, descriptorTable: UInt64, driverArea: UInt64,
@@ -99,6 +103,26 @@ public final class Virtqueue: @unchecked Sendable {
         guard !overflow, memory.contains(address, length: length) else {
             throw .ringOutOfRange(queue: queue, ring: name, address: address, length: length)
         }
+    }
+
+    /// After a restart with inflight tracking: recovers the chains the previous process took and did not
+    /// return, to be processed again first, and sets `nextAvail` past them (used idx + their count).
+    /// A fresh region keeps `nextAvail` as the frontend set it. Returns how many will be resubmitted.
+    @discardableResult
+    public func resumeInflight(_ tracker: VirtqueueInflight) throws(VirtioError) -> Int {
+        inflight = tracker
+        let usedIndex = try load16(usedIdxAddress)
+        nextUsed = usedIndex
+        guard !tracker.wasFresh else {
+            tracker.returned(heads: [], usedIndex: usedIndex)
+            return 0
+        }
+        let pending = tracker.recover(usedIndex: usedIndex) { i in
+            try? load16(deviceArea &+ 4 &+ 8 &* UInt64(i % size))
+        }
+        resubmissions = pending
+        nextAvail = usedIndex &+ UInt16(truncatingIfNeeded: pending.count)
+        return pending.count
     }
 
     /// The queue's positions and addresses.
@@ -150,6 +174,7 @@ public final class Virtqueue: @unchecked Sendable {
     /// When the ring is empty and event-idx is on, publishes avail_event = `nextAvail` (so the driver's
     /// next addition notifies) and re-checks, as `popAvailable` does. Takes nothing from the ring.
     public func hasAvailable() throws(VirtioError) -> Bool {
+        if !resubmissions.isEmpty { return true }
         if try pendingCount() > 0 { return true }
         guard eventIndex else { return false }
         try store(nextAvail, availEventAddress)
@@ -170,6 +195,7 @@ public final class Virtqueue: @unchecked Sendable {
 
     /// Takes the next head index from the avail ring (advancing `nextAvail`); nil when the ring is empty.
     private func takeAvailableHead() throws(VirtioError) -> UInt16? {
+        if !resubmissions.isEmpty { return resubmissions.removeFirst() }
         guard try hasAvailable() else { return nil }
         // Read the ring entry only after seeing the idx that covers it.
         GuestMemory.fence()
@@ -177,6 +203,7 @@ public final class Virtqueue: @unchecked Sendable {
         let head = try load16(driverArea &+ 4 &+ 2 &* slot)
         nextAvail &+= 1
         if eventIndex { try store(nextAvail, availEventAddress) }
+        inflight?.taken(head: head)
         return head
     }
 
@@ -190,6 +217,7 @@ public final class Virtqueue: @unchecked Sendable {
     /// `length` is the number of bytes the device wrote into the chain's writable buffers.
     public func addUsed(head: UInt16, length: UInt32) throws(VirtioError) {
         guard head < size else { throw .headOutOfRange(head: head, queueSize: size) }
+        inflight?.returning(lastHead: head)
         let element = deviceArea &+ 4 &+ 8 &* UInt64(nextUsed % size)
         try store(UInt32(head), element)
         try store(length, element &+ 4)
@@ -197,6 +225,7 @@ public final class Virtqueue: @unchecked Sendable {
         GuestMemory.fence()
         nextUsed &+= 1
         try store(nextUsed, usedIdxAddress)
+        inflight?.returned(heads: [head], usedIndex: nextUsed)
     }
 
     /// Returns several chains at once: writes every used element, then (after one fence) the used idx,
@@ -207,6 +236,7 @@ public final class Virtqueue: @unchecked Sendable {
             throw .headOutOfRange(head: element.head, queueSize: size)
         }
         guard !elements.isEmpty else { return }
+        inflight?.returning(lastHead: elements[elements.count - 1].head)
         var index = nextUsed
         for element in elements {
             let address = deviceArea &+ 4 &+ 8 &* UInt64(index % size)
@@ -218,6 +248,7 @@ public final class Virtqueue: @unchecked Sendable {
         GuestMemory.fence()
         nextUsed = index
         try store(nextUsed, usedIdxAddress)
+        inflight?.returned(heads: elements.map(\.head), usedIndex: nextUsed)
     }
 
     /// Whether the driver wants an interrupt for the used entries added since the last call.

@@ -52,13 +52,16 @@ struct VMCommand: ParsableCommand {
     @Option(help: "Guest RAM, in MiB or with a K/M/G suffix (e.g. 256M, 1G).")
     var memory: String = "128M"
 
-    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,direct], or socket=PATH for a disk an I/O domain (any vhost-user-blk backend) serves. Repeat for more disks.",
-                               valueName: "path[,readonly][,direct]|socket=path"))
+    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,direct] (in the VMM); iodomain=PATH[,readonly][,direct] (in an I/O domain the VMM starts, sandboxes and restarts); or socket=PATH (a disk an I/O domain or any vhost-user-blk backend serves). Repeat for more disks.",
+                               valueName: "path|iodomain=path[,readonly][,direct]|socket=path"))
     var disk: [String] = []
 
-    @Option(help: ArgumentHelp("A virtio-net NIC on a TAP: tap=NAME (an existing TAP) or tap=auto (a new TAP, removed at exit), with an optional mac=aa:bb:cc:dd:ee:ff. Repeat for more NICs.",
-                               valueName: "tap=NAME|auto[,mac=MAC]"))
+    @Option(help: ArgumentHelp("A virtio-net NIC on a TAP: tap=NAME (an existing TAP) or tap=auto (a new TAP, removed at exit), with an optional mac=aa:bb:cc:dd:ee:ff; add iodomain to serve it from an I/O domain the VMM starts (the TAP is passed to it); or socket=PATH (a NIC an I/O domain serves). Repeat for more NICs.",
+                               valueName: "tap=NAME|auto[,mac=MAC][,iodomain]|socket=path"))
     var net: [String] = []
+
+    @Flag(help: "Start the I/O domains of iodomain= devices without their namespaces (they still lock down with seccomp).")
+    var iodomainNoNamespaces = false
 
     @Option(help: "Where guest serial output goes: stdio (and input from stdin), or a file path.")
     var serial: String = "stdio"
@@ -81,12 +84,19 @@ struct VMCommand: ParsableCommand {
             try runService()
             return
         }
+        let supervisor = IODomainSupervisor()
         do {
-            let config = try makeConfig()
+            var config = try makeConfig()
+            try startIODomains(&config, supervisor)
             let vm = try MicroVM(config: config)
             let terminal = RawTerminal(enabled: serial == "stdio")
             let exit = try vm.run(stopOnSignals: true)
             terminal.restore()
+            vm.disconnectExternalDevices()
+            supervisor.stop()
+            if let statistics = ProcessInfo.processInfo.environment["GODWIT_DEVICE_STATISTICS"], statistics == "1" {
+                for status in supervisor.statuses { fputs("godwit: iodomain \(status.name) restarts=\(status.restarts)\n", stderr) }
+            }
             if exit.processExitStatus != 0 {
                 fputs("godwit: \(exit)\n", stderr)
             }
@@ -95,7 +105,44 @@ struct VMCommand: ParsableCommand {
             throw error
         } catch {
             fputs("godwit: error: \(error)\n", stderr)
+            supervisor.stop()
             Glibc.exit(ExitStatus.setupError)
+        }
+    }
+
+    /// Starts an I/O domain for each `iodomain=` disk and `iodomain` NIC and points the device at its
+    /// socket (in a directory of this VMM's, removed at exit).
+    func startIODomains(_ config: inout MachineConfig, _ supervisor: IODomainSupervisor) throws {
+        let disks = config.disks.indices.filter { config.disks[$0].inIODomain }
+        let nets = config.nets.indices.filter { config.nets[$0].inIODomain }
+        guard !disks.isEmpty || !nets.isEmpty else { return }
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-vm-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        atexit { try? FileManager.default.removeItem(atPath: FileManager.default.temporaryDirectory.appendingPathComponent("godwit-vm-\(getpid())").path) }
+        for (n, i) in disks.enumerated() {
+            let disk = config.disks[i]
+            let socket = directory.appendingPathComponent("disk\(n).sock").path
+            var arguments = ["iodomain", "--blk", disk.path, "--device", "socket=\(socket)" + (disk.readOnly ? ",readonly" : "")]
+            if disk.direct { arguments.append("--direct") }
+            try supervisor.start(.init(name: "disk\(n)", arguments: arguments, sockets: [socket], namespaces: !iodomainNoNamespaces))
+            config.disks[i] = DiskConfig(path: disk.path, readOnly: disk.readOnly, socket: socket)
+        }
+        for (n, i) in nets.enumerated() {
+            let net = config.nets[i]
+            let socket = directory.appendingPathComponent("net\(n).sock").path
+            // The VMM opens the TAP where it runs (its network namespace) and hands the descriptor over.
+            let tap: Tap
+            do {
+                tap = try Tap(name: net.tap)
+                if net.tap == nil { try tap.setUp(true) }
+            } catch {
+                throw MachineError.setup("TAP \(net.tap ?? "(auto)"): \(error)")
+            }
+            let mac = net.mac ?? MACAddress.generated(seed: tap.name)
+            try supervisor.start(.init(name: "net\(n)", arguments: ["iodomain", "--net", "tap-fd=3,socket=\(socket),mac=\(mac)"],
+                                       descriptors: [tap.descriptor], sockets: [socket], namespaces: !iodomainNoNamespaces))
+            config.nets[i] = NetConfig(tap: tap.name, mac: mac, socket: socket)
+            openTaps.append(tap)
         }
     }
 
@@ -186,8 +233,18 @@ func parseSize(_ text: String) throws -> UInt64 {
     return bytes
 }
 
-/// Parses "PATH[,readonly][,direct]" or "socket=PATH" (a vhost-user backend such as an I/O domain).
+/// TAPs the VMM opened for I/O domains: kept open (a `tap=auto` TAP lives as long as a descriptor does).
+nonisolated(unsafe) var openTaps: [Tap] = []
+
+/// Parses "PATH[,readonly][,direct]", "iodomain=PATH[,readonly][,direct]" or "socket=PATH" (a
+/// vhost-user backend such as an I/O domain).
 func parseDisk(_ text: String) throws -> DiskConfig {
+    if text.hasPrefix("iodomain=") {
+        var disk = try parseDisk(String(text.dropFirst("iodomain=".count)))
+        guard disk.socket == nil else { throw ValidationError("--disk iodomain= needs an image path: '\(text)'") }
+        disk.inIODomain = true
+        return disk
+    }
     if text.hasPrefix("socket=") {
         let path = String(text.dropFirst("socket=".count))
         guard !path.isEmpty, !path.contains(",") else { throw ValidationError("--disk socket= needs one socket path: '\(text)'") }
@@ -207,11 +264,21 @@ func parseDisk(_ text: String) throws -> DiskConfig {
     return disk
 }
 
-/// Parses "tap=NAME|auto[,mac=MAC]".
+/// Parses "tap=NAME|auto[,mac=MAC][,iodomain]" or "socket=PATH".
 func parseNet(_ text: String) throws -> NetConfig {
+    if text.hasPrefix("socket=") {
+        let path = String(text.dropFirst("socket=".count))
+        guard !path.isEmpty, !path.contains(",") else { throw ValidationError("--net socket= needs one socket path: '\(text)'") }
+        return NetConfig(tap: nil, socket: path)
+    }
     var tap: String??
     var mac: MACAddress?
+    var inIODomain = false
     for option in text.split(separator: ",") {
+        if option == "iodomain" {
+            inIODomain = true
+            continue
+        }
         let kv = option.split(separator: "=", maxSplits: 1).map(String.init)
         guard kv.count == 2 else { throw ValidationError("--net option '\(option)' is not key=value") }
         switch kv[0] {
@@ -224,11 +291,13 @@ func parseNet(_ text: String) throws -> NetConfig {
             }
             mac = parsed
         default:
-            throw ValidationError("--net option '\(kv[0])' is not one of tap, mac")
+            throw ValidationError("--net option '\(kv[0])' is not one of tap, mac, iodomain")
         }
     }
     guard let tap else { throw ValidationError("--net needs tap=NAME or tap=auto: '\(text)'") }
-    return NetConfig(tap: tap, mac: mac)
+    var net = NetConfig(tap: tap, mac: mac)
+    net.inIODomain = inIODomain
+    return net
 }
 
 /// Puts the terminal in raw mode while the guest owns the console, so a person can type into it.

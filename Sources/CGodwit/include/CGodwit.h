@@ -48,6 +48,10 @@ int godwit_kick_signal(void);
 /// Attaches to TAP `name` (created if it does not exist; "" lets the kernel pick a name). Writes the
 /// interface name (IFNAMSIZ = 16 bytes) to `actual_name`. Returns the fd, or -1 with errno.
 int godwit_tap_open(const char *name, char *actual_name);
+/// Checks that `fd` (passed in) is a TAP opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, makes it
+/// non-blocking and close-on-exec, and writes its name to `actual_name`. Returns fd, or -1 with errno.
+int godwit_tap_adopt(int fd, char *actual_name);
+extern const unsigned long GODWIT_TUNSETOFFLOAD;
 /// TUNSETOFFLOAD with TUN_F_* flags.
 int godwit_tap_set_offload(int fd, unsigned int flags);
 /// TUNSETVNETHDRSZ.
@@ -185,5 +189,12 @@ int godwit_seccomp_load(void *filter);
 void godwit_seccomp_release(void *filter);
 /// The syscall number of `name` on this architecture, or -1 when libseccomp does not know it.
 int godwit_seccomp_resolve(const char *name);
+
+// MARK: - Spawning supervised processes
+
+/// posix_spawn of `path` with `argv` and `envp` (NULL-terminated), a clean signal state (empty mask,
+/// default dispositions) and only the descriptors in `keep` (`count` of them), which become 3, 4, ...
+/// in the child; every other descriptor above 2 is closed. Returns the pid, or -errno.
+int godwit_spawn(const char *path, char *const argv[], char *const envp[], const int *keep, int count);
 
 #endif
