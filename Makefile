@@ -23,16 +23,15 @@ $(DEMO_DISK):
 DEMO_NS := godwit-demo
 DEMO_BRIDGE := gwdemo
 
-# Boots the test guest with 2 vCPUs, a 64 MiB disk served by an I/O domain (`godwit iodomain`, over
-# vhost-user) and a NIC on a bridge (10.77.0.1/24) in the network namespace $(DEMO_NS), and runs a
-# short demo of its jobs; during the last 20 seconds
-# it answers ping: `ip netns exec $(DEMO_NS) ping 10.77.0.2`. `make demo-net-down` removes the namespace.
+# Boots the test guest with 2 vCPUs, a 64 MiB disk and a NIC (on a bridge, 10.77.0.1/24, in the network
+# namespace $(DEMO_NS)), each served by an I/O domain that godwit starts, sandboxes and restarts if it dies
+# (`--disk iodomain=`, `--net ...,iodomain`: vhost-user, the TAP passed in), and runs a short demo of its
+# jobs; during the last 20 seconds it answers ping: `ip netns exec $(DEMO_NS) ping 10.77.0.2`.
+# `make demo-net-down` removes the namespace.
 run: guest build $(DEMO_DISK)
 	@scripts/testnet.sh up --netns $(DEMO_NS) --bridge $(DEMO_BRIDGE) --taps 1 --addr 10.77.0.1/24 >/dev/null
-	@rm -f out/demo-disk.sock; $(GODWIT) iodomain --blk $(DEMO_DISK) --device socket=out/demo-disk.sock 2>out/iodomain.log & \
-	  trap "kill $$! 2>/dev/null" EXIT; for i in $$(seq 100); do [ -S out/demo-disk.sock ] && break; sleep 0.05; done; \
-	ip netns exec $(DEMO_NS) $(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk socket=out/demo-disk.sock \
-	  --net tap=$(DEMO_BRIDGE)t0,mac=52:54:00:77:00:02 \
+	ip netns exec $(DEMO_NS) $(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk iodomain=$(DEMO_DISK) \
+	  --net tap=$(DEMO_BRIDGE)t0,mac=52:54:00:77:00:02,iodomain \
 	  --cmdline "godwit.ip=10.77.0.2/24 godwit.job=ready godwit.job=blk-verify,size=4194304 godwit.job=blk-check,size=4194304 godwit.job=blk-bench,rw=randread,n=2000,qd=8 godwit.job=dirty,mib=16,rate=64,seconds=1 godwit.job=net-ping,dst=10.77.0.1,count=20 godwit.job=net-echo,seconds=20"
 
 demo-net-down:

@@ -27,10 +27,19 @@ public final class MemoryMapping: @unchecked Sendable {
 
 /// An anonymous memory file (memfd) that another process can map.
 public enum MemFD {
-    public static func create(name: String, size: UInt64) throws(SystemError) -> FileDescriptor {
-        let raw = try systemCall("memfd_create", context: name) { godwit_memfd_create(name) }
+    /// A memfd of `size` bytes. `sealed`: sealed against growing, shrinking and further sealing, as
+    /// QEMU's `memory-backend-memfd` makes them, so that a process that maps it (an I/O domain) can never
+    /// be made to touch memory past its end (SIGBUS).
+    public static func create(name: String, size: UInt64, sealed: Bool = false) throws(SystemError) -> FileDescriptor {
+        let raw = try systemCall("memfd_create", context: name) {
+            sealed ? godwit_memfd_create_sealable(name) : godwit_memfd_create(name)
+        }
         let fd = FileDescriptor(owning: raw)
         try fd.truncate(to: size)
+        if sealed {
+            let seals = GODWIT_F_SEAL_SHRINK | GODWIT_F_SEAL_GROW | GODWIT_F_SEAL_SEAL
+            _ = try systemCall("fcntl(F_ADD_SEALS)", context: name) { godwit_add_seals(fd.rawValue, seals) }
+        }
         return fd
     }
 }

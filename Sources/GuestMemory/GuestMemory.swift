@@ -58,7 +58,7 @@ public final class GuestMemory: @unchecked Sendable {
     public static func create(layout: [(base: UInt64, size: UInt64)], name: String = "godwit-ram") throws -> GuestMemory {
         try validate(layout)
         let total = layout.reduce(UInt64(0)) { $0 + $1.size }
-        let fd = try MemFD.create(name: name, size: total)
+        let fd = try MemFD.create(name: name, size: total, sealed: true)
         var offset: UInt64 = 0
         var regions: [GuestRegion] = []
         for item in layout {

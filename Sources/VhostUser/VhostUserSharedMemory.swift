@@ -7,11 +7,7 @@ public enum VhostUserSharedMemory {
     /// QEMU's `memory-backend-memfd` makes them: a backend that maps it can never be made to touch
     /// memory past its end.
     public static func createSealed(name: String, size: UInt64) throws -> FileDescriptor {
-        let raw = try vhostSystem { () throws(SystemError) in try systemCall("memfd_create", context: name) { godwit_memfd_create_sealable(name) } }
-        let fd = FileDescriptor(owning: raw)
-        try vhostSystem { () throws(SystemError) in try fd.truncate(to: size) }
-        try seal(fd)
-        return fd
+        try vhostSystem { () throws(SystemError) in try MemFD.create(name: name, size: size, sealed: true) }
     }
 
     /// Seals a sealable memfd against growing and shrinking (and further sealing).

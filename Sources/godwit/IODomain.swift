@@ -31,6 +31,9 @@ struct IODomainCommand: ParsableCommand {
     @Flag(help: "Open the device with O_DIRECT.")
     var direct = false
 
+    @Flag(help: "Accept guest memory that is not sealed against shrinking (a frontend that truncates it could then crash this domain with SIGBUS). Godwit's and QEMU's memfds are sealed.")
+    var allowUnsealedMemory = false
+
     @Flag(help: "Do not lock the domain down after set-up (debugging only: the domain then keeps every privilege it started with).")
     var noSandbox = false
 
@@ -68,6 +71,7 @@ struct IODomainCommand: ParsableCommand {
                 let receiver = try NetRxWorker(device: device)
                 try receiver.start()
                 let backend = VhostUserBackend(name: URL(fileURLWithPath: spec.socket).lastPathComponent, device: device)
+                backend.requireSealedMemory = !allowUnsealedMemory
                 try backend.listen(path: spec.socket)
                 backends.append(backend)
                 receivers.append(receiver)
@@ -91,6 +95,7 @@ struct IODomainCommand: ParsableCommand {
                 let name = URL(fileURLWithPath: spec.socket).lastPathComponent
                 // A fresh device per connection: a reconnecting VMM gets a clean device, other VMs are untouched.
                 let backend = VhostUserBackend(name: name) { BlockDevice(backend: slice, serial: String(name.prefix(20))) }
+                backend.requireSealedMemory = !allowUnsealedMemory
                 try backend.listen(path: spec.socket)
                 backends.append(backend)
             } catch {
