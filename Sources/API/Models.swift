@@ -409,40 +409,55 @@ public struct NetworkInterface: Codable, Equatable, Sendable {
     public static let mtuRange = 68...65535
 
     public var ifaceId: String
-    public var hostDevName: String
+    /// The host TAP (virtio-net in the VMM); nil for a vhost-user NIC (`socket`).
+    public var hostDevName: String?
     public var guestMac: String?
     public var mtu: Int?
     public var rxRateLimiter: RateLimiter?
     public var txRateLimiter: RateLimiter?
+    /// Godwit's extension, as `socket` in drives: the vhost-user socket of an I/O domain serving the NIC.
+    public var socket: String?
 
-    public init(ifaceId: String, hostDevName: String, guestMac: String? = nil, mtu: Int? = nil,
-                rxRateLimiter: RateLimiter? = nil, txRateLimiter: RateLimiter? = nil) {
+    public init(ifaceId: String, hostDevName: String?, guestMac: String? = nil, mtu: Int? = nil,
+                rxRateLimiter: RateLimiter? = nil, txRateLimiter: RateLimiter? = nil, socket: String? = nil) {
         self.ifaceId = ifaceId
         self.hostDevName = hostDevName
         self.guestMac = guestMac
         self.mtu = mtu
         self.rxRateLimiter = rxRateLimiter
         self.txRateLimiter = txRateLimiter
+        self.socket = socket
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case ifaceId = "iface_id", hostDevName = "host_dev_name", guestMac = "guest_mac", mtu
-        case rxRateLimiter = "rx_rate_limiter", txRateLimiter = "tx_rate_limiter"
+        case rxRateLimiter = "rx_rate_limiter", txRateLimiter = "tx_rate_limiter", socket
     }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.strictContainer(CodingKeys.self)
         ifaceId = try c.decode(String.self, forKey: .ifaceId)
-        hostDevName = try c.decode(String.self, forKey: .hostDevName)
+        hostDevName = try c.decodeIfPresent(String.self, forKey: .hostDevName)
         guestMac = try c.decodeIfPresent(String.self, forKey: .guestMac)
         mtu = try c.decodeIntegerIfPresent(Int.self, forKey: .mtu)
         rxRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .rxRateLimiter)
         txRateLimiter = try c.decodeIfPresent(RateLimiter.self, forKey: .txRateLimiter)
+        socket = try c.decodeIfPresent(String.self, forKey: .socket)
     }
 
     public func validate() throws {
         try Check.id("iface_id", ifaceId)
-        try Check.interfaceName("host_dev_name", hostDevName)
+        switch (hostDevName, socket) {
+        case (nil, nil):
+            throw APIError.badRequest("interface `\(ifaceId)`: one of host_dev_name (a TAP) and socket (vhost-user) is required")
+        case (.some, .some):
+            throw APIError.badRequest("interface `\(ifaceId)`: host_dev_name and socket are mutually exclusive")
+        case let (.some(name), nil):
+            try Check.interfaceName("host_dev_name", name)
+        case let (nil, .some(path)):
+            try Check.path("socket", path)
+            if guestMac != nil { throw APIError.badRequest("interface `\(ifaceId)`: guest_mac does not apply to a vhost-user NIC (the I/O domain sets it); omit it") }
+        }
         if let guestMac { try Check.mac("guest_mac", guestMac) }
         if let mtu { try Check.range("mtu", mtu, NetworkInterface.mtuRange) }
         try rxRateLimiter?.validate("rx_rate_limiter")

@@ -149,8 +149,11 @@ public final class VMMService: VMMController, @unchecked Sendable {
         }
         try lock.withLock {
             try requireNotStarted("PUT /network-interfaces")
-            if interfaces.contains(where: { $0.hostDevName == iface.hostDevName && $0.ifaceId != iface.ifaceId }) {
-                throw APIError.badRequest("host_dev_name \(iface.hostDevName) is already used by another interface")
+            if let name = iface.hostDevName, interfaces.contains(where: { $0.hostDevName == name && $0.ifaceId != iface.ifaceId }) {
+                throw APIError.badRequest("host_dev_name \(name) is already used by another interface")
+            }
+            if let socket = iface.socket, interfaces.contains(where: { $0.socket == socket && $0.ifaceId != iface.ifaceId }) {
+                throw APIError.badRequest("socket \(socket) is already used by another interface")
             }
             if let i = interfaces.firstIndex(where: { $0.ifaceId == iface.ifaceId }) { interfaces[i] = iface } else { interfaces.append(iface) }
         }
@@ -186,6 +189,9 @@ public final class VMMService: VMMController, @unchecked Sendable {
 
     // MARK: Actions
 
+    /// Called once the VM is built, before it runs: the CLI locks the VMM down here.
+    public var lockDownAfterStart: (() throws -> Void)?
+
     public func instanceStart() throws {
         let config: MachineConfig = try lock.withLock {
             try requireNotStarted("InstanceStart")
@@ -202,7 +208,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
                                        cpus: self.machine.vcpuCount, memoryBytes: UInt64(self.machine.memSizeMib) << 20,
                                        disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true, socket: $0.socket) },
                                        serialOutput: serialOutput, serialInput: serialInput, kvmPath: kvmPath)
-            config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init)) }
+            config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init), socket: $0.socket) }
             config.queueNotification = queueNotification
             lifecycle = next
             return config
@@ -210,6 +216,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
         let instance: MicroVM
         do {
             instance = try MicroVM(config: config)
+            try lockDownAfterStart?()
         } catch {
             lock.withLock { lifecycle = (try? lifecycle.applying(.startFailed)) ?? lifecycle }
             throw APIError.badRequest("cannot start the VM: \(error)")

@@ -64,7 +64,7 @@ extension CtlCommand {
                     for d in c.drives ?? [] {
                         lines.append("drive \(d.driveId): \(d.pathOnHost ?? d.socket ?? "?")\(d.isReadOnly == true ? " (read-only)" : "")")
                     }
-                    for n in c.networkInterfaces ?? [] { lines.append("nic \(n.ifaceId): \(n.hostDevName) \(n.guestMac ?? "")") }
+                    for n in c.networkInterfaces ?? [] { lines.append("nic \(n.ifaceId): \(n.hostDevName ?? "socket=" + (n.socket ?? "")) \(n.guestMac ?? "")") }
                     return lines.joined(separator: "\n")
                 }
             }
@@ -168,13 +168,14 @@ extension CtlCommand {
         static let configuration = CommandConfiguration(abstract: "Network interfaces.", subcommands: [Add.self])
 
         struct Add: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "Add a NIC on a TAP before boot (PUT /network-interfaces).")
+            static let configuration = CommandConfiguration(abstract: "Add a NIC on a TAP, or one an I/O domain serves, before boot (PUT /network-interfaces).")
             @OptionGroup var options: CtlOptions
             @Argument(help: "The interface id.") var id: String
-            @Option(help: "The TAP on the host.") var tap: String
-            @Option(help: "The guest's MAC.") var mac: String?
+            @Option(help: "The TAP on the host.") var tap: String?
+            @Option(help: "The vhost-user socket of an I/O domain serving the NIC (instead of --tap).") var socket: String?
+            @Option(help: "The guest's MAC (with --tap).") var mac: String?
             func run() throws {
-                try ctl { try options.client.putNetworkInterface(NetworkInterface(ifaceId: id, hostDevName: tap, guestMac: mac)) }
+                try ctl { try options.client.putNetworkInterface(NetworkInterface(ifaceId: id, hostDevName: tap, guestMac: mac, socket: socket)) }
             }
         }
     }

@@ -1,4 +1,5 @@
 import API
+import CGodwit
 import ArgumentParser
 import Dispatch
 import Foundation
@@ -15,7 +16,7 @@ struct Godwit: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "godwit",
         abstract: "A KVM virtual machine monitor whose device I/O runs in separate I/O domains.",
-        subcommands: [VMCommand.self, IODomainCommand.self, CtlCommand.self, SandboxProbeCommand.self])
+        subcommands: [VMCommand.self, IODomainCommand.self, CtlCommand.self, SandboxProbeCommand.self, SuperviseCommand.self])
 }
 
 /// Exit statuses of `godwit vm`, documented in the README.
@@ -63,6 +64,9 @@ struct VMCommand: ParsableCommand {
     @Flag(help: "Start the I/O domains of iodomain= devices without their namespaces (they still lock down with seccomp).")
     var iodomainNoNamespaces = false
 
+    @Flag(help: "Do not lock the VMM down after set-up (debugging only: it then keeps every privilege it started with).")
+    var noSandbox = false
+
     @Option(help: "Where guest serial output goes: stdio (and input from stdin), or a file path.")
     var serial: String = "stdio"
 
@@ -84,19 +88,17 @@ struct VMCommand: ParsableCommand {
             try runService()
             return
         }
-        let supervisor = IODomainSupervisor()
+        var supervisor: SupervisorProcess?
         do {
             var config = try makeConfig()
-            try startIODomains(&config, supervisor)
+            supervisor = try startIODomains(&config)
             let vm = try MicroVM(config: config)
+            try VMCommand.lockDown(noSandbox: noSandbox, supervisor: supervisor?.pid, allowingOpen: false)
             let terminal = RawTerminal(enabled: serial == "stdio")
             let exit = try vm.run(stopOnSignals: true)
             terminal.restore()
             vm.disconnectExternalDevices()
-            supervisor.stop()
-            if let statistics = ProcessInfo.processInfo.environment["GODWIT_DEVICE_STATISTICS"], statistics == "1" {
-                for status in supervisor.statuses { fputs("godwit: iodomain \(status.name) restarts=\(status.restarts)\n", stderr) }
-            }
+            supervisor?.stop()
             if exit.processExitStatus != 0 {
                 fputs("godwit: \(exit)\n", stderr)
             }
@@ -105,26 +107,48 @@ struct VMCommand: ParsableCommand {
             throw error
         } catch {
             fputs("godwit: error: \(error)\n", stderr)
-            supervisor.stop()
+            supervisor?.stop()
             Glibc.exit(ExitStatus.setupError)
         }
     }
 
-    /// Starts an I/O domain for each `iodomain=` disk and `iodomain` NIC and points the device at its
-    /// socket (in a directory of this VMM's, removed at exit).
-    func startIODomains(_ config: inout MachineConfig, _ supervisor: IODomainSupervisor) throws {
+    /// Locks the VMM down once it holds everything it needs (/dev/kvm and the VM's descriptors, guest
+    /// memory, disks, TAPs, sockets): no_new_privs, no capabilities, and a seccomp allow-list (any
+    /// ioctl, for KVM; AF_UNIX sockets and connect, for vhost-user reconnects; kill and wait4 only for
+    /// the I/O domain supervisor). No exec from here on, and no open unless `allowingOpen` (API mode).
+    static func lockDown(noSandbox: Bool, supervisor: Int32?, allowingOpen: Bool) throws {
+        if noSandbox {
+            fputs("godwit: WARNING: --no-sandbox: this VMM runs with every privilege it was started with\n", stderr)
+            return
+        }
+        let open = allowingOpen ? ["openat", "open"] : []
+        var rules = Sandbox.rules(allowing: ["connect", "getsockname", "getpeername", "setsockopt"] + open, ioctls: .any)
+        rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_UNIX))]))
+        if let supervisor {
+            rules.append(.allow("kill", when: [.argument(0, equals: UInt64(supervisor))]))
+            rules.append(.allow("wait4", when: [.argument(0, equals: UInt64(supervisor))]))
+        }
+        do { try Sandbox.lockDown(rules: rules) } catch {
+            throw MachineError.setup("cannot lock the VMM down: \(error)")
+        }
+    }
+
+    /// Starts the supervisor of an I/O domain for each `iodomain=` disk and `iodomain` NIC and points
+    /// the devices at their sockets (in a directory of this VMM's, removed when the supervisor ends).
+    func startIODomains(_ config: inout MachineConfig) throws -> SupervisorProcess? {
         let disks = config.disks.indices.filter { config.disks[$0].inIODomain }
         let nets = config.nets.indices.filter { config.nets[$0].inIODomain }
-        guard !disks.isEmpty || !nets.isEmpty else { return }
+        guard !disks.isEmpty || !nets.isEmpty else { return nil }
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-vm-\(getpid())")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        atexit { try? FileManager.default.removeItem(atPath: FileManager.default.temporaryDirectory.appendingPathComponent("godwit-vm-\(getpid())").path) }
+        var specs: [SuperviseCommand.DomainSpec] = []
+        var descriptors: [FileDescriptor] = []
         for (n, i) in disks.enumerated() {
             let disk = config.disks[i]
             let socket = directory.appendingPathComponent("disk\(n).sock").path
             var arguments = ["iodomain", "--blk", disk.path, "--device", "socket=\(socket)" + (disk.readOnly ? ",readonly" : "")]
             if disk.direct { arguments.append("--direct") }
-            try supervisor.start(.init(name: "disk\(n)", arguments: arguments, sockets: [socket], namespaces: !iodomainNoNamespaces))
+            specs.append(.init(name: "disk\(n)", arguments: arguments, descriptors: [], sockets: [socket], namespaces: !iodomainNoNamespaces))
             config.disks[i] = DiskConfig(path: disk.path, readOnly: disk.readOnly, socket: socket)
         }
         for (n, i) in nets.enumerated() {
@@ -139,11 +163,20 @@ struct VMCommand: ParsableCommand {
                 throw MachineError.setup("TAP \(net.tap ?? "(auto)"): \(error)")
             }
             let mac = net.mac ?? MACAddress.generated(seed: tap.name)
-            try supervisor.start(.init(name: "net\(n)", arguments: ["iodomain", "--net", "tap-fd=3,socket=\(socket),mac=\(mac)"],
-                                       descriptors: [tap.descriptor], sockets: [socket], namespaces: !iodomainNoNamespaces))
+            // The TAP is the supervisor's descriptor 3 + k; it hands it to the domain as its 3.
+            let inherited = Int32(3 + descriptors.count)
+            descriptors.append(tap.descriptor)
+            specs.append(.init(name: "net\(n)", arguments: ["iodomain", "--net", "tap-fd=3,socket=\(socket),mac=\(mac)"],
+                               descriptors: [inherited], sockets: [socket], namespaces: !iodomainNoNamespaces))
             config.nets[i] = NetConfig(tap: tap.name, mac: mac, socket: socket)
             openTaps.append(tap)
         }
+        let encoder = JSONEncoder()
+        var arguments = ["supervise", "--directory", directory.path]
+        for spec in specs { arguments += ["--domain", String(decoding: try encoder.encode(spec), as: UTF8.self)] }
+        let supervisor = try SupervisorProcess(arguments: arguments, descriptors: descriptors)
+        try supervisor.waitForSockets(specs.flatMap(\.sockets))
+        return supervisor
     }
 
     /// API and config-file mode: one `VMMService` that both drive.
@@ -153,6 +186,9 @@ struct VMCommand: ParsableCommand {
         }
         let (output, input) = try serialDescriptors()
         let service = VMMService(serialOutput: output, serialInput: input, kvmPath: kvmDevice, queueNotification: mode)
+        // The API may still swap drive files after boot (PATCH /drives), so this lock-down keeps open.
+        let noSandbox = self.noSandbox
+        service.lockDownAfterStart = { try VMCommand.lockDown(noSandbox: noSandbox, supervisor: nil, allowingOpen: true) }
         let done = DispatchSemaphore(value: 0)
         let exitBox = ExitBox()
         service.onGuestExit = { exit in
@@ -231,6 +267,52 @@ func parseSize(_ text: String) throws -> UInt64 {
     let (bytes, overflow) = value.multipliedReportingOverflow(by: multiplier)
     guard !overflow else { throw ValidationError("memory size '\(text)' is too large") }
     return bytes
+}
+
+/// The `godwit supervise` process that runs a VMM's I/O domains.
+final class SupervisorProcess {
+    let pid: Int32
+    private var reaped = false
+
+    init(arguments: [String], descriptors: [FileDescriptor]) throws {
+        let executable = IODomainSupervisor.ownExecutable()
+        var environment = ProcessInfo.processInfo.environment
+        environment["GODWIT_PARENT_PID"] = String(getpid())
+        environment.removeValue(forKey: Sandbox.namespacesVariable)
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            for p in argv { free(p) }
+            for p in envp { free(p) }
+        }
+        let keep = descriptors.map(\.rawValue)
+        let pid = keep.withUnsafeBufferPointer { godwit_spawn(executable, argv, envp, $0.baseAddress, Int32(keep.count)) }
+        guard pid > 0 else { throw MachineError.setup("cannot start the I/O domain supervisor: \(String(cString: strerror(-pid)))") }
+        self.pid = pid
+    }
+
+    /// Waits until every socket exists; throws when the supervisor gave up (it printed why).
+    func waitForSockets(_ sockets: [String], timeout: Double = 20) throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while !sockets.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                reaped = true
+                throw MachineError.setup("the I/O domains did not start")
+            }
+            if Date() > deadline { throw MachineError.setup("the I/O domains did not start within \(Int(timeout)) s") }
+            usleep(5000)
+        }
+    }
+
+    /// Ends the supervisor and its domains, and waits for it.
+    func stop() {
+        guard !reaped else { return }
+        kill(pid, SIGTERM)
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        reaped = true
+    }
 }
 
 /// TAPs the VMM opened for I/O domains: kept open (a `tap=auto` TAP lives as long as a descriptor does).

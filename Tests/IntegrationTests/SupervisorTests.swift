@@ -36,7 +36,7 @@ struct SupervisorTests {
             // The domain (with namespaces: the waiting parent; its child dies with it).
             var domain: Int32?
             for _ in 0..<200 {
-                domain = Self.children(of: vm.pid).first { !killed.contains($0) }
+                domain = Self.children(of: vm.pid).flatMap { Self.children(of: $0) }.first { !killed.contains($0) }
                 if domain != nil { break }
                 usleep(10_000)
             }
@@ -72,8 +72,15 @@ struct SupervisorTests {
             "vm", "--kernel", TestEnvironment.guestPath, "--disk", "iodomain=\(image)",
             "--cmdline", "godwit.job=blk-verify,size=1048576 godwit.job=idle,seconds=30"])
         #expect(vm.waitForOutput(timeout: 30) { $0.contains("job=blk-verify") })
-        let waiter = try #require(Self.children(of: vm.pid).first)
+        // The VMM's child is the supervisor (it restarts domains, so that the locked-down VMM never
+        // execs); its child the domain, whose child is the namespaced server.
+        let supervisor = try #require(Self.children(of: vm.pid).first)
+        let waiter = try #require(Self.children(of: supervisor).first)
         let server = try #require(Self.children(of: waiter).first, "the namespaced domain")
+        let vmm = try String(contentsOfFile: "/proc/\(vm.pid)/status", encoding: .utf8)
+        #expect(vmm.contains("Seccomp:\t2"), "the VMM locks itself down too")
+        #expect(vmm.contains("NoNewPrivs:\t1"))
+        #expect(vmm.contains("CapEff:\t0000000000000000"))
         let status = try String(contentsOfFile: "/proc/\(server)/status", encoding: .utf8)
         #expect(status.contains("Seccomp:\t2"))
         #expect(status.contains("NoNewPrivs:\t1"))
@@ -84,7 +91,7 @@ struct SupervisorTests {
         _ = vm.wait(timeout: 10)
         var gone = false
         for _ in 0..<200 where !gone {
-            gone = kill(waiter, 0) != 0 && kill(server, 0) != 0
+            gone = kill(supervisor, 0) != 0 && kill(waiter, 0) != 0 && kill(server, 0) != 0
             usleep(10_000)
         }
         #expect(gone, "the I/O domain outlived its VMM")
@@ -115,7 +122,7 @@ struct NetIODomainTests {
         #expect(first["received"] as? Int == 2000, "\(first)")
         #expect(first["mismatched"] as? Int == 0, "\(first)")
         // Kill the domain: the supervisor restarts it with the same TAP, the VMM reconnects.
-        let domain = try #require(SupervisorTests.children(of: vm.pid).first)
+        let domain = try #require(SupervisorTests.children(of: vm.pid).flatMap { SupervisorTests.children(of: $0) }.first)
         kill(domain, SIGKILL)
         usleep(500_000)
         var back = false
