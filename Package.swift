@@ -21,21 +21,22 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .target(name: "Virtio", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .target(name: "VhostUser", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "Virtio"], swiftSettings: swift5),
+        .target(name: "IODomain", dependencies: ["CGodwit", "GodwitSystem", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "VMM", dependencies: ["API", "Machine", "Virtio", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
-            dependencies: ["Machine", "Virtio", "VhostUser", "API", "VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swift5),
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
             name: "UnitTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "Machine", "API", "VMM", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "GodwitTestSupport"],
             swiftSettings: swift5),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["GodwitSystem", "KVM", "Machine", "API", "VMM", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "GodwitTestSupport"],
             swiftSettings: swift5),
     ]
 )

@@ -162,6 +162,8 @@ int godwit_tap_adopt(int fd, char *actual_name) {
 }
 
 const unsigned long GODWIT_TUNSETOFFLOAD = TUNSETOFFLOAD;
+const unsigned long GODWIT_TUNGETIFF = TUNGETIFF;
+const unsigned long GODWIT_TUNSETVNETHDRSZ = TUNSETVNETHDRSZ;
 
 int godwit_tap_set_offload(int fd, unsigned int flags) { return ioctl(fd, TUNSETOFFLOAD, flags); }
 int godwit_tap_set_vnet_header_size(int fd, int size) { return ioctl(fd, TUNSETVNETHDRSZ, &size); }

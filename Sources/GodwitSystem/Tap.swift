@@ -40,6 +40,9 @@ public final class Tap: @unchecked Sendable {
 
     /// The TUNSETOFFLOAD request number (for a sandbox's ioctl allow-list).
     public static let setOffloadRequest = UInt(GODWIT_TUNSETOFFLOAD)
+    /// TUNGETIFF and TUNSETVNETHDRSZ: adopting a TAP passed in after lock-down.
+    public static let getInterfaceRequest = UInt(GODWIT_TUNGETIFF)
+    public static let setVnetHeaderSizeRequest = UInt(GODWIT_TUNSETVNETHDRSZ)
 
     /// Tells the kernel which offloads the guest can take on received frames (TUN_F_* flags).
     public func setOffload(_ flags: UInt32) throws(SystemError) {

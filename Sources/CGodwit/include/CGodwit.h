@@ -52,6 +52,8 @@ int godwit_tap_open(const char *name, char *actual_name);
 /// non-blocking and close-on-exec, and writes its name to `actual_name`. Returns fd, or -1 with errno.
 int godwit_tap_adopt(int fd, char *actual_name);
 extern const unsigned long GODWIT_TUNSETOFFLOAD;
+extern const unsigned long GODWIT_TUNGETIFF;
+extern const unsigned long GODWIT_TUNSETVNETHDRSZ;
 /// TUNSETOFFLOAD with TUN_F_* flags.
 int godwit_tap_set_offload(int fd, unsigned int flags);
 /// TUNSETVNETHDRSZ.

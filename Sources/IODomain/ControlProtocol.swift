@@ -1,0 +1,225 @@
+import CGodwit
+import Foundation
+import GodwitSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One request on an I/O domain's control socket (JSON), with the descriptors it carries.
+///
+/// The domain is sandboxed: it cannot create socket files or open devices, so a request that adds a
+/// VM device brings what the device needs, made by the caller: a listening vhost-user socket (and for a
+/// NIC, the TAP) passed with SCM_RIGHTS.
+public struct ControlRequest: Codable, Equatable, Sendable {
+    public enum Operation: String, Codable, Sendable {
+        /// Lists the VM devices.
+        case list
+        /// A block device on a slice of the domain's `--blk`: descriptors [listening socket].
+        case addBlock = "add-blk"
+        /// A NIC: descriptors [listening socket, TAP].
+        case addNet = "add-net"
+        /// Stops serving the device on `socket` (the caller removes the socket file).
+        case remove
+    }
+
+    public var op: Operation
+    /// The vhost-user socket path: the device's name.
+    public var socket: String?
+    public var offset: UInt64?
+    public var size: UInt64?
+    public var readonly: Bool?
+    public var mac: String?
+
+    public init(op: Operation, socket: String? = nil, offset: UInt64? = nil, size: UInt64? = nil, readonly: Bool? = nil, mac: String? = nil) {
+        self.op = op
+        self.socket = socket
+        self.offset = offset
+        self.size = size
+        self.readonly = readonly
+        self.mac = mac
+    }
+}
+
+/// One VM device as `list` reports it.
+public struct ControlDevice: Codable, Equatable, Sendable {
+    public var socket: String
+    /// "blk" or "net".
+    public var kind: String
+    public var offset: UInt64?
+    public var size: UInt64?
+    public var readonly: Bool?
+    public var mac: String?
+    /// Connections being served (0 or 1 per VMM attached).
+    public var connections: Int
+    /// Connections that ended, with their errors (the last few).
+    public var closedWithError: Int
+}
+
+/// The answer to a `ControlRequest`.
+public struct ControlResponse: Codable, Equatable, Sendable {
+    public var ok: Bool
+    public var error: String?
+    public var devices: [ControlDevice]?
+
+    public init(ok: Bool, error: String? = nil, devices: [ControlDevice]? = nil) {
+        self.ok = ok
+        self.error = error
+        self.devices = devices
+    }
+}
+
+/// Errors of the I/O domain module.
+public enum IODomainError: Error, CustomStringConvertible, Equatable {
+    case badRequest(String)
+    case protocolError(String)
+    case system(String)
+
+    public var description: String {
+        switch self {
+        case let .badRequest(reason): return "bad request: \(reason)"
+        case let .protocolError(reason): return "control protocol: \(reason)"
+        case let .system(reason): return reason
+        }
+    }
+}
+
+/// Framing on the control socket: a 4-byte little-endian length, then that many bytes of JSON; the
+/// descriptors ride on the first segment. At most `maxMessage` bytes and `maxDescriptors` descriptors.
+public enum ControlFraming {
+    public static let maxMessage = 64 * 1024
+    public static let maxDescriptors = 4
+
+    public static func send(_ socket: FileDescriptor, _ body: Data, descriptors: [Int32] = []) throws {
+        guard body.count <= maxMessage, descriptors.count <= maxDescriptors else {
+            throw IODomainError.protocolError("message of \(body.count) bytes with \(descriptors.count) descriptors is too large")
+        }
+        var frame = Data()
+        var length = UInt32(body.count).littleEndian
+        withUnsafeBytes(of: &length) { frame.append(contentsOf: $0) }
+        frame.append(body)
+        var sent = 0
+        while sent < frame.count {
+            let n = frame.withUnsafeBytes { raw -> Int in
+                // In bounds: sent < frame.count.
+                let rest = UnsafeRawBufferPointer(rebasing: raw[sent...])
+                if sent == 0 {
+                    return descriptors.withUnsafeBufferPointer {
+                        godwit_send_fds(socket.rawValue, rest.baseAddress, rest.count, $0.baseAddress, Int32(descriptors.count))
+                    }
+                }
+                return godwit_send_fds(socket.rawValue, rest.baseAddress, rest.count, nil, 0)
+            }
+            if n < 0 {
+                if godwit_errno() == EINTR { continue }
+                throw IODomainError.system("control socket send: \(String(cString: strerror(godwit_errno())))")
+            }
+            sent += n
+        }
+    }
+
+    /// Receives one message; nil at end of stream before a message starts. Descriptors beyond
+    /// `maxDescriptors` are closed and make the message an error.
+    public static func receive(_ socket: FileDescriptor) throws -> (Data, [FileDescriptor])? {
+        var descriptors: [FileDescriptor] = []
+        var header = [UInt8](repeating: 0, count: 4)
+        var got = 0
+        while got < 4 {
+            let n = try receiveSome(socket, into: &header, from: got, collecting: &descriptors)
+            if n == 0 {
+                if got == 0 && descriptors.isEmpty { return nil }
+                throw IODomainError.protocolError("connection closed inside a message header")
+            }
+            got += n
+        }
+        let length = Int(UInt32(header[0]) | UInt32(header[1]) << 8 | UInt32(header[2]) << 16 | UInt32(header[3]) << 24)
+        guard length <= maxMessage else { throw IODomainError.protocolError("message length \(length) is above \(maxMessage)") }
+        var body = [UInt8](repeating: 0, count: length)
+        got = 0
+        while got < length {
+            let n = try receiveSome(socket, into: &body, from: got, collecting: &descriptors)
+            if n == 0 { throw IODomainError.protocolError("connection closed after \(got) of \(length) bytes") }
+            got += n
+        }
+        return (Data(body), descriptors)
+    }
+
+    private static func receiveSome(_ socket: FileDescriptor, into buffer: inout [UInt8], from offset: Int,
+                                    collecting descriptors: inout [FileDescriptor]) throws -> Int {
+        var fds = [Int32](repeating: -1, count: maxDescriptors)
+        var count: Int32 = 0
+        var truncated: Int32 = 0
+        while true {
+            let n = buffer.withUnsafeMutableBytes { raw -> Int in
+                // In bounds: offset < raw.count (callers loop while short).
+                godwit_recv_fds(socket.rawValue, raw.baseAddress! + offset, raw.count - offset, &fds, Int32(maxDescriptors), &count, &truncated)
+            }
+            if n < 0 {
+                if godwit_errno() == EINTR { continue }
+                throw IODomainError.system("control socket receive: \(String(cString: strerror(godwit_errno())))")
+            }
+            for i in 0..<Int(count) { descriptors.append(FileDescriptor(owning: fds[i])) }
+            if truncated != 0 || descriptors.count > maxDescriptors {
+                throw IODomainError.protocolError("more than \(maxDescriptors) descriptors")
+            }
+            return n
+        }
+    }
+}
+
+/// A client of an I/O domain's control socket (`godwit ctl iodomain`, the host agent).
+public final class ControlClient {
+    private let socket: FileDescriptor
+
+    public init(path: String) throws {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IODomainError.system("socket: \(String(cString: strerror(godwit_errno())))") }
+        socket = FileDescriptor(owning: fd)
+        var address = try ControlClient.address(path)
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { throw IODomainError.system("connect \(path): \(String(cString: strerror(godwit_errno())))") }
+    }
+
+    static func address(_ path: String) throws -> sockaddr_un {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path) - 1
+        guard !bytes.isEmpty, bytes.count <= capacity, !bytes.contains(0) else {
+            throw IODomainError.badRequest("socket path '\(path)' is empty, too long (at most \(capacity) bytes) or has a NUL")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            // In bounds: bytes.count <= capacity < raw.count.
+            for (i, byte) in bytes.enumerated() { raw[i] = byte }
+        }
+        return address
+    }
+
+    /// Sends `request` with `descriptors` and returns the answer; throws the domain's error when not ok.
+    @discardableResult
+    public func call(_ request: ControlRequest, descriptors: [FileDescriptor] = []) throws -> ControlResponse {
+        try ControlFraming.send(socket, try JSONEncoder().encode(request), descriptors: descriptors.map(\.rawValue))
+        guard let (body, _) = try ControlFraming.receive(socket) else {
+            throw IODomainError.protocolError("the domain closed the connection without answering")
+        }
+        let response = try JSONDecoder().decode(ControlResponse.self, from: body)
+        if !response.ok { throw IODomainError.badRequest(response.error ?? "refused") }
+        return response
+    }
+
+    /// A listening Unix socket bound at `path`, to hand to the domain (which cannot bind in its sandbox).
+    public static func listeningSocket(path: String) throws -> FileDescriptor {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IODomainError.system("socket: \(String(cString: strerror(godwit_errno())))") }
+        let owned = FileDescriptor(owning: fd)
+        var address = try address(path)
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0, listen(fd, 16) == 0 else {
+            throw IODomainError.system("bind/listen \(path): \(String(cString: strerror(godwit_errno())))")
+        }
+        return owned
+    }
+}

@@ -1,0 +1,196 @@
+import Foundation
+import GodwitSystem
+import VhostUser
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The VM devices one I/O domain serves, by vhost-user socket path: slices of its block device and
+/// NICs on TAPs. Devices are added at start-up (the command line) or at run time (the control socket),
+/// with everything they need already open, so the domain can stay locked down.
+public final class IODomainService: @unchecked Sendable {
+    private struct Entry {
+        var backend: VhostUserBackend
+        var info: ControlDevice
+        var receiver: NetRxWorker?
+    }
+
+    /// The block device slices are cut from (`--blk`), if any.
+    public let block: FileBlockBackend?
+    private let requireSealedMemory: Bool
+    private let lock = Lock()
+    private var entries: [String: Entry] = [:]
+
+    public init(block: FileBlockBackend?, requireSealedMemory: Bool = true) {
+        self.block = block
+        self.requireSealedMemory = requireSealedMemory
+    }
+
+    /// Serves a slice [offset, offset + size) of the block device on `listener` (size nil: to the end).
+    public func addBlock(socket path: String, listener: VhostUserListener, offset: UInt64, size: UInt64?, readOnly: Bool) throws {
+        guard let block else { throw IODomainError.badRequest("this domain has no block device (--blk)") }
+        try checkNew(path)
+        guard offset <= block.capacity else { throw IODomainError.badRequest("offset \(offset) is past the device's \(block.capacity) bytes") }
+        let slice = try SliceBlockBackend(base: block, offset: offset, size: size ?? (block.capacity - offset), readOnly: readOnly)
+        let name = URL(fileURLWithPath: path).lastPathComponent
+        // A fresh device per connection: a reconnecting VMM gets a clean device, other VMs are untouched.
+        let backend = VhostUserBackend(name: name) { BlockDevice(backend: slice, serial: String(name.prefix(20))) }
+        backend.requireSealedMemory = requireSealedMemory
+        try backend.listen(on: listener)
+        insert(path, Entry(backend: backend, info: ControlDevice(socket: path, kind: "blk", offset: offset, size: slice.capacity,
+                                                                  readonly: readOnly, mac: nil, connections: 0, closedWithError: 0)))
+    }
+
+    /// Serves a NIC on `tap` on `listener`: one device, one VMM connection at a time; its receive
+    /// thread reads the TAP only while the guest has buffers.
+    public func addNet(socket path: String, listener: VhostUserListener, tap: Tap, mac: MACAddress?) throws {
+        try checkNew(path)
+        let address = mac ?? MACAddress.generated(seed: tap.name)
+        let device = NetDevice(backend: TapBackend(tap: tap), mac: address)
+        let receiver = try NetRxWorker(device: device)
+        try receiver.start()
+        let backend = VhostUserBackend(name: URL(fileURLWithPath: path).lastPathComponent, device: device)
+        backend.requireSealedMemory = requireSealedMemory
+        do { try backend.listen(on: listener) } catch {
+            receiver.stop()
+            throw error
+        }
+        insert(path, Entry(backend: backend, info: ControlDevice(socket: path, kind: "net", offset: nil, size: nil, readonly: nil,
+                                                                  mac: address.description, connections: 0, closedWithError: 0),
+                           receiver: receiver))
+    }
+
+    private func checkNew(_ path: String) throws {
+        guard !path.isEmpty else { throw IODomainError.badRequest("a device needs its socket path") }
+        if lock.withLock({ entries[path] != nil }) { throw IODomainError.badRequest("a device already serves \(path)") }
+    }
+
+    private func insert(_ path: String, _ entry: Entry) { lock.withLock { entries[path] = entry } }
+
+    /// Stops serving the device on `path`: its connections close (their VMMs see the backend go).
+    public func remove(socket path: String) throws {
+        guard let entry = lock.withLock({ entries.removeValue(forKey: path) }) else {
+            throw IODomainError.badRequest("no device serves \(path)")
+        }
+        entry.backend.stop()
+        entry.receiver?.stop()
+    }
+
+    /// Every device, with its connection counts.
+    public func list() -> [ControlDevice] {
+        lock.withLock {
+            entries.values.map { entry in
+                var info = entry.info
+                info.connections = entry.backend.connectionCount
+                info.closedWithError = entry.backend.closedConnections.filter { $0.error != nil }.count
+                return info
+            }.sorted { $0.socket < $1.socket }
+        }
+    }
+
+    public func stopAll() {
+        let all = lock.withLock { () -> [Entry] in
+            let values = Array(entries.values)
+            entries = [:]
+            return values
+        }
+        for entry in all {
+            entry.backend.stop()
+            entry.receiver?.stop()
+        }
+    }
+
+    /// Carries out one control request; never throws (errors become the response).
+    public func handle(_ request: ControlRequest, descriptors: [FileDescriptor]) -> ControlResponse {
+        do {
+            switch request.op {
+            case .list:
+                guard descriptors.isEmpty else { throw IODomainError.badRequest("list takes no descriptors") }
+            case .addBlock:
+                guard descriptors.count == 1 else { throw IODomainError.badRequest("add-blk takes one descriptor (the listening socket), got \(descriptors.count)") }
+                let path = request.socket ?? ""
+                try addBlock(socket: path, listener: try listener(descriptors[0], path), offset: request.offset ?? 0,
+                             size: request.size, readOnly: request.readonly ?? false)
+            case .addNet:
+                guard descriptors.count == 2 else { throw IODomainError.badRequest("add-net takes two descriptors (the listening socket, the TAP), got \(descriptors.count)") }
+                var mac: MACAddress?
+                if let text = request.mac {
+                    guard let parsed = MACAddress(text) else { throw IODomainError.badRequest("mac '\(text)' is not a unicast MAC address") }
+                    mac = parsed
+                }
+                let path = request.socket ?? ""
+                let tap: Tap
+                do { tap = try Tap(adopting: descriptors[1]) } catch { throw IODomainError.badRequest("the second descriptor is not a usable TAP: \(error)") }
+                try addNet(socket: path, listener: try listener(descriptors[0], path), tap: tap, mac: mac)
+            case .remove:
+                guard descriptors.isEmpty else { throw IODomainError.badRequest("remove takes no descriptors") }
+                try remove(socket: request.socket ?? "")
+            }
+            return ControlResponse(ok: true, devices: list())
+        } catch {
+            return ControlResponse(ok: false, error: "\(error)")
+        }
+    }
+
+    /// A passed descriptor that must be a listening stream Unix socket.
+    private func listener(_ fd: FileDescriptor, _ path: String) throws -> VhostUserListener {
+        var listening: Int32 = 0, type: Int32 = 0, domain: Int32 = 0
+        var size = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd.rawValue, SOL_SOCKET, SO_ACCEPTCONN, &listening, &size) == 0, listening == 1,
+              getsockopt(fd.rawValue, SOL_SOCKET, SO_TYPE, &type, &size) == 0, type == Int32(SOCK_STREAM.rawValue),
+              getsockopt(fd.rawValue, SOL_SOCKET, SO_DOMAIN, &domain, &size) == 0, domain == AF_UNIX else {
+            throw IODomainError.badRequest("the first descriptor is not a listening Unix stream socket")
+        }
+        return VhostUserListener(listening: fd, path: path)
+    }
+}
+
+/// Serves an I/O domain's control socket: one thread per connection, one request and one answer at
+/// a time (see `ControlRequest`). Created before the domain locks down; accepts afterwards.
+public final class ControlServer: @unchecked Sendable {
+    private let service: IODomainService
+    private let listener: VhostUserListener
+    private let log: (String) -> Void
+
+    public init(path: String, service: IODomainService, log: @escaping (String) -> Void) throws {
+        self.service = service
+        self.log = log
+        listener = try VhostUserListener(path: path)
+    }
+
+    /// Starts the accept thread.
+    public func start() {
+        Thread.detachNewThread { [self] in
+            while true {
+                let channel: VhostUserChannel?
+                do { channel = try listener.accept() } catch {
+                    log("control socket: accept failed: \(error)")
+                    usleep(100_000)
+                    continue
+                }
+                guard let channel else { continue }
+                Thread.detachNewThread { [self] in serve(channel.socket) }
+            }
+        }
+    }
+
+    private func serve(_ socket: FileDescriptor) {
+        while true {
+            do {
+                guard let (body, descriptors) = try ControlFraming.receive(socket) else { return }
+                let response: ControlResponse
+                if let request = try? JSONDecoder().decode(ControlRequest.self, from: body) {
+                    response = service.handle(request, descriptors: descriptors)
+                    log("control: \(request.op.rawValue) \(request.socket ?? ""): \(response.ok ? "ok" : response.error ?? "refused")")
+                } else {
+                    response = ControlResponse(ok: false, error: "the request is not a JSON control request")
+                }
+                try ControlFraming.send(socket, try JSONEncoder().encode(response))
+            } catch {
+                log("control socket: connection closed: \(error)")
+                return
+            }
+        }
+    }
+}
