@@ -15,7 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
-        .target(name: "CGodwit", linkerSettings: [.linkedLibrary("seccomp")]),
+        .target(name: "CGodwit", linkerSettings: [.linkedLibrary("seccomp"), .linkedLibrary("crypto")]),
         .target(name: "GodwitSystem", dependencies: ["CGodwit"], swiftSettings: swift5),
         .target(name: "GuestMemory", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "KVM", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory"], swiftSettings: swift5),
@@ -24,19 +24,20 @@ let package = Package(
         .target(name: "IODomain", dependencies: ["CGodwit", "GodwitSystem", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
+        .target(name: "Migration", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "VMM", dependencies: ["API", "Machine", "Virtio", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
-            dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swift5),
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
             name: "UnitTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "GodwitTestSupport"],
             swiftSettings: swift5),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "GodwitTestSupport"],
             swiftSettings: swift5),
     ]
 )

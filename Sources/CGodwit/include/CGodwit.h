@@ -199,4 +199,26 @@ int godwit_seccomp_resolve(const char *name);
 /// in the child; every other descriptor above 2 is closed. Returns the pid, or -errno.
 int godwit_spawn(const char *path, char *const argv[], char *const envp[], const int *keep, int count);
 
+// MARK: - HMAC-SHA256
+
+// OpenSSL's libcrypto (crypto.c), for the authenticated migration stream.
+#define GODWIT_HMAC_SHA256_LENGTH 32
+/// An HMAC-SHA256 computation keyed once (an EVP_MAC_CTX behind an opaque type).
+typedef struct godwit_hmac godwit_hmac;
+/// A context keyed with `key` and ready for `godwit_hmac_update`, or NULL on failure.
+godwit_hmac *godwit_hmac_new(const void *key, size_t key_length);
+/// Restarts the computation with the same key (after `godwit_hmac_final`). 0, or -1 on failure.
+int godwit_hmac_init(godwit_hmac *hmac);
+/// Adds `length` bytes to the message. 0, or -1 on failure.
+int godwit_hmac_update(godwit_hmac *hmac, const void *data, size_t length);
+/// Writes the 32-byte tag to `out`. 0, or -1 on failure.
+int godwit_hmac_final(godwit_hmac *hmac, uint8_t *out);
+void godwit_hmac_free(godwit_hmac *hmac);
+/// One-shot HMAC-SHA256 of `data` under `key` into `out` (32 bytes). 0, or -1 on failure.
+int godwit_hmac_sha256(const void *key, size_t key_length, const void *data, size_t length, uint8_t *out);
+/// 1 when the `length` bytes at `a` and `b` are equal, else 0, in time independent of the contents.
+int godwit_constant_time_equal(const void *a, const void *b, size_t length);
+/// Fills `out` with `length` cryptographically random bytes (RAND_bytes). 0, or -1 on failure.
+int godwit_random_bytes(void *out, size_t length);
+
 #endif
