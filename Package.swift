@@ -25,7 +25,7 @@ let package = Package(
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "Migration", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
-        .target(name: "VMM", dependencies: ["API", "Machine", "Virtio", "GodwitSystem"], swiftSettings: swift5),
+        .target(name: "VMM", dependencies: ["API", "Machine", "Migration", "Virtio", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
             dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", .product(name: "ArgumentParser", package: "swift-argument-parser")],

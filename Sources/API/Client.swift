@@ -192,6 +192,11 @@ public final class APIClient: @unchecked Sendable {
     /// `PATCH /vm`
     public func setVMState(_ state: VM.State) throws { try call("PATCH", "/vm", VM(state: state)) }
     public func pause() throws { try setVMState(.paused) }
+    public func createSnapshot(_ value: SnapshotCreateParams) throws { try call("PUT", "/snapshot/create", value) }
+    public func loadSnapshot(_ value: SnapshotLoadParams) throws { try call("PUT", "/snapshot/load", value) }
+    public func receiveMigration(_ value: MigrationReceiveParams) throws { try call("PUT", "/migration/receive", value) }
+    public func sendMigration(_ value: MigrationSendParams) throws { try call("PUT", "/migration/send", value) }
+    public func migrationStatus() throws -> MigrationStatus { try get("/migration") }
     public func resume() throws { try setVMState(.resumed) }
 
     /// `GET /metrics` (Godwit): Prometheus text.

@@ -761,3 +761,228 @@ public struct FullVmConfiguration: Codable, Equatable, Sendable {
         if let metrics { try within("metrics") { try metrics.validate() } }
     }
 }
+
+// MARK: - Snapshots (Firecracker's fields)
+
+/// `PUT /snapshot/create`: saves a paused VM's state and memory to two files.
+public struct SnapshotCreateParams: Codable, Equatable, Sendable {
+    public enum SnapshotType: String, Codable, CaseIterable, Sendable {
+        case full = "Full", diff = "Diff"
+        public init(from decoder: Decoder) throws { self = try decoder.decodeEnum(SnapshotType.self) }
+    }
+
+    public var snapshotType: SnapshotType?
+    public var snapshotPath: String
+    public var memFilePath: String
+
+    public init(snapshotPath: String, memFilePath: String, snapshotType: SnapshotType? = nil) {
+        self.snapshotPath = snapshotPath
+        self.memFilePath = memFilePath
+        self.snapshotType = snapshotType
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case snapshotType = "snapshot_type", snapshotPath = "snapshot_path", memFilePath = "mem_file_path"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.strictContainer(CodingKeys.self)
+        snapshotType = try c.decodeIfPresent(SnapshotType.self, forKey: .snapshotType)
+        snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
+        memFilePath = try c.decode(String.self, forKey: .memFilePath)
+    }
+
+    public func validate() throws {
+        try Check.path("snapshot_path", snapshotPath)
+        try Check.path("mem_file_path", memFilePath)
+        if snapshotType == .diff { throw APIError.badRequest("snapshot_type Diff is not supported; use Full") }
+    }
+}
+
+/// `PUT /snapshot/load`: builds the VM of a snapshot in a fresh VMM.
+public struct SnapshotLoadParams: Codable, Equatable, Sendable {
+    /// Where guest memory comes from (`File` only).
+    public struct MemoryBackend: Codable, Equatable, Sendable {
+        public var backendType: String
+        public var backendPath: String
+
+        public init(backendType: String = "File", backendPath: String) {
+            self.backendType = backendType
+            self.backendPath = backendPath
+        }
+
+        enum CodingKeys: String, CodingKey, CaseIterable { case backendType = "backend_type", backendPath = "backend_path" }
+
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.strictContainer(CodingKeys.self)
+            backendType = try c.decode(String.self, forKey: .backendType)
+            backendPath = try c.decode(String.self, forKey: .backendPath)
+        }
+    }
+
+    public var snapshotPath: String
+    public var memFilePath: String?
+    public var memBackend: MemoryBackend?
+    public var enableDiffSnapshots: Bool?
+    public var resumeVm: Bool?
+
+    public init(snapshotPath: String, memFilePath: String? = nil, memBackend: MemoryBackend? = nil, resumeVm: Bool? = nil) {
+        self.snapshotPath = snapshotPath
+        self.memFilePath = memFilePath
+        self.memBackend = memBackend
+        self.resumeVm = resumeVm
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case snapshotPath = "snapshot_path", memFilePath = "mem_file_path", memBackend = "mem_backend"
+        case enableDiffSnapshots = "enable_diff_snapshots", resumeVm = "resume_vm"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.strictContainer(CodingKeys.self)
+        snapshotPath = try c.decode(String.self, forKey: .snapshotPath)
+        memFilePath = try c.decodeIfPresent(String.self, forKey: .memFilePath)
+        memBackend = try c.decodeIfPresent(MemoryBackend.self, forKey: .memBackend)
+        enableDiffSnapshots = try c.decodeIfPresent(Bool.self, forKey: .enableDiffSnapshots)
+        resumeVm = try c.decodeIfPresent(Bool.self, forKey: .resumeVm)
+    }
+
+    /// The memory file, from either field.
+    public var memoryPath: String? { memBackend?.backendPath ?? memFilePath }
+
+    public func validate() throws {
+        try Check.path("snapshot_path", snapshotPath)
+        switch (memFilePath, memBackend) {
+        case (nil, nil): throw APIError.badRequest("one of mem_file_path and mem_backend is required")
+        case (.some, .some): throw APIError.badRequest("mem_file_path and mem_backend are mutually exclusive")
+        case let (.some(path), nil): try Check.path("mem_file_path", path)
+        case let (nil, .some(backend)):
+            guard backend.backendType == "File" else {
+                throw APIError.badRequest("mem_backend.backend_type \(jsonQuoted(backend.backendType)) is not supported; use File")
+            }
+            try Check.path("mem_backend.backend_path", backend.backendPath)
+        }
+        if enableDiffSnapshots == true { throw APIError.badRequest("enable_diff_snapshots is not supported") }
+    }
+}
+
+// MARK: - Live migration (Godwit; parameter names as Cloud Hypervisor's)
+
+/// `PUT /migration/receive`: this VMM (configured, not started) waits for a migration.
+public struct MigrationReceiveParams: Codable, Equatable, Sendable {
+    /// `tcp:ADDRESS:PORT` to listen on.
+    public var receiverUrl: String
+    /// The shared key (hex, 16 to 64 bytes) or a file holding it; without either, the VMM's `--migration-key-file`.
+    public var key: String?
+
+    public init(receiverUrl: String, key: String? = nil) {
+        self.receiverUrl = receiverUrl
+        self.key = key
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case receiverUrl = "receiver_url", key }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.strictContainer(CodingKeys.self)
+        receiverUrl = try c.decode(String.self, forKey: .receiverUrl)
+        key = try c.decodeIfPresent(String.self, forKey: .key)
+    }
+
+    public func validate() throws { _ = try MigrationURL(receiverUrl, field: "receiver_url") }
+}
+
+/// `PUT /migration/send`: migrates the running VM to a VMM waiting in `/migration/receive`.
+public struct MigrationSendParams: Codable, Equatable, Sendable {
+    public static let downtimeRange = 1...60_000
+    public static let timeoutRange = 1...86_400
+
+    /// `tcp:HOST:PORT` of the target.
+    public var destinationUrl: String
+    /// The longest the guest may be stopped, in milliseconds (default 300).
+    public var downtimeMs: Int?
+    /// Give up (and keep running here) after this many seconds (default 300).
+    public var timeoutS: Int?
+    /// The stream's bandwidth cap in megabits per second (default: none).
+    public var maxBandwidthMbps: Int?
+    public var key: String?
+
+    public init(destinationUrl: String, downtimeMs: Int? = nil, timeoutS: Int? = nil, maxBandwidthMbps: Int? = nil, key: String? = nil) {
+        self.destinationUrl = destinationUrl
+        self.downtimeMs = downtimeMs
+        self.timeoutS = timeoutS
+        self.maxBandwidthMbps = maxBandwidthMbps
+        self.key = key
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case destinationUrl = "destination_url", downtimeMs = "downtime_ms", timeoutS = "timeout_s"
+        case maxBandwidthMbps = "max_bandwidth_mbps", key
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.strictContainer(CodingKeys.self)
+        destinationUrl = try c.decode(String.self, forKey: .destinationUrl)
+        downtimeMs = try c.decodeIntegerIfPresent(Int.self, forKey: .downtimeMs)
+        timeoutS = try c.decodeIntegerIfPresent(Int.self, forKey: .timeoutS)
+        maxBandwidthMbps = try c.decodeIntegerIfPresent(Int.self, forKey: .maxBandwidthMbps)
+        key = try c.decodeIfPresent(String.self, forKey: .key)
+    }
+
+    public func validate() throws {
+        _ = try MigrationURL(destinationUrl, field: "destination_url")
+        if let downtimeMs { try Check.range("downtime_ms", downtimeMs, MigrationSendParams.downtimeRange) }
+        if let timeoutS { try Check.range("timeout_s", timeoutS, MigrationSendParams.timeoutRange) }
+        if let maxBandwidthMbps { try Check.range("max_bandwidth_mbps", maxBandwidthMbps, 1...1_000_000) }
+    }
+}
+
+/// A migration endpoint, `tcp:HOST:PORT`.
+public struct MigrationURL: Equatable, Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: UInt16
+
+    public init(_ text: String, field: String = "url") throws {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 3, parts[0] == "tcp", !parts[1].isEmpty, parts[1].utf8.count <= 253,
+              parts[1].allSatisfy({ $0.isLetter || $0.isNumber || $0 == "." || $0 == "-" }),
+              let port = UInt16(parts[2]), port > 0 else {
+            throw APIError.badRequest("\(field) \(jsonQuoted(text)) is not tcp:HOST:PORT (an IPv4 address or host name, and a port 1-65535)")
+        }
+        host = parts[1]
+        self.port = port
+    }
+
+    public var description: String { "tcp:\(host):\(port)" }
+}
+
+/// `GET /migration`: where a migration stands.
+public struct MigrationStatus: Codable, Equatable, Sendable {
+    /// none, listening, receiving, sending, completed, cancelled, failed
+    public var state: String
+    public var pass: Int
+    public var dirtyPages: Int
+    public var bytesSent: UInt64
+    public var rateMbps: Double
+    public var expectedDowntimeMs: Double
+    public var downtimeMs: Double?
+    public var totalMs: Double?
+    public var error: String?
+
+    public init(state: String, pass: Int = 0, dirtyPages: Int = 0, bytesSent: UInt64 = 0, rateMbps: Double = 0,
+                expectedDowntimeMs: Double = 0, downtimeMs: Double? = nil, totalMs: Double? = nil, error: String? = nil) {
+        self.state = state
+        self.pass = pass
+        self.dirtyPages = dirtyPages
+        self.bytesSent = bytesSent
+        self.rateMbps = rateMbps
+        self.expectedDowntimeMs = expectedDowntimeMs
+        self.downtimeMs = downtimeMs
+        self.totalMs = totalMs
+        self.error = error
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case state, pass, dirtyPages = "dirty_pages", bytesSent = "bytes_sent", rateMbps = "rate_mbps"
+        case expectedDowntimeMs = "expected_downtime_ms", downtimeMs = "downtime_ms", totalMs = "total_ms", error
+    }
+}

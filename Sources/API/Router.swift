@@ -48,6 +48,16 @@ public protocol VMMController: AnyObject {
     func subscribeEvents(since: UInt64?) throws -> EventSubscription
     /// `GET /metrics` (Godwit): the Prometheus text exposition format, version 0.0.4.
     func prometheusMetrics() throws -> String
+    /// `PUT /snapshot/create` (paused VM)
+    func createSnapshot(_ params: SnapshotCreateParams) throws
+    /// `PUT /snapshot/load` (fresh VMM)
+    func loadSnapshot(_ params: SnapshotLoadParams) throws
+    /// `PUT /migration/receive` (Godwit): configured, not started; returns once listening.
+    func receiveMigration(_ params: MigrationReceiveParams) throws
+    /// `PUT /migration/send` (Godwit): starts the migration; progress in `GET /migration` and events.
+    func sendMigration(_ params: MigrationSendParams) throws
+    /// `GET /migration` (Godwit)
+    func migrationStatus() throws -> MigrationStatus
 }
 
 /// One (method, path template) the router serves.
@@ -59,8 +69,9 @@ public struct APIRoute: Hashable, Sendable, CustomStringConvertible {
         case getMachineConfiguration, putMachineConfiguration, patchMachineConfiguration
         case putMetrics, putGuestNetworkInterfaceByID, patchGuestNetworkInterfaceByID
         case getFirecrackerVersion, patchVm, getExportVmConfig
+        case createSnapshot, loadSnapshot
         // Godwit extensions
-        case getEvents, getPrometheusMetrics
+        case getEvents, getPrometheusMetrics, receiveMigration, sendMigration, getMigration
     }
 
     public let method: String
@@ -99,6 +110,11 @@ public enum APIRoutes {
         APIRoute("GET", "/vm/config", .getExportVmConfig),
         APIRoute("GET", "/events", .getEvents, extension: true),
         APIRoute("GET", "/metrics", .getPrometheusMetrics, extension: true),
+        APIRoute("PUT", "/snapshot/create", .createSnapshot),
+        APIRoute("PUT", "/snapshot/load", .loadSnapshot),
+        APIRoute("PUT", "/migration/receive", .receiveMigration, extension: true),
+        APIRoute("PUT", "/migration/send", .sendMigration, extension: true),
+        APIRoute("GET", "/migration", .getMigration, extension: true),
     ]
 
     /// The route for `method` and `segments` (the decoded path segments) and its path parameters;
@@ -315,6 +331,24 @@ public final class APIRouter: HTTPHandler, @unchecked Sendable {
             }
             let subscription = try serialized { try c.subscribeEvents(since: since) }
             return .streaming(contentType: APIRouter.eventsContentType, EventLineStream(subscription))
+        case .createSnapshot:
+            let value = try body(SnapshotCreateParams.self)
+            try value.validate()
+            try serialized { try c.createSnapshot(value) }
+        case .loadSnapshot:
+            let value = try body(SnapshotLoadParams.self)
+            try value.validate()
+            try serialized { try c.loadSnapshot(value) }
+        case .receiveMigration:
+            let value = try body(MigrationReceiveParams.self)
+            try value.validate()
+            try serialized { try c.receiveMigration(value) }
+        case .sendMigration:
+            let value = try body(MigrationSendParams.self)
+            try value.validate()
+            try serialized { try c.sendMigration(value) }
+        case .getMigration:
+            return .json(try serialized { try c.migrationStatus() })
         case .getPrometheusMetrics:
             var text = try serialized { try c.prometheusMetrics() }
             if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }

@@ -40,6 +40,16 @@ void godwit_set_thread_name(const char *name) {
     pthread_setname_np(pthread_self(), buf);
 }
 void godwit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+uint16_t godwit_load16(const void *address) { return __atomic_load_n((const uint16_t *)address, __ATOMIC_RELAXED); }
+uint32_t godwit_load32(const void *address) { return __atomic_load_n((const uint32_t *)address, __ATOMIC_RELAXED); }
+uint64_t godwit_load64(const void *address) { return __atomic_load_n((const uint64_t *)address, __ATOMIC_RELAXED); }
+void godwit_store16(void *address, uint16_t value) { __atomic_store_n((uint16_t *)address, value, __ATOMIC_RELAXED); }
+void godwit_store32(void *address, uint32_t value) { __atomic_store_n((uint32_t *)address, value, __ATOMIC_RELAXED); }
+void godwit_store64(void *address, uint64_t value) { __atomic_store_n((uint64_t *)address, value, __ATOMIC_RELAXED); }
+void godwit_atomic_or64(uint64_t *address, uint64_t bits) { __atomic_fetch_or(address, bits, __ATOMIC_RELAXED); }
+uint64_t godwit_atomic_exchange64(uint64_t *address, uint64_t value) { return __atomic_exchange_n(address, value, __ATOMIC_ACQ_REL); }
+int godwit_atomic_load_int(const int *address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
+void godwit_atomic_store_int(int *address, int value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
 void godwit_atomic_or8(uint8_t *address, uint8_t bits) { __atomic_fetch_or(address, bits, __ATOMIC_SEQ_CST); }
 
 int godwit_set_nonblocking(int fd, int on) {
@@ -89,6 +99,18 @@ const unsigned long GODWIT_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
 const unsigned long GODWIT_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
 const unsigned long GODWIT_KVM_GET_LAPIC = KVM_GET_LAPIC;
 const unsigned long GODWIT_KVM_SET_LAPIC = KVM_SET_LAPIC;
+const unsigned long GODWIT_KVM_GET_XSAVE = KVM_GET_XSAVE;
+const unsigned long GODWIT_KVM_SET_XSAVE = KVM_SET_XSAVE;
+const unsigned long GODWIT_KVM_GET_XCRS = KVM_GET_XCRS;
+const unsigned long GODWIT_KVM_SET_XCRS = KVM_SET_XCRS;
+const unsigned long GODWIT_KVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+const unsigned long GODWIT_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+const unsigned long GODWIT_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+const unsigned long GODWIT_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+const unsigned long GODWIT_KVM_GET_PIT2 = KVM_GET_PIT2;
+const unsigned long GODWIT_KVM_SET_PIT2 = KVM_SET_PIT2;
+const unsigned long GODWIT_KVM_KVMCLOCK_CTRL = KVM_KVMCLOCK_CTRL;
+const unsigned long GODWIT_KVM_CLEAR_DIRTY_LOG = KVM_CLEAR_DIRTY_LOG;
 const unsigned long GODWIT_KVM_GET_FPU = KVM_GET_FPU;
 const unsigned long GODWIT_KVM_SET_FPU = KVM_SET_FPU;
 const unsigned long GODWIT_KVM_GET_CLOCK = KVM_GET_CLOCK;

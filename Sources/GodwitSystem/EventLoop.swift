@@ -20,6 +20,11 @@ public final class EventLoop: @unchecked Sendable {
     private var nextToken: UInt64 = 1
     private var stopping = false
     private static let wakeToken: UInt64 = 0
+    /// `suspend()` in effect, and whether the loop thread has parked for it.
+    private let parking = Condition()
+    private var suspendRequested = false
+    private var parked = false
+    private var running = false
 
     public init() throws(SystemError) {
         epoll = FileDescriptor(owning: try systemCall("epoll_create1") { godwit_epoll_create() })
@@ -62,7 +67,15 @@ public final class EventLoop: @unchecked Sendable {
     public func run() {
         var tokenBuffer = [UInt64](repeating: 0, count: 32)
         var eventBuffer = [UInt32](repeating: 0, count: 32)
+        parking.withLock { running = true }
+        defer {
+            parking.withLock {
+                running = false
+                parking.broadcast()
+            }
+        }
         while !lock.withLock({ stopping }) {
+            parkWhileSuspended()
             let n = godwit_epoll_wait(epoll.rawValue, &tokenBuffer, &eventBuffer, 32, -1)
             if n < 0 { continue }  // EINTR
             for i in 0..<Int(n) {
@@ -75,6 +88,38 @@ public final class EventLoop: @unchecked Sendable {
     /// Makes `run()` return after the handlers in progress.
     public func stop() {
         lock.withLock { stopping = true }
+        parking.withLock {
+            suspendRequested = false
+            parking.broadcast()
+        }
         try? wakeup.signal()
+    }
+
+    /// Holds the loop between handlers: returns once no handler runs and none will until `resume()`
+    /// (events that arrive meanwhile wait in the kernel). Returns at once when the loop is not running.
+    public func suspend() {
+        parking.withLock { suspendRequested = true }
+        try? wakeup.signal()
+        parking.withLock {
+            parking.wait { !running || parked || lock.withLock({ stopping }) }
+        }
+    }
+
+    /// Lets a suspended loop go on.
+    public func resume() {
+        parking.withLock {
+            suspendRequested = false
+            parking.broadcast()
+        }
+    }
+
+    private func parkWhileSuspended() {
+        parking.withLock {
+            guard suspendRequested else { return }
+            parked = true
+            parking.broadcast()
+            parking.wait { !suspendRequested }
+            parked = false
+        }
     }
 }

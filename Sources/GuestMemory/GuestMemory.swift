@@ -106,7 +106,14 @@ public final class GuestMemory: @unchecked Sendable {
 
     init(regions: [GuestRegion]) {
         self.regions = regions.sorted { $0.guestBase < $1.guestBase }
+        let end = self.regions.last.map { $0.guestBase + $0.size } ?? 0
+        writeTracker = WriteTracker(pages: Int((end + 4095) / 4096))
     }
+
+    /// The pages this process touches while tracking is on: KVM's dirty log sees only the guest's own
+    /// writes, not those of devices in the VMM, so a migration merges these in. Every `buffer(at:)` is
+    /// counted (reads too: a superset, which costs only bandwidth).
+    public let writeTracker: WriteTracker
 
     public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
 
@@ -117,6 +124,17 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Host view of a guest range that lies inside one region.
     public func buffer(at address: UInt64, length: Int) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
+        guard length >= 0 else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }
+        for region in regions where region.contains(address, UInt64(length)) {
+            if writeTracker.isOn { writeTracker.mark(address: address, length: UInt64(length)) }
+            // In bounds: contains() checked address >= guestBase and offset + length <= size.
+            return UnsafeMutableRawBufferPointer(start: region.hostBase + Int(address - region.guestBase), count: length)
+        }
+        throw .outOfRange(address: address, length: UInt64(length))
+    }
+
+    /// Like `buffer(at:length:)`, but not counted by the write tracker: for the migration's own reads.
+    public func untrackedBuffer(at address: UInt64, length: Int) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
         guard length >= 0 else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }
         for region in regions where region.contains(address, UInt64(length)) {
             // In bounds: contains() checked address >= guestBase and offset + length <= size.
@@ -145,19 +163,83 @@ public final class GuestMemory: @unchecked Sendable {
         bytes.withUnsafeBytes { destination.copyMemory(from: $0) }
     }
 
-    /// Loads a little-endian integer.
+    /// Loads a little-endian integer. A naturally aligned 2-, 4- or 8-byte value is read with one
+    /// access, so a field the guest updates at the same time (a ring index) is never seen half old,
+    /// half new.
     public func load<T: FixedWidthInteger>(_ type: T.Type = T.self, at address: UInt64) throws(GuestMemoryError) -> T {
         let source = try buffer(at: address, length: MemoryLayout<T>.size)
-        return T(littleEndian: source.loadUnaligned(as: T.self))
+        // In bounds: `buffer` checked the whole value lies in RAM.
+        let pointer = source.baseAddress!
+        let aligned = Int(bitPattern: pointer) % MemoryLayout<T>.size == 0
+        switch MemoryLayout<T>.size {
+        case 2 where aligned: return T(truncatingIfNeeded: UInt16(littleEndian: godwit_load16(pointer)))
+        case 4 where aligned: return T(truncatingIfNeeded: UInt32(littleEndian: godwit_load32(pointer)))
+        case 8 where aligned: return T(truncatingIfNeeded: UInt64(littleEndian: godwit_load64(pointer)))
+        default: return T(littleEndian: source.loadUnaligned(as: T.self))
+        }
     }
 
-    /// Stores a little-endian integer.
+    /// Stores a little-endian integer; naturally aligned 2-, 4- and 8-byte values with one access.
     public func store<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws(GuestMemoryError) {
         let destination = try buffer(at: address, length: MemoryLayout<T>.size)
-        destination.storeBytes(of: value.littleEndian, as: T.self)
+        // In bounds: `buffer` checked the whole value lies in RAM.
+        let pointer = destination.baseAddress!
+        let aligned = Int(bitPattern: pointer) % MemoryLayout<T>.size == 0
+        switch MemoryLayout<T>.size {
+        case 2 where aligned: godwit_store16(pointer, UInt16(truncatingIfNeeded: value).littleEndian)
+        case 4 where aligned: godwit_store32(pointer, UInt32(truncatingIfNeeded: value).littleEndian)
+        case 8 where aligned: godwit_store64(pointer, UInt64(truncatingIfNeeded: value).littleEndian)
+        default: destination.storeBytes(of: value.littleEndian, as: T.self)
+        }
     }
 
     /// A full memory barrier, for ring protocols shared with running vCPUs.
     @inline(__always)
     public static func fence() { godwit_fence() }
+}
+
+/// A bitmap of guest pages (4 KiB, by guest-physical page number) set with atomic ORs from any
+/// thread while tracking is on, and taken (cleared) by the migration.
+public final class WriteTracker: @unchecked Sendable {
+    /// Pages the bitmap covers (the highest guest-physical address / 4096).
+    public let pageCount: Int
+    private let words: UnsafeMutablePointer<UInt64>
+    private let wordCount: Int
+    private let flag: UnsafeMutablePointer<Int32>
+
+    init(pages: Int) {
+        pageCount = pages
+        wordCount = (pages + 63) / 64
+        words = .allocate(capacity: max(wordCount, 1))
+        words.initialize(repeating: 0, count: max(wordCount, 1))
+        flag = .allocate(capacity: 1)
+        flag.initialize(to: 0)
+    }
+
+    deinit {
+        words.deallocate()
+        flag.deallocate()
+    }
+
+    public var isOn: Bool { godwit_atomic_load_int(flag) != 0 }
+
+    /// Starts (clearing the bitmap) or stops tracking.
+    public func setOn(_ on: Bool) {
+        if on { _ = take() }
+        godwit_atomic_store_int(flag, on ? 1 : 0)
+    }
+
+    func mark(address: UInt64, length: UInt64) {
+        guard length > 0 else { return }
+        let first = Int(address / 4096), last = Int((address + length - 1) / 4096)
+        for page in first...min(last, pageCount - 1) {
+            // In bounds: page < pageCount, so page / 64 < wordCount.
+            godwit_atomic_or64(words + page / 64, 1 << UInt64(page % 64))
+        }
+    }
+
+    /// The pages marked since the last call, as a bitmap (bit n of word n/64 = page n), cleared.
+    public func take() -> [UInt64] {
+        (0..<wordCount).map { godwit_atomic_exchange64(words + $0, 0) }
+    }
 }

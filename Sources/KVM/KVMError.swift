@@ -7,6 +7,8 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
     case missingCapability(name: String)
     case ioctl(SystemError)
     case tooManyEntries(what: String, count: Int)
+    /// Saved state that cannot be restored: `name` says which part, `reason` what is wrong with it.
+    case badState(name: String, reason: String)
 
     public var description: String {
         switch self {
@@ -16,6 +18,7 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
         case let .missingCapability(name): return "this KVM lacks \(name)"
         case let .ioctl(e): return e.description
         case let .tooManyEntries(what, count): return "KVM returned too many \(what) (\(count))"
+        case let .badState(name, reason): return "saved state \(name) cannot be restored: \(reason)"
         }
     }
 }

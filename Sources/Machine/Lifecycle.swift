@@ -12,6 +12,8 @@ public enum GuestExit: Equatable, Sendable, CustomStringConvertible {
     case unhandledExit(String)
     /// The VMM stopped the guest (signal or API).
     case stopped
+    /// The guest was live-migrated to another VMM, which runs it now.
+    case migrated
 
     /// The guest status byte that means "pass" (0x10 → QEMU exit 33).
     public static let passStatus: UInt8 = 0x10
@@ -24,6 +26,7 @@ public enum GuestExit: Equatable, Sendable, CustomStringConvertible {
         case let .internalError(details): return "KVM internal error: \(details)"
         case let .unhandledExit(details): return "unhandled exit: \(details)"
         case .stopped: return "stopped by the VMM"
+        case .migrated: return "migrated: the guest runs on the target"
         }
     }
 
@@ -36,6 +39,7 @@ public enum GuestExit: Equatable, Sendable, CustomStringConvertible {
         case .internalError: return 5
         case .unhandledExit: return 6
         case .stopped: return 7
+        case .migrated: return 0
         }
     }
 }

@@ -61,6 +61,9 @@ public struct MachineConfig: Sendable {
     public var kvmPath: String
     /// How the guest's queue notifications reach the devices.
     public var queueNotification: QueueNotification = .ioeventfd
+    /// A VM whose memory and state will arrive by migration or from a snapshot: no kernel is loaded and
+    /// no boot state set; `restore` fills it in before `run`.
+    public var incoming = false
 
     /// `exit`: every QueueNotify is an MMIO exit handled on the vCPU thread (the in-process baseline).
     /// `ioeventfd`: KVM signals an eventfd without leaving the kernel and the device thread runs the queue.
@@ -129,7 +132,7 @@ public final class MicroVM: @unchecked Sendable {
     public let eventLoop: EventLoop
     private var notifiers: [EventFD] = []
     /// One receive thread per NIC: it waits for TAP frames and guest buffers.
-    private var receivers: [NetRxWorker] = []
+    var receivers: [NetRxWorker] = []
     /// The full guest command line, with the virtio-mmio device declarations the VMM added.
     public private(set) var guestCommandLine: String = ""
 
@@ -140,8 +143,14 @@ public final class MicroVM: @unchecked Sendable {
     /// Exit counters, one per vCPU, each written only by its vCPU thread.
     private var exitCounters: [ExitCounter] = []
     /// The kvm-clock when the VM was paused, restored on resume so the guest's time does not jump.
-    private var pausedClock: UInt64?
+    var pausedClock: UInt64?
     private var threads: [pthread_t] = []
+    /// `run()` starts with the vCPUs parked (a restored snapshot loaded without `resume_vm`).
+    public var startsPaused = false
+    /// What a migration in progress holds (dirty logging, stopped rings).
+    let migration = MigrationRuntime()
+    /// The CPUID each vCPU was given (a migration target must give the same).
+    public private(set) var cpuidTables: [[CPUIDEntry]] = []
 
     public init(config: MachineConfig) throws {
         self.config = config
@@ -150,13 +159,17 @@ public final class MicroVM: @unchecked Sendable {
         }
         try MicroVM.checkMemory(config.memoryBytes)
         // Read and check the kernel before touching KVM: a bad file is the commonest mistake.
-        let kernelBytes = try MicroVM.readKernel(config.kernelPath)
-        let image: ElfImage
-        do { image = try ElfImage.parse(kernelBytes) } catch {
-            throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
-        }
-        guard let pvhEntry = image.pvhEntry else {
-            throw MachineError.kernel(path: config.kernelPath, reason: ElfError.noPVHNote.description)
+        var kernel: (bytes: [UInt8], image: ElfImage, entry: UInt32)?
+        if !config.incoming {
+            let kernelBytes = try MicroVM.readKernel(config.kernelPath)
+            let image: ElfImage
+            do { image = try ElfImage.parse(kernelBytes) } catch {
+                throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
+            }
+            guard let pvhEntry = image.pvhEntry else {
+                throw MachineError.kernel(path: config.kernelPath, reason: ElfError.noPVHNote.description)
+            }
+            kernel = (kernelBytes, image, pvhEntry)
         }
 
         eventLoop = try EventLoop()
@@ -189,29 +202,34 @@ public final class MicroVM: @unchecked Sendable {
         try addDisks()
         try addNets()
 
-        do {
-            try image.load(from: kernelBytes, into: memory)
-        } catch {
-            throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
-        }
         guestCommandLine = ([config.commandLine] + virtioDevices.map(\.commandLineEntry))
             .filter { !$0.isEmpty }.joined(separator: " ")
-        let startInfo = try PVHBoot.write(commandLine: guestCommandLine, memoryMap: Layout.memoryMap(for: regions), into: memory)
-        try memory.writeBytes(try MPTable.build(cpus: config.cpus, at: Layout.ebda), at: Layout.ebda)
-        try memory.store(UInt16(Layout.ebda >> 4), at: 0x40e)     // BDA: EBDA segment
-        try memory.store(UInt16(Layout.ebda >> 10), at: 0x413)    // BDA: base memory in KiB
+        var startInfo: UInt64 = 0
+        if let kernel {
+            do {
+                try kernel.image.load(from: kernel.bytes, into: memory)
+            } catch {
+                throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
+            }
+            startInfo = try PVHBoot.write(commandLine: guestCommandLine, memoryMap: Layout.memoryMap(for: regions), into: memory)
+            try memory.writeBytes(try MPTable.build(cpus: config.cpus, at: Layout.ebda), at: Layout.ebda)
+            try memory.store(UInt16(Layout.ebda >> 4), at: 0x40e)     // BDA: EBDA segment
+            try memory.store(UInt16(Layout.ebda >> 10), at: 0x413)    // BDA: base memory in KiB
+        }
 
         let supported = try kvm.supportedCPUID()
         for id in 0..<config.cpus {
             let vcpu = try vm.createVCPU(id: UInt32(id))
-            try vcpu.setCPUID(CPUSetup.cpuid(from: supported, vcpu: UInt32(id), count: config.cpus))
+            let cpuid = CPUSetup.cpuid(from: supported, vcpu: UInt32(id), count: config.cpus)
+            try vcpu.setCPUID(cpuid)
+            cpuidTables.append(cpuid)
             for msr in CPUSetup.bootMSRs { _ = try? vcpu.setMSRs([msr]) }
             var fpu = kvm_fpu()
             fpu.fcw = 0x37f
             fpu.mxcsr = 0x1f80
             try vcpu.setFPU(fpu)
-            if id == 0 {
-                let (regs, sregs) = CPUSetup.pvhEntryState(entry: pvhEntry, startInfo: startInfo, base: try vcpu.specialRegisters())
+            if id == 0, let kernel {
+                let (regs, sregs) = CPUSetup.pvhEntryState(entry: kernel.entry, startInfo: startInfo, base: try vcpu.specialRegisters())
                 try vcpu.setSpecialRegisters(sregs)
                 try vcpu.setRegisters(regs)
             }
@@ -387,7 +405,12 @@ public final class MicroVM: @unchecked Sendable {
     /// killing the process, so the caller can restore the terminal and report.
     public func run(stopOnSignals: Bool = false) throws -> GuestExit {
         _ = godwit_install_kick_handler(godwit_kick_signal())
-        try stateLock.withLock { state = try state.applying(.start) }
+        try stateLock.withLock {
+            state = try state.applying(.start)
+            // A restored VM that should wait for a resume: its vCPUs park before their first KVM_RUN.
+            if startsPaused { state = try state.applying(.pause) }
+        }
+        if startsPaused { pausedClock = try vm.clock() }
         if stopOnSignals { try startSignalWatcher() }
         startConsole()
         let loop = eventLoop
@@ -496,6 +519,7 @@ public final class MicroVM: @unchecked Sendable {
         sigemptyset(&kick)
         sigaddset(&kick, godwit_kick_signal())
         pthread_sigmask(SIG_UNBLOCK, &kick, nil)
+        parkIfPaused()
         while !isStopped {
             let exit: VCPUExit
             do { exit = try vcpu.run() } catch {

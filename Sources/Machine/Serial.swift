@@ -133,4 +133,36 @@ public final class Serial: @unchecked Sendable {
             setInterrupt(level)
         }
     }
+
+    // MARK: Migration
+
+    /// The UART's registers and unread input.
+    public var state: SerialState {
+        lock.withLock {
+            SerialState(ier: ier, lcr: lcr, mcr: mcr, lsrExtra: lsrExtra, msr: msr, scr: scr, dll: dll, dlm: dlm,
+                        fifoEnabled: fifoEnabled, thrEmptyPending: thrEmptyPending, input: Array(input[inputHead...]),
+                        interruptLevel: interruptLevel)
+        }
+    }
+
+    /// Restores saved registers (input beyond the buffer's capacity is dropped).
+    public func restore(_ state: SerialState) {
+        lock.withLock {
+            ier = state.ier; lcr = state.lcr; mcr = state.mcr; lsrExtra = state.lsrExtra; msr = state.msr
+            scr = state.scr; dll = state.dll; dlm = state.dlm; fifoEnabled = state.fifoEnabled
+            thrEmptyPending = state.thrEmptyPending
+            input = Array(state.input.prefix(inputCapacity))
+            inputHead = 0
+            interruptLevel = state.interruptLevel
+        }
+    }
+}
+
+/// A 16550A's saved registers.
+public struct SerialState: Codable, Equatable, Sendable {
+    public var ier, lcr, mcr, lsrExtra, msr, scr, dll, dlm: UInt8
+    public var fifoEnabled: Bool
+    public var thrEmptyPending: Bool
+    public var input: [UInt8]
+    public var interruptLevel: Bool
 }

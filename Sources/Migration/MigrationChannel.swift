@@ -206,10 +206,23 @@ public final class MigrationChannel: @unchecked Sendable {
                 try sendMAC.update(sendLabel)
                 try sendMAC.update(sequence)
                 var produced = 0
+                // Guest pages change while they are sent (pre-copy): authenticate and send one stable copy,
+                // or the tag would cover other bytes than those on the wire.
+                var scratch = [UInt8](repeating: 0, count: MigrationStream.pageSize)
                 let put = { (bytes: UnsafeRawBufferPointer) throws(MigrationError) in
-                    try self.sendMAC.update(bytes)
+                    var offset = 0
+                    while offset < bytes.count {
+                        let n = min(scratch.count, bytes.count - offset)
+                        // In bounds: offset + n <= bytes.count and n <= scratch.count.
+                        scratch.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])) }
+                        try scratch.withBytes { (copy: UnsafeRawBufferPointer) throws(MigrationError) in
+                            let stable = UnsafeRawBufferPointer(rebasing: copy[0..<n])
+                            try self.sendMAC.update(stable)
+                            try self.buffer(stable)
+                        }
+                        offset += n
+                    }
                     produced += bytes.count
-                    try self.buffer(bytes)
                 }
                 try header.withBytes { (b: UnsafeRawBufferPointer) throws(MigrationError) in try put(b) }
                 try produce(put)

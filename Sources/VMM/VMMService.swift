@@ -15,18 +15,24 @@ public final class VMMService: VMMController, @unchecked Sendable {
     public let events = EventHub()
     /// Called once, on the VM's thread, when the guest has stopped.
     public var onGuestExit: ((GuestExit) -> Void)?
+    /// Called when an incoming migration failed and its VM was discarded (the CLI's `--incoming` exits).
+    public var onIncomingFailure: ((String) -> Void)?
 
-    private let lock = Lock()
-    private var bootSource: BootSource?
-    private var machine = MachineConfiguration()
-    private var drives: [Drive] = []
-    private var interfaces: [NetworkInterface] = []
+    let lock = Lock()
+    var bootSource: BootSource?
+    var machine = MachineConfiguration()
+    var drives: [Drive] = []
+    var interfaces: [NetworkInterface] = []
     private var logger: Logger?
     private var loggerFile: FileDescriptor?
     private var metrics: Metrics?
     private var metricsFile: FileDescriptor?
-    private var lifecycle = Lifecycle.notStarted
-    private var vm: MicroVM?
+    var lifecycle = Lifecycle.notStarted
+    var vm: MicroVM?
+    /// The current or last migration (guarded by `lock`).
+    var migration = MigrationStatus(state: "none")
+    /// The key migrations use when a request names none (`--migration-key-file`).
+    public var defaultMigrationKey: String?
     private var exit: GuestExit?
     private let started = ContinuousClock.now
 
@@ -73,7 +79,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
 
     // MARK: Pre-boot configuration
 
-    private func requireNotStarted(_ what: String) throws {
+    func requireNotStarted(_ what: String) throws {
         guard case .notStarted = lifecycle else {
             throw APIError.badRequest("\(what) is a pre-boot setting and the VM has already started (it is \(lifecycle.instanceState))")
         }
@@ -195,43 +201,68 @@ public final class VMMService: VMMController, @unchecked Sendable {
     public func instanceStart() throws {
         let config: MachineConfig = try lock.withLock {
             try requireNotStarted("InstanceStart")
+            let config = try machineConfigLocked(incoming: false)
+            lifecycle = try lifecycle.applying(.start)
+            return config
+        }
+        try startMachine(config)
+    }
+
+    /// The machine the API configured. `incoming`: no kernel (memory and state arrive by migration or
+    /// from a snapshot). Called with the lock held.
+    func machineConfigLocked(incoming: Bool) throws -> MachineConfig {
+        var kernel = ""
+        var arguments = ""
+        if !incoming {
             guard let bootSource else { throw APIError.badRequest("cannot start: no boot source (PUT /boot-source first)") }
-            var arguments = bootSource.bootArgs ?? ""
+            kernel = bootSource.kernelImagePath
+            arguments = bootSource.bootArgs ?? ""
             if let root = drives.first(where: { $0.isRootDevice }) {
                 // As Firecracker: the root drive is the first virtio-blk device.
                 let suffix = root.isReadOnly == true ? " ro" : " rw"
                 arguments += root.partuuid.map { " root=PARTUUID=\($0)" } ?? " root=/dev/vda"
                 arguments += suffix
             }
-            let next = try lifecycle.applying(.start)
-            var config = MachineConfig(kernelPath: bootSource.kernelImagePath, commandLine: arguments,
-                                       cpus: self.machine.vcpuCount, memoryBytes: UInt64(self.machine.memSizeMib) << 20,
-                                       disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true, socket: $0.socket) },
-                                       serialOutput: serialOutput, serialInput: serialInput, kvmPath: kvmPath)
-            config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init), socket: $0.socket) }
-            config.queueNotification = queueNotification
-            lifecycle = next
-            return config
         }
+        var config = MachineConfig(kernelPath: kernel, commandLine: arguments,
+                                   cpus: self.machine.vcpuCount, memoryBytes: UInt64(self.machine.memSizeMib) << 20,
+                                   disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true, socket: $0.socket) },
+                                   serialOutput: serialOutput, serialInput: serialInput, kvmPath: kvmPath)
+        config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init), socket: $0.socket) }
+        config.queueNotification = queueNotification
+        config.incoming = incoming
+        return config
+    }
+
+    /// Builds the machine (the lifecycle is already `booting`), lets `prepare` fill it in (restore a
+    /// snapshot or an incoming migration), locks the VMM down and runs the guest on a thread of its own.
+    /// On failure the lifecycle goes back to not started.
+    func startMachine(_ config: MachineConfig, startsPaused: Bool = false, prepare: ((MicroVM) throws -> Void)? = nil) throws {
         let instance: MicroVM
         do {
             instance = try MicroVM(config: config)
+            instance.startsPaused = startsPaused
+            try prepare?(instance)
             try lockDownAfterStart?()
         } catch {
             lock.withLock { lifecycle = (try? lifecycle.applying(.startFailed)) ?? lifecycle }
+            if let error = error as? APIError { throw error }
             throw APIError.badRequest("cannot start the VM: \(error)")
         }
         lock.withLock { vm = instance }
-        let thread = Thread { [weak self] in self?.runGuest(instance) }
+        let thread = Thread { [weak self] in self?.runGuest(instance, paused: startsPaused) }
         thread.name = "vm"
         thread.start()
     }
 
     /// The drives in device order: the root device first, as Firecracker does.
-    private var orderedDrives: [Drive] { drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice } }
+    var orderedDrives: [Drive] { drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice } }
 
-    private func runGuest(_ machine: MicroVM) {
-        lock.withLock { lifecycle = (try? lifecycle.applying(.booted)) ?? lifecycle }
+    private func runGuest(_ machine: MicroVM, paused: Bool) {
+        lock.withLock {
+            lifecycle = (try? lifecycle.applying(.booted)) ?? lifecycle
+            if paused { lifecycle = (try? lifecycle.applying(.pause)) ?? lifecycle }
+        }
         publish(.booted, ["vcpus": .number(Double(machine.vcpus.count))])
         let result: GuestExit
         do { result = try machine.run() } catch { result = .unhandledExit("\(error)") }
@@ -321,12 +352,12 @@ public final class VMMService: VMMController, @unchecked Sendable {
 
     public func subscribeEvents(since: UInt64?) throws -> EventSubscription { events.subscribe(since: since) }
 
-    private func publish(_ kind: GodwitEvent.Kind, _ details: [String: JSONValue] = [:]) {
+    func publish(_ kind: GodwitEvent.Kind, _ details: [String: JSONValue] = [:]) {
         let event = events.publish(kind, details: details)
         log("event \(event.type): \(details)")
     }
 
-    private func log(_ message: String) {
+    func log(_ message: String) {
         guard let file = lock.withLock({ loggerFile }) else { return }
         try? file.writeAll(Array("\(GodwitEvent.timestampNow()) [\(id)] \(message)\n".utf8))
     }

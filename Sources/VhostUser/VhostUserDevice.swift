@@ -52,6 +52,10 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
     /// The backend's inflight-tracking region (INFLIGHT_SHMFD), kept across reconnects so that a new
     /// backend resubmits what the old one had taken; dropped when the driver resets the device.
     private var inflightRegion: (description: VhostUserInflightDescription, fd: FileDescriptor)?
+    /// The dirty log shared with the backend while a migration runs (replayed on reconnect).
+    private var dirtyLog: (fd: FileDescriptor, size: UInt64)?
+    /// Rings stopped for a migration's final phase: their next avail indices.
+    private var suspendedBases: [Int: UInt16]?
 
     /// What `activate` was given: replayed on reconnect.
     private struct Activation {
@@ -329,15 +333,18 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
                 try frontend.setInflightFD(region.description, fileDescriptor: region.fd)
             }
         }
-        try frontend.setFeatures(features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0))
+        let logging = dirtyLog != nil
+        try frontend.setFeatures(features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0)
+                                 | (logging ? VhostUserFeature.logAll : 0))
         let (regions, fds) = try VhostUserDevice.memoryTable(memory)
         try frontend.setMemoryTable(regions, fileDescriptors: fds)
+        if let dirtyLog { try frontend.setLogBase(size: dirtyLog.size, offset: 0, fileDescriptor: dirtyLog.fd) }
         for (index, state) in queues {
             guard let notifier = eventFDs[index] else { throw VhostUserError.deviceError("queue \(index) has no eventfds") }
             try frontend.setVringNum(queue: index, size: state.size)
             try frontend.setVringBase(queue: index, base: state.nextAvail)
             try frontend.setVringAddress(VhostUserVringAddress(
-                index: UInt32(index),
+                index: UInt32(index), flags: logging ? VhostUserVringAddress.flagLog : 0,
                 descriptor: try VhostUserDevice.userAddress(memory, state.descriptorTable, queue: index, ring: "descriptor table"),
                 used: try VhostUserDevice.userAddress(memory, state.deviceArea, queue: index, ring: "used ring"),
                 available: try VhostUserDevice.userAddress(memory, state.driverArea, queue: index, ring: "avail ring"),
@@ -371,6 +378,66 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
             } catch {
                 lastErrorValue = error
             }
+        }
+    }
+
+    // MARK: Migration
+
+    /// Whether the backend can log the guest pages it writes (VHOST_F_LOG_ALL with LOG_SHMFD).
+    public var supportsDirtyLog: Bool {
+        lock.withLock {
+            backendFeatures & VhostUserFeature.logAll != 0 && protocolFeatures & VhostUserProtocolFeature.logSharedMemory != 0
+        }
+    }
+
+    /// Starts (`fd` given) or stops (nil) the backend's dirty logging into `fd` (`size` bytes: one bit per
+    /// 4 KiB guest page), used-ring writes included; the rings keep running.
+    public func setDirtyLog(_ fd: FileDescriptor?, size: UInt64) throws {
+        try lock.withLock {
+            dirtyLog = fd.map { ($0, size) }
+            guard let frontend, let activation else { return }
+            guard backendFeatures & VhostUserFeature.logAll != 0, protocolFeatures & VhostUserProtocolFeature.logSharedMemory != 0 else {
+                throw VhostUserError.deviceError("the backend cannot log dirty pages (no VHOST_F_LOG_ALL or LOG_SHMFD)")
+            }
+            let usesProtocolFeatures = backendFeatures & VhostUserFeature.protocolFeatures != 0
+            if let fd { try frontend.setLogBase(size: size, offset: 0, fileDescriptor: fd) }
+            try frontend.setFeatures(activation.features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0)
+                                     | (fd != nil ? VhostUserFeature.logAll : 0))
+            for (index, state) in activation.queues {
+                try frontend.setVringAddress(VhostUserVringAddress(
+                    index: UInt32(index), flags: fd != nil ? VhostUserVringAddress.flagLog : 0,
+                    descriptor: try VhostUserDevice.userAddress(activation.memory, state.descriptorTable, queue: index, ring: "descriptor table"),
+                    used: try VhostUserDevice.userAddress(activation.memory, state.deviceArea, queue: index, ring: "used ring"),
+                    available: try VhostUserDevice.userAddress(activation.memory, state.driverArea, queue: index, ring: "avail ring"),
+                    log: state.deviceArea))
+            }
+        }
+    }
+
+    /// Stops the rings in the backend (GET_VRING_BASE: it finishes the requests it holds) and returns
+    /// each queue's next avail index; the connection stays, for `resumeAfterSuspend` or the end.
+    public func suspendForMigration() throws -> [Int: UInt16]? {
+        try lock.withLock {
+            guard let frontend, let activation else { return [:] }
+            var bases: [Int: UInt16] = [:]
+            if backendFeatures & VhostUserFeature.protocolFeatures != 0 {
+                for (index, _) in activation.queues { try frontend.setVringEnable(queue: index, enabled: false) }
+            }
+            for (index, _) in activation.queues { bases[index] = try frontend.getVringBase(queue: index) }
+            suspendedBases = bases
+            return bases
+        }
+    }
+
+    /// Restarts rings stopped by `suspendForMigration` where they stopped (a cancelled migration).
+    public func resumeAfterSuspend() throws {
+        try lock.withLock {
+            guard let bases = suspendedBases, let frontend, let activation else { return }
+            suspendedBases = nil
+            var queues = activation.queues
+            for i in queues.indices { queues[i].state.nextAvail = bases[queues[i].index] ?? queues[i].state.nextAvail }
+            try start(frontend, memory: activation.memory, queues: queues, features: activation.features,
+                      interrupt: activation.interrupt, eventFDs: activation.eventFDs)
         }
     }
 

@@ -124,8 +124,17 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
 
     // MARK: BlockBackend
 
+    /// Whether direct I/O can go straight to `buffers` (each aligned in address and length to the
+    /// medium's direct-I/O alignment, as guest page buffers usually are) at `offset`: no bounce copy.
+    private func alignedForDirect(_ buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) -> Bool {
+        let alignment = Int(blockSize)
+        return offset % UInt64(alignment) == 0 && buffers.allSatisfy {
+            $0.count % alignment == 0 && Int(bitPattern: $0.baseAddress) % alignment == 0
+        }
+    }
+
     public func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer]) throws {
-        if direct {
+        if direct && !alignedForDirect(buffers, at: offset) {
             let total = buffers.reduce(0) { $0 + $1.count }
             var cursor = ScatterCursor(buffers: buffers)
             try directTransfer(offset: offset, length: total, isWrite: false, cursor: &cursor)
@@ -143,7 +152,7 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
 
     public func write(at offset: UInt64, from buffers: [UnsafeRawBufferPointer]) throws {
         guard !readOnly else { throw SystemError(operation: "pwrite", errno: EROFS, context: path) }
-        if direct {
+        if direct && !alignedForDirect(buffers.map { UnsafeMutableRawBufferPointer(mutating: $0) }, at: offset) {
             let total = buffers.reduce(0) { $0 + $1.count }
             // The cursor only reads from these buffers on the write path.
             var cursor = ScatterCursor(buffers: buffers.map { UnsafeMutableRawBufferPointer(mutating: $0) })

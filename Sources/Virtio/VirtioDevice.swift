@@ -40,4 +40,15 @@ public protocol VirtioDevice: AnyObject {
     func queueNotified(_ index: Int)
     /// Stops the device and forgets its queues, back to the state before `activate`.
     func reset()
+    /// Migration: stops processing so that the queues stand still, and returns each active queue's
+    /// next avail index when the queues run elsewhere (an I/O domain); nil when the transport's own
+    /// `Virtqueue`s hold the positions. `resumeAfterSuspend` undoes it (the migration was cancelled).
+    func suspendForMigration() throws -> [Int: UInt16]?
+    func resumeAfterSuspend() throws
+}
+
+extension VirtioDevice {
+    /// In-process devices run only when notified; the VMM holds back their notifications itself.
+    public func suspendForMigration() throws -> [Int: UInt16]? { nil }
+    public func resumeAfterSuspend() throws {}
 }

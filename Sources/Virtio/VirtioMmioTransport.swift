@@ -119,6 +119,8 @@ public final class VirtioMmioTransport: @unchecked Sendable {
     private var generation: UInt64 = 0
     private var lastErrorValue: Error?
     private var notifyHook: (Int) -> Void
+    /// The queues handed to the device at its activation (their positions are the device's).
+    private var activeQueues: [Virtqueue] = []
 
     /// Creates the transport for `device` over `memory`, raising `interruptLine` when the device signals.
     public init(device: VirtioDevice, memory: GuestMemory, interruptLine: InterruptLine) {
@@ -340,6 +342,7 @@ public final class VirtioMmioTransport: @unchecked Sendable {
         case let .activate(queues, features, signal):
             do {
                 try device.activate(memory: memory, queues: queues, features: features, interrupt: signal)
+                stateLock.withLock { activeQueues = queues }
             } catch {
                 stateLock.withLock { setNeedsResetLocked(error) }
             }
@@ -357,6 +360,7 @@ public final class VirtioMmioTransport: @unchecked Sendable {
             queues = Array(repeating: QueueConfig(size: UInt32(device.maxQueueSize)), count: device.queueCount)
             interruptStatusValue = 0
             lastErrorValue = nil
+            activeQueues = []
             interruptLine.lower()
         }
         device.reset()
@@ -370,6 +374,85 @@ public final class VirtioMmioTransport: @unchecked Sendable {
             interruptStatusValue |= VirtioMmioTransport.interruptConfigChange
             interruptLine.raise()
         }
+    }
+
+    // MARK: Migration
+
+    /// The register file and each queue's configuration and position. Call with the device suspended
+    /// (`VirtioDevice.suspendForMigration`, whose answer is `externalBases`) so that nothing moves.
+    public func captureState(externalBases: [Int: UInt16]?) -> VirtioMmioState {
+        controlLock.withLock {
+            stateLock.withLock {
+                let running = statusValue & VirtioStatus.driverOK != 0 && statusValue & VirtioStatus.deviceNeedsReset == 0
+                var saved: [VirtioMmioState.Queue] = []
+                for (index, config) in queues.enumerated() {
+                    var queue = VirtioMmioState.Queue(size: config.size, ready: config.ready, descriptorTable: config.descriptorTable,
+                                                      driverArea: config.driverArea, deviceArea: config.deviceArea)
+                    if running, config.ready {
+                        if let externalBases {
+                            queue.nextAvail = externalBases[index]
+                            queue.nextUsed = try? memory.load(UInt16.self, at: config.deviceArea &+ 2)
+                        } else if let live = activeQueues.first(where: { $0.index == index }) {
+                            queue.nextAvail = live.nextAvail
+                            queue.nextUsed = live.nextUsed
+                        }
+                    }
+                    saved.append(queue)
+                }
+                return VirtioMmioState(deviceID: device.deviceID, status: statusValue, deviceFeaturesSel: deviceFeaturesSel,
+                                       driverFeaturesSel: driverFeaturesSel, driverFeatures: driverFeatures, queueSel: queueSel,
+                                       interruptStatus: interruptStatusValue, configGeneration: configGenerationValue, queues: saved)
+            }
+        }
+    }
+
+    /// Puts the transport (fresh, never activated) in a saved state and, when the driver was running,
+    /// activates the device with the saved queue positions. Every field is checked against this device.
+    public func restoreState(_ state: VirtioMmioState) throws {
+        guard state.deviceID == device.deviceID else {
+            throw VirtioError.backendMismatch(reason: "saved device type \(state.deviceID), this device is \(device.deviceID)")
+        }
+        guard state.queues.count == queues.count else {
+            throw VirtioError.backendMismatch(reason: "saved \(state.queues.count) queues, this device has \(queues.count)")
+        }
+        guard state.driverFeatures & ~device.deviceFeatures == 0 else {
+            throw VirtioError.backendMismatch(reason: "the driver negotiated features 0x\(String(state.driverFeatures & ~device.deviceFeatures, radix: 16)) this device lacks")
+        }
+        let running = state.status & VirtioStatus.driverOK != 0 && state.status & VirtioStatus.deviceNeedsReset == 0
+        var ready: [Virtqueue] = []
+        for (index, saved) in state.queues.enumerated() {
+            guard saved.size <= UInt32(device.maxQueueSize) else {
+                throw VirtioError.badQueueSize(queue: index, size: UInt16(truncatingIfNeeded: saved.size), maximum: device.maxQueueSize)
+            }
+            guard running, saved.ready else { continue }
+            guard let nextAvail = saved.nextAvail, let nextUsed = saved.nextUsed else {
+                throw VirtioError.backendMismatch(reason: "queue \(index) is running but its position was not saved")
+            }
+            ready.append(try Virtqueue(index: index, memory: memory, state: VirtqueueState(
+                size: UInt16(saved.size), descriptorTable: saved.descriptorTable, driverArea: saved.driverArea,
+                deviceArea: saved.deviceArea, nextAvail: nextAvail, nextUsed: nextUsed), features: state.driverFeatures,
+                maxSize: device.maxQueueSize))
+        }
+        try controlLock.withLock {
+            let signal: Signal = stateLock.withLock {
+                statusValue = state.status
+                deviceFeaturesSel = state.deviceFeaturesSel
+                driverFeaturesSel = state.driverFeaturesSel
+                driverFeatures = state.driverFeatures
+                queueSel = state.queueSel
+                queues = state.queues.map { QueueConfig(size: $0.size, ready: $0.ready, descriptorTable: $0.descriptorTable,
+                                                        driverArea: $0.driverArea, deviceArea: $0.deviceArea) }
+                interruptStatusValue = state.interruptStatus
+                configGenerationValue = state.configGeneration
+                generation &+= 1
+                return Signal(transport: self, generation: generation)
+            }
+            guard running else { return }
+            try device.activate(memory: memory, queues: ready, features: state.driverFeatures, interrupt: signal)
+            stateLock.withLock { activeQueues = ready }
+        }
+        // Requests the driver made while the VM moved: run them now (a spurious check costs nothing).
+        for queue in ready { onQueueNotify(queue.index) }
     }
 
     // MARK: Device callbacks
@@ -413,4 +496,28 @@ public final class VirtioMmioTransport: @unchecked Sendable {
             transport?.needsReset(error, generation: generation)
         }
     }
+}
+
+/// A virtio-mmio transport's saved registers and queues (with their positions when the driver runs).
+public struct VirtioMmioState: Codable, Equatable, Sendable {
+    /// One queue's configuration, and where the device stood in it.
+    public struct Queue: Codable, Equatable, Sendable {
+        public var size: UInt32
+        public var ready: Bool
+        public var descriptorTable: UInt64
+        public var driverArea: UInt64
+        public var deviceArea: UInt64
+        public var nextAvail: UInt16?
+        public var nextUsed: UInt16?
+    }
+
+    public var deviceID: UInt32
+    public var status: UInt32
+    public var deviceFeaturesSel: UInt32
+    public var driverFeaturesSel: UInt32
+    public var driverFeatures: UInt64
+    public var queueSel: UInt32
+    public var interruptStatus: UInt32
+    public var configGeneration: UInt32
+    public var queues: [Queue]
 }

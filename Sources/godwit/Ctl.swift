@@ -9,7 +9,7 @@ struct CtlCommand: ParsableCommand {
         abstract: "Control a VMM through its API socket.",
         subcommands: [Info.self, Config.self, Version.self, BootSourceCommand.self, MachineConfigCommand.self, Drive.self,
                       Net.self, LoggerCommand.self, MetricsFile.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self,
-                      FlushMetrics.self, Metrics.self, Events.self, CtlIODomainCommand.self])
+                      FlushMetrics.self, Metrics.self, Events.self, Snapshot.self, CtlIODomainCommand.self])
 }
 
 /// Options every `ctl` subcommand takes.
@@ -217,6 +217,34 @@ extension CtlCommand {
             @Argument(help: "The drive id.") var id: String
             @Option(help: "The new image on the host.") var path: String
             func run() throws { try ctl { try options.client.patchDrive(PartialDrive(driveId: id, pathOnHost: path)) } }
+        }
+    }
+}
+
+extension CtlCommand {
+    struct Snapshot: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Save a paused VM, or load one into a fresh VMM.", subcommands: [Create.self, Load.self])
+
+        struct Create: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "PUT /snapshot/create (the VM must be paused).")
+            @OptionGroup var options: CtlOptions
+            @Option(help: "The state file to write.") var snapshotPath: String
+            @Option(help: "The memory file to write.") var memFilePath: String
+            func run() throws { try ctl { try options.client.createSnapshot(SnapshotCreateParams(snapshotPath: snapshotPath, memFilePath: memFilePath)) } }
+        }
+
+        struct Load: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "PUT /snapshot/load (a VMM with no VM yet).")
+            @OptionGroup var options: CtlOptions
+            @Option(help: "The state file.") var snapshotPath: String
+            @Option(help: "The memory file.") var memFilePath: String
+            @Flag(help: "Resume the guest at once.") var resume = false
+            func run() throws {
+                try ctl {
+                    try options.client.loadSnapshot(SnapshotLoadParams(snapshotPath: snapshotPath,
+                                                                       memBackend: .init(backendPath: memFilePath), resumeVm: resume))
+                }
+            }
         }
     }
 }

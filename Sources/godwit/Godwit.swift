@@ -76,15 +76,22 @@ struct VMCommand: ParsableCommand {
     @Option(help: "The KVM device.")
     var kvmDevice: String = "/dev/kvm"
 
+    @Option(help: "Wait for a live migration on tcp:ADDRESS:PORT instead of booting a kernel; the VM is built from --cpus, --memory, --disk and --net (which must match the source's).")
+    var incoming: String?
+
+    @Option(help: "A file holding the migration key (hex, 16 to 64 bytes) that senders and receivers must share.")
+    var migrationKeyFile: String?
+
     func validate() throws {
-        if kernel == nil && apiSock == nil && configFile == nil {
-            throw ValidationError("give --kernel, --config-file or --api-sock")
+        if kernel == nil && apiSock == nil && configFile == nil && incoming == nil {
+            throw ValidationError("give --kernel, --config-file, --api-sock or --incoming")
         }
+        if incoming != nil && (kernel != nil || configFile != nil) { throw ValidationError("--incoming takes no --kernel or --config-file") }
         if kernel != nil && configFile != nil { throw ValidationError("--kernel and --config-file exclude each other") }
     }
 
     func run() throws {
-        if apiSock != nil || configFile != nil {
+        if apiSock != nil || configFile != nil || incoming != nil {
             try runService()
             return
         }
@@ -121,9 +128,14 @@ struct VMCommand: ParsableCommand {
             fputs("godwit: WARNING: --no-sandbox: this VMM runs with every privilege it was started with\n", stderr)
             return
         }
-        let open = allowingOpen ? ["openat", "open"] : []
+        let open = allowingOpen ? ["openat", "open", "ftruncate"] : []
         var rules = Sandbox.rules(allowing: ["connect", "getsockname", "getpeername", "setsockopt"] + open, ioctls: .any)
         rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_UNIX))]))
+        if allowingOpen {
+            // API mode: PUT /migration/send connects to the target over TCP.
+            rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_INET))]))
+            rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_INET6))]))
+        }
         if let supervisor {
             rules.append(.allow("kill", when: [.argument(0, equals: UInt64(supervisor))]))
             rules.append(.allow("wait4", when: [.argument(0, equals: UInt64(supervisor))]))
@@ -189,6 +201,7 @@ struct VMCommand: ParsableCommand {
         // The API may still swap drive files after boot (PATCH /drives), so this lock-down keeps open.
         let noSandbox = self.noSandbox
         service.lockDownAfterStart = { try VMCommand.lockDown(noSandbox: noSandbox, supervisor: nil, allowingOpen: true) }
+        service.defaultMigrationKey = migrationKeyFile
         let done = DispatchSemaphore(value: 0)
         let exitBox = ExitBox()
         service.onGuestExit = { exit in
@@ -216,6 +229,17 @@ struct VMCommand: ParsableCommand {
                 Glibc.exit(ExitStatus.setupError)
             }
         }
+        if let incoming {
+            do {
+                try configureIncoming(service)
+                try service.receiveMigration(MigrationReceiveParams(receiverUrl: incoming))
+            } catch {
+                fputs("godwit: error: --incoming \(incoming): \(error)\n", stderr)
+                server?.stop()
+                Glibc.exit(ExitStatus.setupError)
+            }
+            fputs("godwit: waiting for a migration on \(incoming)\n", stderr)
+        }
         let terminal = RawTerminal(enabled: serial == "stdio" && apiSock == nil)
         done.wait()
         terminal.restore()
@@ -223,6 +247,26 @@ struct VMCommand: ParsableCommand {
         let exit = exitBox.exit ?? .stopped
         if exit.processExitStatus != 0 { fputs("godwit: \(exit)\n", stderr) }
         Glibc.exit(exit.processExitStatus)
+    }
+
+    /// `--incoming`: the VM the migration fills in, from the command line, through the API's calls.
+    func configureIncoming(_ service: VMMService) throws {
+        let bytes = try parseSize(memory)
+        try service.putMachineConfig(MachineConfiguration(vcpuCount: cpus, memSizeMib: Int(bytes >> 20)))
+        for (i, text) in disk.enumerated() {
+            let d = try parseDisk(text)
+            guard !d.inIODomain else { throw ValidationError("--incoming takes --disk PATH or socket=PATH (start the I/O domain yourself)") }
+            try service.putDrive(Drive(driveId: "disk\(i)", pathOnHost: d.socket == nil ? d.path : nil, isRootDevice: false,
+                                       isReadOnly: d.socket == nil ? d.readOnly : nil, socket: d.socket))
+        }
+        for (i, text) in net.enumerated() {
+            let n = try parseNet(text)
+            guard !n.inIODomain, let name = n.socket == nil ? n.tap : "" else {
+                throw ValidationError("--incoming takes --net tap=NAME or socket=PATH")
+            }
+            try service.putNetworkInterface(NetworkInterface(ifaceId: "net\(i)", hostDevName: n.socket == nil ? name : nil,
+                                                             guestMac: n.mac?.description, socket: n.socket))
+        }
     }
 
     func serialDescriptors() throws -> (FileDescriptor, FileDescriptor?) {

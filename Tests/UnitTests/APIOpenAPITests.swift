@@ -131,7 +131,7 @@ struct APIOpenAPITests {
             response.stream?.cancel()
             #expect(response.status != 404 && response.status != 405, "\(op.method) \(op.path): \(response.status)")
         }
-        for (method, path) in [("GET", "/balloon"), ("PUT", "/snapshot/create"), ("PUT", "/vsock"), ("GET", "/mmds"), ("PUT", "/entropy")] {
+        for (method, path) in [("GET", "/balloon"), ("PUT", "/snapshot/diff"), ("PUT", "/vsock"), ("GET", "/mmds"), ("PUT", "/entropy")] {
             #expect(router.handle(APITest.request(method, path, "{}")).status == 404, "\(method) \(path)")
         }
     }

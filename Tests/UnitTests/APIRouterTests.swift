@@ -23,6 +23,11 @@ struct APIRouterTests {
         .getExportVmConfig: ("/vm/config", nil),
         .getEvents: ("/events", nil),
         .getPrometheusMetrics: ("/metrics", nil),
+        .createSnapshot: ("/snapshot/create", #"{"snapshot_type": "Full", "snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#),
+        .loadSnapshot: ("/snapshot/load", #"{"snapshot_path": "/tmp/s", "mem_backend": {"backend_type": "File", "backend_path": "/tmp/m"}, "resume_vm": true}"#),
+        .receiveMigration: ("/migration/receive", #"{"receiver_url": "tcp:0.0.0.0:6000"}"#),
+        .sendMigration: ("/migration/send", #"{"destination_url": "tcp:10.0.0.2:6000", "downtime_ms": 50, "timeout_s": 60, "max_bandwidth_mbps": 800}"#),
+        .getMigration: ("/migration", nil),
     ]
 
     func handle(_ router: APIRouter, _ method: String, _ target: String, _ body: String? = nil) -> HTTPResponse {
@@ -142,7 +147,7 @@ struct APIRouterTests {
 
     @Test func unknownPathsAndMethods() {
         let router = APIRouter(controller: APIFakeController())
-        for path in ["/nope", "/machine-config/", "/drives", "/drives/a/b", "/vm/config/x", "//", "/balloon", "/snapshot/create", "/mmds"] {
+        for path in ["/nope", "/machine-config/", "/drives", "/drives/a/b", "/vm/config/x", "//", "/balloon", "/snapshot/diff", "/mmds"] {
             let response = handle(router, "GET", path)
             #expect(response.status == 404, "\(path): \(response.status)")
             #expect(APITest.fault(response).contains(path))

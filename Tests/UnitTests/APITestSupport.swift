@@ -137,6 +137,15 @@ final class APIFakeController: VMMController, @unchecked Sendable {
         try record("prometheusMetrics")
         return "# TYPE godwit_uptime_seconds gauge\ngodwit_uptime_seconds 1.5"
     }
+
+    func createSnapshot(_ params: SnapshotCreateParams) throws { try record("createSnapshot") }
+    func loadSnapshot(_ params: SnapshotLoadParams) throws { try record("loadSnapshot") }
+    func receiveMigration(_ params: MigrationReceiveParams) throws { try record("receiveMigration") }
+    func sendMigration(_ params: MigrationSendParams) throws { try record("sendMigration") }
+    func migrationStatus() throws -> MigrationStatus {
+        try record("migrationStatus")
+        return MigrationStatus(state: "none")
+    }
 }
 
 enum APITest {

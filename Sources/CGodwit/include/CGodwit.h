@@ -39,6 +39,18 @@ void godwit_fence(void);
 
 /// Atomically ORs `bits` into the byte at `address` (shared dirty-log bitmaps).
 void godwit_atomic_or8(uint8_t *address, uint8_t bits);
+void godwit_atomic_or64(uint64_t *address, uint64_t bits);
+/// Single-access loads and stores of naturally aligned 2-, 4- and 8-byte values in memory another
+/// party writes at the same time (guest RAM, rings): never torn, unlike a memcpy.
+uint16_t godwit_load16(const void *address);
+uint32_t godwit_load32(const void *address);
+uint64_t godwit_load64(const void *address);
+void godwit_store16(void *address, uint16_t value);
+void godwit_store32(void *address, uint32_t value);
+void godwit_store64(void *address, uint64_t value);
+uint64_t godwit_atomic_exchange64(uint64_t *address, uint64_t value);
+int godwit_atomic_load_int(const int *address);
+void godwit_atomic_store_int(int *address, int value);
 
 // Signal used to kick a vCPU thread out of KVM_RUN; the handler does nothing.
 int godwit_install_kick_handler(int signo);
@@ -108,6 +120,18 @@ extern const unsigned long GODWIT_KVM_GET_MP_STATE;
 extern const unsigned long GODWIT_KVM_SET_MP_STATE;
 extern const unsigned long GODWIT_KVM_GET_LAPIC;
 extern const unsigned long GODWIT_KVM_SET_LAPIC;
+extern const unsigned long GODWIT_KVM_GET_XSAVE;
+extern const unsigned long GODWIT_KVM_SET_XSAVE;
+extern const unsigned long GODWIT_KVM_GET_XCRS;
+extern const unsigned long GODWIT_KVM_SET_XCRS;
+extern const unsigned long GODWIT_KVM_GET_DEBUGREGS;
+extern const unsigned long GODWIT_KVM_SET_DEBUGREGS;
+extern const unsigned long GODWIT_KVM_GET_IRQCHIP;
+extern const unsigned long GODWIT_KVM_SET_IRQCHIP;
+extern const unsigned long GODWIT_KVM_GET_PIT2;
+extern const unsigned long GODWIT_KVM_SET_PIT2;
+extern const unsigned long GODWIT_KVM_KVMCLOCK_CTRL;
+extern const unsigned long GODWIT_KVM_CLEAR_DIRTY_LOG;
 extern const unsigned long GODWIT_KVM_GET_FPU;
 extern const unsigned long GODWIT_KVM_SET_FPU;
 extern const unsigned long GODWIT_KVM_GET_CLOCK;

@@ -1,0 +1,124 @@
+import API
+import Foundation
+import GodwitSystem
+import Machine
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A snapshot file (`snapshot_path`): the API configuration that built the VM, what the VM must look
+/// like, and its saved state. Guest memory is in the memory file (`mem_file_path`): every RAM region,
+/// in order, byte for byte.
+struct SnapshotFile: Codable {
+    static let magic = "godwit-snapshot"
+    static let version = 1
+    var magic: String
+    var version: Int
+    var config: FullVmConfiguration
+    var shape: MachineShape
+    var memoryBytes: UInt64
+    var state: MachineState
+}
+
+extension VMMService {
+    public func createSnapshot(_ params: SnapshotCreateParams) throws {
+        let machine = try lock.withLock { () throws -> MicroVM in
+            guard let vm, lifecycle == .paused else {
+                throw APIError.badRequest("PUT /snapshot/create needs a paused VM (PATCH /vm Paused first); it is \(lifecycle.instanceState)")
+            }
+            return vm
+        }
+        let config = try vmConfig()
+        do {
+            try machine.quiesceDevices()
+            defer { try? machine.releaseDevices() }
+            let state = try machine.captureState()
+            let file = SnapshotFile(magic: SnapshotFile.magic, version: SnapshotFile.version, config: config, shape: machine.shape,
+                                    memoryBytes: machine.memory.totalSize, state: state)
+            try writeMemory(machine, to: params.memFilePath)
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            try writeFile(params.snapshotPath, Array(try encoder.encode(file)))
+        } catch let error as APIError {
+            throw error
+        } catch {
+            throw APIError.badRequest("cannot create the snapshot: \(error)")
+        }
+        publish("snapshot_created", ["snapshot_path": .string(params.snapshotPath), "mem_file_path": .string(params.memFilePath)])
+    }
+
+    public func loadSnapshot(_ params: SnapshotLoadParams) throws {
+        guard let memoryPath = params.memoryPath else { throw APIError.badRequest("no memory file") }
+        let file: SnapshotFile
+        do {
+            let data = try Data(contentsOf: URL(fileURLWithPath: params.snapshotPath))
+            guard data.count <= 64 << 20 else { throw APIError.badRequest("snapshot file \(params.snapshotPath) is larger than 64 MiB") }
+            file = try JSONDecoder().decode(SnapshotFile.self, from: data)
+        } catch let error as APIError {
+            throw error
+        } catch {
+            throw APIError.badRequest("snapshot_path \(params.snapshotPath) is not a Godwit snapshot: \(error)")
+        }
+        guard file.magic == SnapshotFile.magic, file.version == SnapshotFile.version else {
+            throw APIError.badRequest("snapshot_path \(params.snapshotPath): \(file.magic) version \(file.version) is not \(SnapshotFile.magic) version \(SnapshotFile.version)")
+        }
+        let config: MachineConfig = try lock.withLock {
+            try requireNotStarted("PUT /snapshot/load")
+            // The snapshot's own configuration: the same machine, drives and NICs (paths must still exist).
+            if let m = file.config.machineConfig { machine = m }
+            drives = file.config.drives ?? []
+            interfaces = file.config.networkInterfaces ?? []
+            bootSource = file.config.bootSource
+            let config = try machineConfigLocked(incoming: true)
+            lifecycle = try lifecycle.applying(.start)
+            return config
+        }
+        try startMachine(config, startsPaused: params.resumeVm != true) { machine in
+            if let mismatch = machine.shape.mismatch(file.shape) { throw APIError.badRequest("the snapshot cannot run here: \(mismatch)") }
+            guard file.memoryBytes == machine.memory.totalSize else {
+                throw APIError.badRequest("the snapshot has \(file.memoryBytes) bytes of memory, this VM \(machine.memory.totalSize)")
+            }
+            try self.readMemory(machine, from: memoryPath)
+            try machine.restore(file.state)
+        }
+        publish("snapshot_loaded", ["snapshot_path": .string(params.snapshotPath)])
+    }
+
+    private func writeFile(_ path: String, _ bytes: [UInt8]) throws {
+        let fd = try FileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o600)
+        try fd.writeAll(bytes)
+        try fd.fsync()
+    }
+
+    private func writeMemory(_ machine: MicroVM, to path: String) throws {
+        let fd = try FileDescriptor.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o600)
+        try fd.truncate(to: 0)
+        var offset: UInt64 = 0
+        for region in machine.memory.regions {
+            // In bounds: the region's whole mapping.
+            let bytes = UnsafeRawBufferPointer(start: region.hostBase, count: Int(region.size))
+            try fd.pwriteFully(from: bytes, offset: offset)
+            offset += region.size
+        }
+        try fd.fsync()
+    }
+
+    private func readMemory(_ machine: MicroVM, from path: String) throws {
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
+            throw APIError.badRequest("memory file \(path): \(error)")
+        }
+        let size = try fd.size()
+        guard size == machine.memory.totalSize else {
+            throw APIError.badRequest("memory file \(path) has \(size) bytes, the VM \(machine.memory.totalSize)")
+        }
+        var offset: UInt64 = 0
+        for region in machine.memory.regions {
+            // In bounds: the region's whole mapping.
+            let bytes = UnsafeMutableRawBufferPointer(start: region.hostBase, count: Int(region.size))
+            let n = try fd.preadFully(into: bytes, offset: offset)
+            guard n == bytes.count else { throw APIError.badRequest("memory file \(path) is short") }
+            offset += region.size
+        }
+    }
+}
