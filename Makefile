@@ -57,6 +57,7 @@ bench: guest
 	bench/boot
 	bench/net
 	bench/api
+	bench/blk
 
 clean:
 	rm -rf .build guest/out out

@@ -9,7 +9,7 @@ struct CtlCommand: ParsableCommand {
         abstract: "Control a VMM through its API socket.",
         subcommands: [Info.self, Config.self, Version.self, BootSourceCommand.self, MachineConfigCommand.self, Drive.self,
                       Net.self, LoggerCommand.self, MetricsFile.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self,
-                      FlushMetrics.self, Metrics.self, Events.self, Snapshot.self, CtlIODomainCommand.self])
+                      FlushMetrics.self, Metrics.self, Events.self, Snapshot.self, Migrate.self, CtlIODomainCommand.self])
 }
 
 /// Options every `ctl` subcommand takes.
@@ -243,6 +243,44 @@ extension CtlCommand {
                 try ctl {
                     try options.client.loadSnapshot(SnapshotLoadParams(snapshotPath: snapshotPath,
                                                                        memBackend: .init(backendPath: memFilePath), resumeVm: resume))
+                }
+            }
+        }
+    }
+}
+
+extension CtlCommand {
+    /// `godwit ctl migrate`: starts a live migration and shows its progress until it ends.
+    struct Migrate: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Live-migrate the VM to a VMM waiting with --incoming or PUT /migration/receive, showing progress.")
+        @OptionGroup var options: CtlOptions
+        @Option(help: "The target, tcp:HOST:PORT.") var to: String
+        @Option(help: "The downtime limit in milliseconds.") var downtimeMs: Int = 300
+        @Option(help: "Give up after this many seconds (the VM keeps running here).") var timeoutS: Int = 300
+        @Option(help: "Bandwidth cap in megabits per second.") var maxBandwidthMbps: Int?
+        @Option(help: "The shared key (hex) or a file holding it (default: the VMM's --migration-key-file).") var key: String?
+
+        func run() throws {
+            try ctl {
+                let client = options.client
+                try client.sendMigration(MigrationSendParams(destinationUrl: to, downtimeMs: downtimeMs, timeoutS: timeoutS,
+                                                             maxBandwidthMbps: maxBandwidthMbps, key: key))
+                var last = MigrationStatus(state: "sending")
+                while true {
+                    guard let status = try? client.migrationStatus() else { break }  // the source VMM exited: done
+                    last = status
+                    let bar = String(repeating: "#", count: min(20, status.pass)) + String(repeating: ".", count: max(0, 20 - status.pass))
+                    print("\r[\(bar)] pass \(status.pass) dirty \(status.dirtyPages) pages, \(status.bytesSent >> 20) MiB sent, \(Int(status.rateMbps)) Mbit/s, expected downtime \(Int(status.expectedDowntimeMs)) ms   ", terminator: "")
+                    fflush(stdout)
+                    if status.state != "sending" { break }
+                    usleep(200_000)
+                }
+                print("")
+                switch last.state {
+                case "completed", "sending":
+                    print("migrated: downtime \(last.downtimeMs.map { String(format: "%.1f ms", $0) } ?? "?"), total \(last.totalMs.map { String(format: "%.0f ms", $0) } ?? "?")")
+                default:
+                    throw APIError.badRequest("migration \(last.state): \(last.error ?? "")")
                 }
             }
         }

@@ -128,8 +128,10 @@ struct VMCommand: ParsableCommand {
             fputs("godwit: WARNING: --no-sandbox: this VMM runs with every privilege it was started with\n", stderr)
             return
         }
-        let open = allowingOpen ? ["openat", "open", "ftruncate"] : []
-        var rules = Sandbox.rules(allowing: ["connect", "getsockname", "getpeername", "setsockopt"] + open, ioctls: .any)
+        let open = allowingOpen ? ["openat", "open"] : []
+        // memfd_create and ftruncate: the dirty log shared with I/O domains during a migration.
+        var rules = Sandbox.rules(allowing: ["connect", "getsockname", "getpeername", "setsockopt", "memfd_create", "ftruncate"] + open,
+                                  ioctls: .any)
         rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_UNIX))]))
         if allowingOpen {
             // API mode: PUT /migration/send connects to the target over TCP.
