@@ -153,20 +153,29 @@ public final class IODomainSupervisor: @unchecked Sendable {
     }
 
     private func spawn(_ spec: Spec) throws -> Int32 {
+        do {
+            return try IODomainSupervisor.spawn(executable: executable, arguments: spec.arguments, descriptors: spec.descriptors,
+                                                namespaces: spec.namespaces)
+        } catch {
+            throw MachineSupervisionError.domainFailed(name: spec.name, reason: "\(error)")
+        }
+    }
+
+    /// Starts `executable` with `arguments`, a clean signal state, only `descriptors` (as 3, 4, ...),
+    /// `GODWIT_PARENT_PID` (it dies with this process) and, with `namespaces`, the sandbox namespaces.
+    public static func spawn(executable: String, arguments: [String], descriptors: [FileDescriptor], namespaces: Bool) throws -> Int32 {
         var environment = ProcessInfo.processInfo.environment
         environment["GODWIT_PARENT_PID"] = String(getpid())
-        if spec.namespaces { environment[Sandbox.namespacesVariable] = "1" } else { environment.removeValue(forKey: Sandbox.namespacesVariable) }
-        let argv = [executable] + spec.arguments
+        if namespaces { environment[Sandbox.namespacesVariable] = "1" } else { environment.removeValue(forKey: Sandbox.namespacesVariable) }
+        let argv = [executable] + arguments
         let envp = environment.map { "\($0.key)=\($0.value)" }
-        let keep = spec.descriptors.map(\.rawValue)
+        let keep = descriptors.map(\.rawValue)
         let pid = withCStrings(argv) { argvPointers in
             withCStrings(envp) { envpPointers in
                 keep.withUnsafeBufferPointer { godwit_spawn(executable, argvPointers, envpPointers, $0.baseAddress, Int32(keep.count)) }
             }
         }
-        guard pid > 0 else {
-            throw MachineSupervisionError.domainFailed(name: spec.name, reason: "spawning \(executable): \(String(cString: strerror(-pid)))")
-        }
+        guard pid > 0 else { throw SystemError(operation: "posix_spawn", errno: -pid, context: executable) }
         return pid
     }
 

@@ -321,19 +321,13 @@ final class SupervisorProcess {
     private var reaped = false
 
     init(arguments: [String], descriptors: [FileDescriptor]) throws {
-        let executable = IODomainSupervisor.ownExecutable()
-        var environment = ProcessInfo.processInfo.environment
-        environment["GODWIT_PARENT_PID"] = String(getpid())
-        environment.removeValue(forKey: Sandbox.namespacesVariable)
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            for p in argv { free(p) }
-            for p in envp { free(p) }
+        let pid: Int32
+        do {
+            pid = try IODomainSupervisor.spawn(executable: IODomainSupervisor.ownExecutable(), arguments: arguments,
+                                               descriptors: descriptors, namespaces: false)
+        } catch {
+            throw MachineError.setup("cannot start the I/O domain supervisor: \(error)")
         }
-        let keep = descriptors.map(\.rawValue)
-        let pid = keep.withUnsafeBufferPointer { godwit_spawn(executable, argv, envp, $0.baseAddress, Int32(keep.count)) }
-        guard pid > 0 else { throw MachineError.setup("cannot start the I/O domain supervisor: \(String(cString: strerror(-pid)))") }
         self.pid = pid
     }
 

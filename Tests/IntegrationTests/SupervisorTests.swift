@@ -71,7 +71,11 @@ struct SupervisorTests {
         let vm = try BackgroundProcess(TestEnvironment.godwitPath, [
             "vm", "--kernel", TestEnvironment.guestPath, "--disk", "iodomain=\(image)",
             "--cmdline", "godwit.job=blk-verify,size=1048576 godwit.job=idle,seconds=30"])
-        #expect(vm.waitForOutput(timeout: 30) { $0.contains("job=blk-verify") })
+        guard vm.waitForOutput(timeout: 30, { $0.contains("job=blk-verify") }) else {
+            let r = vm.wait(timeout: 5)
+            Issue.record("the VM did not run blk-verify: status \(r.status)\n\(r.stdout)\n\(r.stderr)")
+            return
+        }
         // The VMM's child is the supervisor (it restarts domains, so that the locked-down VMM never
         // execs); its child the domain, whose child is the namespaced server.
         let supervisor = try #require(Self.children(of: vm.pid).first)
