@@ -16,7 +16,10 @@ struct MigrationTests {
         let port: UInt16
         let process: BackgroundProcess
 
-        init(cpus: Int = 2, memory: String = "256M", key: String = MigrationTests.key, disks: [String] = []) throws {
+        /// The target's own API socket (so it can migrate the guest on), when asked for.
+        let apiSocket: String?
+
+        init(cpus: Int = 2, memory: String = "256M", key: String = MigrationTests.key, disks: [String] = [], api: Bool = false) throws {
             dir = try TestEnvironment.temporaryDirectory()
             serial = dir.appendingPathComponent("serial.log").path
             let keyFile = dir.appendingPathComponent("key").path
@@ -26,6 +29,8 @@ struct MigrationTests {
             var args = ["vm", "--incoming", "tcp:127.0.0.1:\(port)", "--migration-key-file", keyFile, "--cpus", String(cpus),
                         "--memory", memory, "--serial", serial]
             for d in disks { args += ["--disk", d] }
+            apiSocket = api ? dir.appendingPathComponent("api.sock").path : nil
+            if let apiSocket { args += ["--api-sock", apiSocket] }
             process = try BackgroundProcess(TestEnvironment.godwitPath, args)
             #expect(process.waitForOutput(timeout: 10) { _ in true } || true)
             for _ in 0..<200 {
@@ -135,6 +140,38 @@ struct MigrationTests {
         #expect(lines.last { $0.job == "blk-verify" }?["errors"] == "0", "\(lines.suffix(4))")
         #expect(lines.last { $0.job == "blk-check" }?["errors"] == "0")
         #expect(try BlockPattern.verify(imagePath: image, offset: 0, size: 4 << 20).bad.isEmpty)
+    }
+
+    /// A → B → A: the guest moves on, then back to a third VMM on the first "host".
+    @Test func aGuestMovesThereAndBackAgain() throws {
+        let b = try Target(api: true)
+        defer { b.stop() }
+        let back = try Target()
+        defer { back.stop() }
+        let api = try source(jobs: "godwit.job=idle,seconds=8")
+        defer { api.stop() }
+        #expect(try api.waitForSerial { $0.contains("seq=50") })
+        #expect(try migrate(api, to: b).status == 204)
+        #expect(api.process.wait(timeout: 30).status == 0)
+        // B runs it now; send it on from B's API.
+        var running = false
+        for _ in 0..<200 where !running {
+            running = b.lines().contains { $0.job == "idle" }
+            usleep(20_000)
+        }
+        #expect(running)
+        let send = try runProcess("/usr/bin/curl", ["-s", "--unix-socket", b.apiSocket!, "-X", "PUT", "-w", "%{http_code}",
+                                                    "http://localhost/migration/send", "-d",
+                                                    #"{"destination_url": "\#(back.url)", "downtime_ms": 100, "key": "\#(MigrationTests.key)"}"#], timeout: 10)
+        #expect(send.stdout.hasSuffix("204"), "\(send.stdout)")
+        #expect(b.process.wait(timeout: 30).status == 0)
+        let r = back.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = back.lines()
+        let idle = try #require(lines.last { $0.job == "idle" && $0["beats"] != nil }, "\(lines.suffix(3))")
+        #expect((idle.int("max_gap_us") ?? .max) < 200_000, "\(idle)")
+        #expect(lines.first?["boot"] == (try api.serialLines()).first?["boot"])
+        #expect(lines.last { $0.job == "done" }?["status"] == "pass")
     }
 
     /// Each failure before the commit point: the source guest keeps running and passes its job.
