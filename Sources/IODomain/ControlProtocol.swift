@@ -1,6 +1,7 @@
 import CGodwit
 import Foundation
 import GodwitSystem
+import VhostUser
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -170,30 +171,11 @@ public enum ControlFraming {
 public final class ControlClient {
     private let socket: FileDescriptor
 
+    /// Connects to the control socket at `path` (the Unix-socket code is VhostUser's).
     public init(path: String) throws {
-        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw IODomainError.system("socket: \(String(cString: strerror(godwit_errno())))") }
-        socket = FileDescriptor(owning: fd)
-        var address = try ControlClient.address(path)
-        let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        do { socket = try VhostUserChannel.connect(path: path).socket } catch {
+            throw IODomainError.system("control socket \(path): \(error)")
         }
-        guard rc == 0 else { throw IODomainError.system("connect \(path): \(String(cString: strerror(godwit_errno())))") }
-    }
-
-    static func address(_ path: String) throws -> sockaddr_un {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path) - 1
-        guard !bytes.isEmpty, bytes.count <= capacity, !bytes.contains(0) else {
-            throw IODomainError.badRequest("socket path '\(path)' is empty, too long (at most \(capacity) bytes) or has a NUL")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            // In bounds: bytes.count <= capacity < raw.count.
-            for (i, byte) in bytes.enumerated() { raw[i] = byte }
-        }
-        return address
     }
 
     /// Sends `request` with `descriptors` and returns the answer; throws the domain's error when not ok.
@@ -210,16 +192,8 @@ public final class ControlClient {
 
     /// A listening Unix socket bound at `path`, to hand to the domain (which cannot bind in its sandbox).
     public static func listeningSocket(path: String) throws -> FileDescriptor {
-        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw IODomainError.system("socket: \(String(cString: strerror(godwit_errno())))") }
-        let owned = FileDescriptor(owning: fd)
-        var address = try address(path)
-        let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        do { return try VhostUserListener(path: path).socket } catch {
+            throw IODomainError.system("\(error)")
         }
-        guard rc == 0, listen(fd, 16) == 0 else {
-            throw IODomainError.system("bind/listen \(path): \(String(cString: strerror(godwit_errno())))")
-        }
-        return owned
     }
 }

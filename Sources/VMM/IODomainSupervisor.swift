@@ -72,24 +72,37 @@ public final class IODomainSupervisor: @unchecked Sendable {
         let domain = Supervised(spec: spec)
         let pid = try spawn(spec)
         domain.setPID(pid)
-        let deadline = Date().addingTimeInterval(timeout)
-        while !spec.sockets.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) {
+        switch IODomainSupervisor.waitForSockets(spec.sockets, of: pid, timeout: timeout) {
+        case .ready: break
+        case let .exited(status):
+            throw MachineSupervisionError.domainFailed(name: spec.name, reason: IODomainSupervisor.describe(status))
+        case .timedOut:
+            kill(pid, SIGKILL)
             var status: Int32 = 0
-            if waitpid(pid, &status, WNOHANG) == pid {
-                throw MachineSupervisionError.domainFailed(name: spec.name, reason: IODomainSupervisor.describe(status))
-            }
-            if Date() > deadline {
-                kill(pid, SIGKILL)
-                _ = waitpid(pid, &status, 0)
-                throw MachineSupervisionError.domainFailed(name: spec.name, reason: "its sockets did not appear within \(timeout) s")
-            }
-            usleep(5000)
+            _ = waitpid(pid, &status, 0)
+            throw MachineSupervisionError.domainFailed(name: spec.name, reason: "its sockets did not appear within \(timeout) s")
         }
         lock.withLock { domains.append(domain) }
         let thread = Thread { [weak self] in self?.watch(domain) }
         thread.name = "supervise-\(spec.name)"
         thread.start()
         log("I/O domain \(spec.name) started (pid \(pid))")
+    }
+
+    /// How waiting for a process's sockets ended.
+    public enum SocketWait: Equatable { case ready, exited(status: Int32), timedOut }
+
+    /// Waits until every path in `sockets` exists, the child `pid` exits (reaped; its wait status), or
+    /// `timeout` seconds pass.
+    public static func waitForSockets(_ sockets: [String], of pid: Int32, timeout: Double) -> SocketWait {
+        let deadline = Date().addingTimeInterval(timeout)
+        while !sockets.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid { return .exited(status: status) }
+            if Date() > deadline { return .timedOut }
+            usleep(5000)
+        }
+        return .ready
     }
 
     /// Every domain's current state.

@@ -343,12 +343,7 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
             guard let notifier = eventFDs[index] else { throw VhostUserError.deviceError("queue \(index) has no eventfds") }
             try frontend.setVringNum(queue: index, size: state.size)
             try frontend.setVringBase(queue: index, base: state.nextAvail)
-            try frontend.setVringAddress(VhostUserVringAddress(
-                index: UInt32(index), flags: logging ? VhostUserVringAddress.flagLog : 0,
-                descriptor: try VhostUserDevice.userAddress(memory, state.descriptorTable, queue: index, ring: "descriptor table"),
-                used: try VhostUserDevice.userAddress(memory, state.deviceArea, queue: index, ring: "used ring"),
-                available: try VhostUserDevice.userAddress(memory, state.driverArea, queue: index, ring: "avail ring"),
-                log: state.deviceArea))
+            try frontend.setVringAddress(try VhostUserDevice.vringAddress(index, state, memory, logging: logging))
             try frontend.setVringKick(queue: index, fileDescriptor: notifier.kick.descriptor)
             try frontend.setVringCall(queue: index, fileDescriptor: notifier.call.descriptor)
         }
@@ -404,12 +399,7 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
             try frontend.setFeatures(activation.features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0)
                                      | (fd != nil ? VhostUserFeature.logAll : 0))
             for (index, state) in activation.queues {
-                try frontend.setVringAddress(VhostUserVringAddress(
-                    index: UInt32(index), flags: fd != nil ? VhostUserVringAddress.flagLog : 0,
-                    descriptor: try VhostUserDevice.userAddress(activation.memory, state.descriptorTable, queue: index, ring: "descriptor table"),
-                    used: try VhostUserDevice.userAddress(activation.memory, state.deviceArea, queue: index, ring: "used ring"),
-                    available: try VhostUserDevice.userAddress(activation.memory, state.driverArea, queue: index, ring: "avail ring"),
-                    log: state.deviceArea))
+                try frontend.setVringAddress(try VhostUserDevice.vringAddress(index, state, activation.memory, logging: fd != nil))
             }
         }
     }
@@ -458,6 +448,17 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
             fds.append(backing)
         }
         return (regions, fds)
+    }
+
+    /// SET_VRING_ADDR for queue `index`: the rings at the VMM's addresses; with `logging`, used-ring
+    /// writes logged at the used ring's guest-physical address.
+    static func vringAddress(_ index: Int, _ state: VirtqueueState, _ memory: GuestMemory, logging: Bool) throws -> VhostUserVringAddress {
+        VhostUserVringAddress(
+            index: UInt32(index), flags: logging ? VhostUserVringAddress.flagLog : 0,
+            descriptor: try userAddress(memory, state.descriptorTable, queue: index, ring: "descriptor table"),
+            used: try userAddress(memory, state.deviceArea, queue: index, ring: "used ring"),
+            available: try userAddress(memory, state.driverArea, queue: index, ring: "avail ring"),
+            log: state.deviceArea)
     }
 
     /// The VMM's host address of guest-physical `address`.

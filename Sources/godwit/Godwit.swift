@@ -333,15 +333,12 @@ final class SupervisorProcess {
 
     /// Waits until every socket exists; throws when the supervisor gave up (it printed why).
     func waitForSockets(_ sockets: [String], timeout: Double = 20) throws {
-        let deadline = Date().addingTimeInterval(timeout)
-        while !sockets.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) {
-            var status: Int32 = 0
-            if waitpid(pid, &status, WNOHANG) == pid {
-                reaped = true
-                throw MachineError.setup("the I/O domains did not start")
-            }
-            if Date() > deadline { throw MachineError.setup("the I/O domains did not start within \(Int(timeout)) s") }
-            usleep(5000)
+        switch IODomainSupervisor.waitForSockets(sockets, of: pid, timeout: timeout) {
+        case .ready: return
+        case .exited:
+            reaped = true
+            throw MachineError.setup("the I/O domains did not start")
+        case .timedOut: throw MachineError.setup("the I/O domains did not start within \(Int(timeout)) s")
         }
     }
 
