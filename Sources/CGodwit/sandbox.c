@@ -6,6 +6,8 @@
 //    mount, IPC, network and PID namespaces, then a fork so that the child is PID 1 of the new PID
 //    namespace. The parent stays outside it, waits, forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT, and
 //    exits as the child did. Any failure prints one line and exits 70: never half-sandboxed.
+//    `godwit vm` takes the same path without the variable (its command line decides, below), after
+//    forking its network broker (broker.c) in the caller's namespaces.
 // 2. The lock-down after set-up: no_new_privs, every capability dropped in every thread, and a seccomp
 //    filter. libseccomp's seccomp_rule_add is variadic (Swift cannot call it); rules are built here
 //    with seccomp_rule_add_array from the names and conditions GodwitSystem's Sandbox passes.
@@ -56,6 +58,7 @@
 // MARK: - Namespaces, from a constructor
 
 static int godwit_sandbox_namespaced = 0;
+static int godwit_sandbox_vmm = 0;
 static pid_t godwit_sandbox_child = 0;
 static volatile sig_atomic_t godwit_sandbox_forwarded = 0;
 static int drop_thread_capabilities(void);
@@ -170,6 +173,32 @@ __attribute__((noreturn)) static void supervise(pid_t child, const sigset_t *ori
     _exit(70);
 }
 
+/// Whether this process is `godwit vm` and should enter its own namespaces: its first argument is
+/// `vm` and neither `--no-sandbox` nor `--no-namespaces` is among the others (/proc/self/cmdline;
+/// a command line longer than the buffer is judged by its first 64 KiB, which can only keep the sandbox).
+static int vmm_wants_namespaces(void) {
+    static char buffer[65536];
+    int fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    size_t total = 0;
+    for (;;) {
+        ssize_t n = read(fd, buffer + total, sizeof buffer - 1 - total);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        total += (size_t)n;
+        if (total == sizeof buffer - 1) break;
+    }
+    close(fd);
+    buffer[total] = 0;
+    int index = 0, is_vm = 0;
+    for (size_t at = 0; at < total; at += strlen(buffer + at) + 1, index++) {
+        const char *argument = buffer + at;
+        if (index == 1) is_vm = strcmp(argument, "vm") == 0;
+        if (index >= 2 && (strcmp(argument, "--no-sandbox") == 0 || strcmp(argument, "--no-namespaces") == 0)) return 0;
+    }
+    return is_vm;
+}
+
 __attribute__((constructor)) static void godwit_sandbox_enter_namespaces(void) {
     // A supervised I/O domain dies with its VMM, even one killed with SIGKILL (a supervisor that
     // restarts it sets GODWIT_PARENT_PID). PDEATHSIG follows the spawning thread, which in the
@@ -181,7 +210,12 @@ __attribute__((constructor)) static void godwit_sandbox_enter_namespaces(void) {
         unsetenv("GODWIT_PARENT_PID");
     }
     const char *request = getenv("GODWIT_SANDBOX_NAMESPACES");
-    if (request == NULL || strcmp(request, "1") != 0) return;
+    int requested = request != NULL && strcmp(request, "1") == 0;
+    int vmm = !requested && vmm_wants_namespaces();
+    if (!requested && !vmm) return;
+    // The VMM keeps a broker in the caller's network namespace for its TAPs and migration sockets.
+    if (vmm && godwit_broker_start() != 0) sandbox_fail("starting the VMM's network broker (fork)", errno);
+    godwit_sandbox_vmm = vmm;
 
     uid_t uid = getuid();
     gid_t gid = getgid();
@@ -191,8 +225,11 @@ __attribute__((constructor)) static void godwit_sandbox_enter_namespaces(void) {
         const char *step = "unshare(user, mount, IPC, network, PID)";
         if (code == EINVAL && thread_count() > 1) sandbox_fail_hint(step, code, "the process already has threads");
         if (code == EPERM || code == ENOSPC)
-            sandbox_fail_hint(step, code, "user namespaces are disabled or exhausted here "
-                                          "(user.max_user_namespaces, kernel.unprivileged_userns_clone)");
+            sandbox_fail_hint(step, code, godwit_sandbox_vmm
+                                  ? "user namespaces are disabled or exhausted here (user.max_user_namespaces, "
+                                    "kernel.unprivileged_userns_clone); `godwit vm --no-namespaces` keeps the caller's"
+                                  : "user namespaces are disabled or exhausted here "
+                                    "(user.max_user_namespaces, kernel.unprivileged_userns_clone)");
         sandbox_fail(step, code);
     }
     // Root inside is the caller outside; setgroups must be denied before an unprivileged gid_map write.

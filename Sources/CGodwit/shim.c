@@ -150,6 +150,7 @@ uint64_t godwit_run_fail_entry_reason(const struct kvm_run *run) { return run->f
 uint32_t godwit_run_system_event_type(const struct kvm_run *run) { return run->system_event.type; }
 
 int godwit_tap_open(const char *name, char *actual_name) {
+    if (godwit_broker_available()) return godwit_broker_tap_open(name, actual_name);
     int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return -1;
     struct ifreq ifr;
@@ -191,6 +192,7 @@ int godwit_tap_set_offload(int fd, unsigned int flags) { return ioctl(fd, TUNSET
 int godwit_tap_set_vnet_header_size(int fd, int size) { return ioctl(fd, TUNSETVNETHDRSZ, &size); }
 
 int godwit_interface_set_up(const char *name, int up) {
+    if (godwit_broker_available()) return godwit_broker_set_link(name, up);
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s < 0) return -1;
     struct ifreq ifr;

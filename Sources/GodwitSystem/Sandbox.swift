@@ -32,7 +32,9 @@ public struct SandboxError: Error, CustomStringConvertible, Equatable, Sendable 
 ///   IPC, network (only `lo`, down) and PID namespaces. The process forks there: the child is PID 1
 ///   of the new PID namespace and runs `main`; the parent waits outside, forwards SIGTERM, SIGINT,
 ///   SIGHUP and SIGQUIT, and exits with the child's status (or dies of its signal). A failure
-///   exits 70 with one line on stderr. `isInNamespaces` tells the child it got there.
+///   exits 70 with one line on stderr. `isInNamespaces` tells the child it got there. `godwit vm`
+///   enters the same namespaces without the variable (unless given `--no-namespaces` or
+///   `--no-sandbox`), after forking its network broker (`hasNetworkBroker`).
 /// - **`lockDown(allowing:ioctls:)`**, called once set-up is over (every file, device, socket and
 ///   passed-in descriptor is open): `no_new_privs`, every capability dropped from every thread,
 ///   then a seccomp allow-list (`baseSyscalls` plus the caller's) loaded into every thread. Any other
@@ -52,6 +54,16 @@ public enum Sandbox {
 
     /// True in the process the constructor moved into new namespaces (it is PID 1 there).
     public static var isInNamespaces: Bool { godwit_sandbox_in_namespaces() != 0 }
+
+    /// True in a `godwit vm` that entered its namespaces: a broker in the caller's network namespace
+    /// opens its TAPs and creates its TCP sockets (CGodwit's broker.c; `Tap` and the migration channel
+    /// go through it without knowing).
+    public static var hasNetworkBroker: Bool { godwit_broker_available() != 0 }
+
+    /// Tells the network broker that set-up is over: it hands out TCP sockets only, no more TAPs.
+    public static func sealNetworkBroker() throws(SystemError) {
+        _ = try systemCall("seal the network broker") { godwit_broker_seal() }
+    }
 
     /// True when this build can load seccomp filters (libseccomp linked).
     public static var isSeccompAvailable: Bool { godwit_seccomp_available() != 0 }

@@ -199,3 +199,47 @@ final class LockedData: @unchecked Sendable {
     func append(_ d: Data) { lock.lock(); data.append(d); lock.unlock() }
     var string: String { lock.lock(); defer { lock.unlock() }; return String(decoding: data, as: UTF8.self) }
 }
+
+/// Where a `godwit vm` process tree keeps its parts: in its namespaces the process a test starts
+/// only waits, its child (PID 1 of the VMM's PID namespace) is the VMM, and a second child, the
+/// network broker, stays in the caller's namespaces.
+public enum VMMProcesses {
+    /// The processes `pid`'s threads started (`/proc/PID/task/*/children`).
+    public static func children(of pid: Int32) -> [Int32] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.flatMap { task -> [Int32] in
+            let text = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/children", encoding: .utf8)) ?? ""
+            return text.split(separator: " ").compactMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+    }
+
+    /// The short name of process `pid` (`/proc/PID/comm`), or nil when it is gone.
+    public static func name(of pid: Int32) -> String? {
+        (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// The network broker of the `godwit vm` started as `pid`, if it has one.
+    public static func broker(of pid: Int32) -> Int32? {
+        children(of: pid).first { name(of: $0) == "godwit-broker" }
+    }
+
+    /// The VMM itself: the namespaced child of `pid` (waiting up to two seconds for it) when `pid` is a
+    /// `godwit vm` that enters its namespaces, else `pid` (run with `--no-namespaces` or `--no-sandbox`).
+    public static func vmm(of pid: Int32) -> Int32 {
+        let arguments = ((try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline"))) ?? Data())
+            .split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        guard arguments.count > 1, arguments[1] == "vm",
+              !arguments.contains("--no-namespaces"), !arguments.contains("--no-sandbox") else { return pid }
+        for _ in 0..<200 {
+            if let vmm = children(of: pid).first(where: { name(of: $0) != "godwit-broker" }) { return vmm }
+            usleep(10_000)
+        }
+        return pid
+    }
+
+    /// The I/O domain processes the VMM `pid` supervises (children of its supervisor child).
+    public static func supervisedDomains(of pid: Int32) -> [Int32] {
+        let vmm = vmm(of: pid)
+        return children(of: vmm).flatMap { children(of: $0) }
+    }
+}

@@ -56,7 +56,7 @@ public final class MigrationChannel: @unchecked Sendable {
         var lastError = MigrationError.address(host: host, reason: "no address")
         for address in try resolve(host: host, port: port, passive: false) {
             let attempt = Result { () throws(MigrationError) -> FileDescriptor in
-                let fd = FileDescriptor(owning: try call("socket") { Glibc.socket(address.family, address.type, 0) })
+                let fd = FileDescriptor(owning: try call("socket") { godwit_host_socket(address.family, address.type, 0) })
                 let rc = address.withSockaddr { sa, length in Glibc.connect(fd.rawValue, sa, length) }
                 if rc != 0 && godwit_errno() != EINPROGRESS {
                     throw .system(SystemError(operation: "connect", errno: godwit_errno(), context: "\(host):\(port)"))
@@ -86,7 +86,7 @@ public final class MigrationChannel: @unchecked Sendable {
         var lastError = MigrationError.address(host: host, reason: "no address")
         for address in try resolve(host: host, port: port, passive: true) {
             let attempt = Result { () throws(MigrationError) -> FileDescriptor in
-                let fd = FileDescriptor(owning: try call("socket") { Glibc.socket(address.family, address.type, 0) })
+                let fd = FileDescriptor(owning: try call("socket") { godwit_host_socket(address.family, address.type, 0) })
                 var on: Int32 = 1
                 _ = try call("setsockopt(SO_REUSEADDR)") { setsockopt(fd.rawValue, SOL_SOCKET, SO_REUSEADDR, &on, socklen_t(MemoryLayout<Int32>.size)) }
                 _ = try call("bind", context: "\(host):\(port)") { address.withSockaddr { Glibc.bind(fd.rawValue, $0, $1) } }

@@ -67,6 +67,9 @@ struct VMCommand: ParsableCommand {
     @Flag(help: "Do not lock the VMM down after set-up (debugging only: it then keeps every privilege it started with).")
     var noSandbox = false
 
+    @Flag(help: "Keep the VMM in the caller's namespaces (it still locks down with seccomp). Without it the VMM runs in new user, mount, IPC, network and PID namespaces, and a broker left outside hands it its TAPs and migration sockets.")
+    var noNamespaces = false
+
     @Option(help: "Where guest serial output goes: stdio (and input from stdin), or a file path.")
     var serial: String = "stdio"
 
@@ -133,14 +136,19 @@ struct VMCommand: ParsableCommand {
         var rules = Sandbox.rules(allowing: ["connect", "getsockname", "getpeername", "setsockopt", "memfd_create", "ftruncate"] + open,
                                   ioctls: .any)
         rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_UNIX))]))
-        if allowingOpen {
-            // API mode: PUT /migration/send connects to the target over TCP.
+        if allowingOpen && !Sandbox.hasNetworkBroker {
+            // API mode without namespaces: PUT /migration/send connects to the target over TCP. (In its
+            // namespaces the VMM gets TCP sockets from its broker, created in the caller's network.)
             rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_INET))]))
             rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_INET6))]))
         }
         if let supervisor {
             rules.append(.allow("kill", when: [.argument(0, equals: UInt64(supervisor))]))
             rules.append(.allow("wait4", when: [.argument(0, equals: UInt64(supervisor))]))
+        }
+        // Set-up is over: the broker hands out no more TAPs, only migration sockets.
+        if Sandbox.hasNetworkBroker {
+            do { try Sandbox.sealNetworkBroker() } catch { throw MachineError.setup("cannot seal the network broker: \(error)") }
         }
         do { try Sandbox.lockDown(rules: rules) } catch {
             throw MachineError.setup("cannot lock the VMM down: \(error)")
@@ -153,8 +161,12 @@ struct VMCommand: ParsableCommand {
         let disks = config.disks.indices.filter { config.disks[$0].inIODomain }
         let nets = config.nets.indices.filter { config.nets[$0].inIODomain }
         guard !disks.isEmpty || !nets.isEmpty else { return nil }
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-vm-\(getpid())")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        // A fresh directory (mkdtemp): in its PID namespace every VMM is PID 1, so the pid names nothing.
+        var template = Array(FileManager.default.temporaryDirectory.appendingPathComponent("godwit-vm-XXXXXX").path.utf8CString)
+        guard let created = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw MachineError.setup("cannot create a directory for the I/O domain sockets: \(String(cString: strerror(errno)))")
+        }
+        let directory = URL(fileURLWithPath: String(cString: created))
         var specs: [SuperviseCommand.DomainSpec] = []
         var descriptors: [FileDescriptor] = []
         for (n, i) in disks.enumerated() {

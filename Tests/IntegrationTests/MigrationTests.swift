@@ -34,7 +34,7 @@ struct MigrationTests {
             process = try BackgroundProcess(TestEnvironment.godwitPath, args)
             #expect(process.waitForOutput(timeout: 10) { _ in true } || true)
             for _ in 0..<200 {
-                if (try? String(contentsOfFile: "/proc/\(process.pid)/net/tcp", encoding: .utf8))?.contains(String(format: ":%04X", port)) == true { break }
+                if (try? String(contentsOfFile: "/proc/self/net/tcp", encoding: .utf8))?.contains(String(format: ":%04X", port)) == true { break }
                 usleep(10_000)
             }
         }

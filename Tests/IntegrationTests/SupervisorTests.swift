@@ -1,4 +1,5 @@
 import Foundation
+import GodwitSystem
 import GodwitTestSupport
 import Testing
 
@@ -6,14 +7,7 @@ import Testing
 /// restarts; the guest must not notice a domain being killed.
 @Suite("Integration: supervised I/O domains", .serialized, .enabled(if: TestEnvironment.hasKVM))
 struct SupervisorTests {
-    /// The processes `pid`'s threads started (`/proc/PID/task/*/children`).
-    static func children(of pid: Int32) -> [Int32] {
-        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
-        return tasks.flatMap { task -> [Int32] in
-            let text = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/children", encoding: .utf8)) ?? ""
-            return text.split(separator: " ").compactMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-        }
-    }
+    static func children(of pid: Int32) -> [Int32] { VMMProcesses.children(of: pid) }
 
     /// The test: kill -9 the I/O domain twenty times while the guest runs `blk-verify` for a
     /// minute; the supervisor restarts it, the VMM reconnects, requests in flight are resubmitted
@@ -36,7 +30,7 @@ struct SupervisorTests {
             // The domain (with namespaces: the waiting parent; its child dies with it).
             var domain: Int32?
             for _ in 0..<200 {
-                domain = Self.children(of: vm.pid).flatMap { Self.children(of: $0) }.first { !killed.contains($0) }
+                domain = VMMProcesses.supervisedDomains(of: vm.pid).first { !killed.contains($0) }
                 if domain != nil { break }
                 usleep(10_000)
             }
@@ -78,13 +72,29 @@ struct SupervisorTests {
         }
         // The VMM's child is the supervisor (it restarts domains, so that the locked-down VMM never
         // execs); its child the domain, whose child is the namespaced server.
-        let supervisor = try #require(Self.children(of: vm.pid).first)
+        // The process we started waits outside; its child, PID 1 of a new PID namespace, is the VMM;
+        // the network broker stays in our namespaces.
+        let vmmPid = VMMProcesses.vmm(of: vm.pid)
+        #expect(vmmPid != vm.pid, "the VMM runs in its own PID namespace")
+        let broker = try #require(VMMProcesses.broker(of: vm.pid), "the VMM's network broker")
+        let supervisor = try #require(Self.children(of: vmmPid).first)
         let waiter = try #require(Self.children(of: supervisor).first)
         let server = try #require(Self.children(of: waiter).first, "the namespaced domain")
-        let vmm = try String(contentsOfFile: "/proc/\(vm.pid)/status", encoding: .utf8)
+        let vmm = try String(contentsOfFile: "/proc/\(vmmPid)/status", encoding: .utf8)
         #expect(vmm.contains("Seccomp:\t2"), "the VMM locks itself down too")
         #expect(vmm.contains("NoNewPrivs:\t1"))
         #expect(vmm.contains("CapEff:\t0000000000000000"))
+        #expect(vmm.contains("CapBnd:\t0000000000000000"))
+        #expect(Sandbox.ProcessStatus(parsing: vmm).nsPids.last == 1, "PID 1 of its namespace")
+        for kind in ["user", "mnt", "ipc", "net", "pid"] {
+            let its = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(vmmPid)/ns/\(kind)")
+            #expect(its != (try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/\(kind)")), "the VMM's \(kind) namespace")
+        }
+        let devices = try String(contentsOfFile: "/proc/\(vmmPid)/net/dev", encoding: .utf8)
+            .split(separator: "\n").dropFirst(2).map { $0.split(separator: ":")[0].trimmingCharacters(in: .whitespaces) }
+        #expect(devices == ["lo"], "the VMM's network namespace has only lo: \(devices)")
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(broker)/ns/net")
+                == FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/net"), "the broker stays in our network")
         let status = try String(contentsOfFile: "/proc/\(server)/status", encoding: .utf8)
         #expect(status.contains("Seccomp:\t2"))
         #expect(status.contains("NoNewPrivs:\t1"))
@@ -95,7 +105,7 @@ struct SupervisorTests {
         _ = vm.wait(timeout: 10)
         var gone = false
         for _ in 0..<200 where !gone {
-            gone = kill(supervisor, 0) != 0 && kill(waiter, 0) != 0 && kill(server, 0) != 0
+            gone = kill(supervisor, 0) != 0 && kill(waiter, 0) != 0 && kill(server, 0) != 0 && kill(vmmPid, 0) != 0 && kill(broker, 0) != 0
             usleep(10_000)
         }
         #expect(gone, "the I/O domain outlived its VMM")
@@ -126,7 +136,7 @@ struct NetIODomainTests {
         #expect(first["received"] as? Int == 2000, "\(first)")
         #expect(first["mismatched"] as? Int == 0, "\(first)")
         // Kill the domain: the supervisor restarts it with the same TAP, the VMM reconnects.
-        let domain = try #require(SupervisorTests.children(of: vm.pid).flatMap { SupervisorTests.children(of: $0) }.first)
+        let domain = try #require(VMMProcesses.supervisedDomains(of: vm.pid).first)
         kill(domain, SIGKILL)
         usleep(500_000)
         var back = false

@@ -172,6 +172,22 @@ long godwit_send_fds(int socket, const void *buffer, size_t length, const int *f
 /// end of file) or -1 with errno; on -1 no descriptor is left open.
 long godwit_recv_fds(int socket, void *buffer, size_t length, int *fds, int max_fds, int *nfds, int *truncated);
 
+// The VMM's network broker (broker.c): a process left in the caller's network namespace that hands
+// the namespaced VMM TCP sockets and TAPs. Without a broker these fall back to the direct calls.
+/// 1 when this process has a broker (a `godwit vm` in its namespaces), else 0.
+int godwit_broker_available(void);
+/// Forks the broker (call single-threaded, before unsharing); 0 or -1 with errno.
+int godwit_broker_start(void);
+/// socket(domain, type | SOCK_CLOEXEC, protocol) in the caller's network namespace: through the
+/// broker (TCP over IPv4/IPv6 only) when there is one. Returns the descriptor or -1 with errno.
+int godwit_host_socket(int domain, int type, int protocol);
+/// The TAP `name` (NULL or "": a new one) attached through the broker; its name in `actual_name` (16 bytes).
+int godwit_broker_tap_open(const char *name, char *actual_name);
+/// Brings a TAP the broker opened up (1) or down (0); 0 or -1 with errno.
+int godwit_broker_set_link(const char *name, int up);
+/// Tells the broker to hand out nothing but sockets from now on; 0 or -1 with errno.
+int godwit_broker_seal(void);
+
 // Process sandbox (sandbox.c): namespaces entered by a constructor before Swift's main, then
 // no_new_privs, no capabilities and a libseccomp allow-list once set-up is done (GodwitSystem's Sandbox).
 /// 1 in the process the constructor moved into new user, mount, IPC, network and PID namespaces
