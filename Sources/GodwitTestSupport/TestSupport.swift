@@ -133,6 +133,19 @@ public final class BackgroundProcess: @unchecked Sendable {
     public var isRunning: Bool { process.isRunning }
     /// What it has printed so far.
     public var stdoutSoFar: String { outData.string }
+    /// What it has printed on standard error so far.
+    public var stderrSoFar: String { errData.string }
+
+    /// Waits until `predicate` holds for the standard error so far, or `timeout` passes.
+    public func waitForErrorOutput(timeout: Double = 30, _ predicate: (String) -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if predicate(errData.string) { return true }
+            if !process.isRunning { return predicate(errData.string) }
+            usleep(10_000)
+        }
+        return false
+    }
 
     /// Waits until `predicate` holds for the output so far, or `timeout` passes; returns whether it held.
     public func waitForOutput(timeout: Double = 30, _ predicate: (String) -> Bool) -> Bool {

@@ -44,10 +44,12 @@ public struct MigrationParameters: Sendable {
     public var timeout: Double
     /// The stream's cap, in bytes per second.
     public var maxBytesPerSecond: UInt64?
-    /// How long to wait for the target's *ready* after the state was sent.
+    /// How long to wait for the target's *ready* after the state was sent (the guest is stopped all
+    /// that time; the target restores in milliseconds, so a longer wait only means a lost link or a
+    /// hung target, and the guest is better off running again here).
     public var readyTimeout: Double
 
-    public init(downtime: Double = 0.3, timeout: Double = 300, maxBytesPerSecond: UInt64? = nil, readyTimeout: Double = 30) {
+    public init(downtime: Double = 0.3, timeout: Double = 300, maxBytesPerSecond: UInt64? = nil, readyTimeout: Double = 10) {
         self.downtime = downtime
         self.timeout = timeout
         self.maxBytesPerSecond = maxBytesPerSecond
@@ -164,7 +166,13 @@ public final class PreCopySender {
             mark("state sent")
             let savedTimeout = channel.timeout
             channel.timeout = parameters.readyTimeout
-            let ready = try channel.receive(expecting: [.ready, .abort])
+            let ready: MigrationSection
+            do { ready = try channel.receive(expecting: [.ready, .abort]) } catch {
+                if case .timedOut = error {
+                    throw MigrationError.timedOut(operation: "waiting for the target's ready (\(parameters.readyTimeout) s after the state was sent)")
+                }
+                throw error
+            }
             if ready.kind == .abort { throw MigrationError.peerAborted(reason: (try? ready.abortReason()) ?? "refused") }
             channel.timeout = savedTimeout
             mark("ready")
