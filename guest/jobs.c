@@ -576,6 +576,7 @@ static int job_dirty(struct args *a)
     u64 mib = arg_num(a, "mib", 64, 1, 1u << 20);
     u64 rate = arg_num(a, "rate", 0, 0, 1u << 20);
     u64 secs = arg_num(a, "seconds", 5, 0, 1000000);
+    u64 beat = arg_num(a, "beat", 0, 0, 1);
     if (args_check(a))
         return 1;
     u64 pages = mib * 256;
@@ -585,7 +586,18 @@ static int job_dirty(struct args *a)
         return job_error(a->job, "nomem", "mib=%lu free_mib=%lu", mib, (heap_end - heap_base) >> 20);
     emit(a->job, "phase=start mib=%lu rate=%lu seconds=%lu addr=0x%lx", mib, rate, secs, (u64)mem);
     u64 t0 = clock_ns(), end = t0 + secs * 1000000000ull, written = 0, pos = 0, now = t0;
+    /* beat=1: a heartbeat line every 10 ms as `idle` prints them (missed beats skipped), so that a
+     * host can time a migration's downtime on a guest that dirties memory. */
+    const u64 period = 10000000;
+    u64 beats = 0, next_beat = t0, prev_beat = t0, max_gap = 0;
     while (now < end) {
+        if (beat && now >= next_beat) {
+            if (beats && now - prev_beat > max_gap)
+                max_gap = now - prev_beat;
+            prev_beat = now;
+            emit(a->job, "seq=%lu", beats++);
+            next_beat = t0 + ((now - t0) / period + 1) * period;
+        }
         if (rate) {
             u64 allowed = rate * 256 * ((now - t0) / 1000) / 1000000;
             if (written >= allowed) {
@@ -606,6 +618,8 @@ static int job_dirty(struct args *a)
         if (page_sum((const u64 *)(mem + p * 4096)) != sums[p])
             if (!errors++)
                 first_bad = p;
+    if (beat)
+        emit(a->job, "beats=%lu max_gap_us=%lu", beats, max_gap / 1000);
     emit(a->job, "mib=%lu pages_written=%lu verified=%d errors=%lu rate=%lu seconds=%lu", mib, written, !errors, errors,
          rate, secs);
     if (errors) {

@@ -243,8 +243,12 @@ public final class MicroVM: @unchecked Sendable {
             throw MachineError.memory("\(bytes >> 20) MiB is too little: at least \(MachineConfig.minMemory >> 20) MiB")
         }
         guard bytes % Layout.pageSize == 0 else { throw MachineError.memory("\(bytes) bytes is not a whole number of pages") }
-        let hostBytes = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
-        guard bytes <= hostBytes else {
+        // sysconf answers -1 when it cannot tell (its sysinfo call refused by a locked-down VMM's filter,
+        // for a second VM built after a failed incoming migration): then there is nothing to check.
+        let pages = sysconf(Int32(_SC_PHYS_PAGES)), pageSize = sysconf(Int32(_SC_PAGESIZE))
+        guard pages > 0, pageSize > 0 else { return }
+        let (hostBytes, overflow) = UInt64(pages).multipliedReportingOverflow(by: UInt64(pageSize))
+        guard overflow || bytes <= hostBytes else {
             throw MachineError.memory("\(bytes >> 20) MiB requested but the host has only \(hostBytes >> 20) MiB")
         }
     }

@@ -87,7 +87,8 @@ public struct MigrationOutcome: Codable, Equatable, Sendable {
 ///
 /// 1. `config`; the target answers `progress` (it matches) or `abort` (why not).
 /// 2. Dirty logging on; every RAM page (zero pages as numbers only); then, pass after pass, the pages
-///    written meanwhile, until the rest fits the downtime at the measured rate.
+///    written meanwhile, until the rest fits the downtime at the measured rate; then a `progress`
+///    round trip, so that the target has applied everything before the guest stops.
 /// 3. Stop the guest and devices, send the last dirty pages and the state; the target restores and
 ///    answers `ready`. 4. `commit`: from here the source never resumes the guest; the target resumes it
 ///    and answers `done`.
@@ -147,6 +148,13 @@ public final class PreCopySender {
                 rate = try sendPass(all: false, bitmap: bitmap)
                 bitmap = try vm.takeDirtyBitmap()
             }
+
+            // Before stopping, wait until the target has applied everything sent so far (a `progress`
+            // round trip): a target still working through the last pass would add its backlog to the
+            // downtime. The guest keeps running meanwhile.
+            try channel.send(kind: .progress, payload: Array(#"{"sync":true}"#.utf8))
+            let synced = try channel.receive(expecting: [.progress, .abort])
+            if synced.kind == .abort { throw MigrationError.peerAborted(reason: (try? synced.abortReason()) ?? "refused") }
 
             // Stop and copy.
             let stopTime = BandwidthLimiter.monotonicSeconds()
@@ -295,7 +303,7 @@ public final class MigrationReceiver {
         var written = [UInt64](repeating: 0, count: (vm.pageCount + 63) / 64)
         let tracing = getenv("GODWIT_MIGRATION_TRACE") != nil
         while true {
-            let section = try channel.receive(expecting: [.pages, .zeroPages, .state, .abort])
+            let section = try channel.receive(expecting: [.pages, .zeroPages, .progress, .state, .abort])
             if tracing { fputs("godwit: migration: \(String(format: "%.3f", BandwidthLimiter.monotonicSeconds())) received \(section.kind) (\(section.payload.count) bytes)\n", stderr) }
             switch section.kind {
             case .pages:
@@ -307,14 +315,24 @@ public final class MigrationReceiver {
                     pagesReceived += 1
                 }
             case .zeroPages:
-                for number in try section.zeroPageNumbers(pageLimit: limit) {
+                // Most zero pages were never written here (a first pass lists every untouched page of the
+                // guest): test the bitmap first and look the page up only to clear it. This runs while the
+                // source may already be stopping, so it has to be cheap per page.
+                let numbers = try section.zeroPageNumbers(pageLimit: limit)
+                for number in numbers {
+                    // In bounds: number < limit (checked by zeroPageNumbers), so number / 64 < written.count.
+                    let word = Int(number / 64), bit = UInt64(1) << (number % 64)
+                    guard written[word] & bit != 0 else { continue }
                     guard let page = vm.writablePage(number) else { throw MigrationError.pageOutOfRange(number, limit: limit) }
-                    // In bounds: number < limit (checked by zeroPageNumbers).
-                    if written[Int(number / 64)] & (1 << (number % 64)) != 0 { page.initializeMemory(as: UInt8.self, repeating: 0) }
-                    zeroPages += 1
+                    page.initializeMemory(as: UInt8.self, repeating: 0)
+                    written[word] &= ~bit
                 }
+                zeroPages += numbers.count
             case .abort:
                 throw MigrationError.peerAborted(reason: (try? section.abortReason()) ?? "aborted")
+            case .progress:
+                // The source is about to stop the guest: everything before this is applied; say so.
+                try channel.send(kind: .progress, payload: Array(#"{"synced":true}"#.utf8))
             default:  // .state
                 do { try vm.restoreState(section.payload) } catch {
                     try? channel.sendAbort(reason: "the state cannot be restored: \(error)")

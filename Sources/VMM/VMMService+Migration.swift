@@ -184,7 +184,7 @@ extension VMMService {
                 $0.totalMs = outcome.total * 1000
                 $0.bytesSent = outcome.bytesSent
             }
-            migrationLog("to \(url) completed: downtime \(Int(outcome.downtime * 1000)) ms, \(outcome.bytesSent) bytes in \(outcome.passes) passes; final phase: "
+            migrationLog("to \(url) completed: downtime \(Int(outcome.downtime * 1000)) ms, \(outcome.bytesSent) bytes in \(outcome.passes) passes, total \(Int(outcome.total * 1000)) ms; final phase: "
                          + s.trace.map { "\($0.0) +\(String(format: "%.1f", $0.1 * 1000)) ms" }.joined(separator: ", "))
             publish(.migrationProgress, ["state": .string("completed"), "downtime_ms": .number(outcome.downtime * 1000),
                                          "total_ms": .number(outcome.total * 1000), "bytes_sent": .number(Double(outcome.bytesSent))])

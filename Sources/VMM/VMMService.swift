@@ -197,6 +197,8 @@ public final class VMMService: VMMController, @unchecked Sendable {
 
     /// Called once the VM is built, before it runs: the CLI locks the VMM down here.
     public var lockDownAfterStart: (() throws -> Void)?
+    /// Set once `lockDownAfterStart` ran (a VMM whose incoming migration failed builds the next VM locked down).
+    private var lockedDown = false
 
     public func instanceStart() throws {
         let config: MachineConfig = try lock.withLock {
@@ -242,8 +244,13 @@ public final class VMMService: VMMController, @unchecked Sendable {
         do {
             instance = try MicroVM(config: config)
             instance.startsPaused = startsPaused
+            // Locked down before `prepare` reads a snapshot or an incoming migration stream: untrusted
+            // input is parsed inside the sandbox, and the lock-down is off a migration's critical path.
+            if let lockDown = lock.withLock({ lockedDown ? nil : lockDownAfterStart }) {
+                try lockDown()
+                lock.withLock { lockedDown = true }
+            }
             try prepare?(instance)
-            try lockDownAfterStart?()
         } catch {
             lock.withLock { lifecycle = (try? lifecycle.applying(.startFailed)) ?? lifecycle }
             if let error = error as? APIError { throw error }

@@ -137,7 +137,11 @@ extension MigrationTests {
             let before = target.process.stderrSoFar.components(separatedBy: "VM discarded").count
             let channel = try MigrationChannel.connect(host: "127.0.0.1", port: target.port, key: key)
             try channel.send(kind: .config, payload: config)
-            let answer = try channel.receive()
+            let answer: MigrationSection
+            do { answer = try channel.receive() } catch {
+                Issue.record("\(name): no answer to the config (\(error)); the target said: \(target.process.stderrSoFar.suffix(1500))")
+                break
+            }
             #expect(answer.kind == .progress, "\(name): the genuine config is accepted")
             try channel.send(kind: kind, payload: payload)
             // The target answers abort or closes; either way it reads nothing more of this stream.

@@ -93,7 +93,7 @@ struct MigrationTests {
         let before = try api.serialLines()
         let after = target.lines()
         let idle = try #require(after.last { $0.job == "idle" && $0["beats"] != nil }, "\(after.suffix(5))")
-        #expect(idle.int("beats") ?? 0 >= 590, "\(idle)")
+        #expect(idle.int("beats") ?? 0 >= 540, "90% of 6 s of heartbeats (a loaded host delays some): \(idle)")
         #expect((idle.int("max_gap_us") ?? .max) < 200_000, "the guest's clock did not jump: \(idle)")
         #expect(before.first?["boot"] == after.first?["boot"], "same boot id: \(String(describing: before.first)) vs \(String(describing: after.first))")
         #expect((after.first { $0.job == "idle" }?.int("seq") ?? 0) > 50, "continued, not rebooted")
