@@ -58,6 +58,7 @@ bench: guest
 	bench/net
 	bench/api
 	bench/blk
+	bench/migrate
 
 clean:
 	rm -rf .build guest/out out

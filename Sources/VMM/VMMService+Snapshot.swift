@@ -2,22 +2,50 @@ import API
 import Foundation
 import GodwitSystem
 import Machine
+import Migration
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// A snapshot file (`snapshot_path`): the API configuration that built the VM, what the VM must look
-/// like, and its saved state. Guest memory is in the memory file (`mem_file_path`): every RAM region,
-/// in order, byte for byte.
-struct SnapshotFile: Codable {
-    static let magic = "godwit-snapshot"
-    static let version = 1
-    var magic: String
-    var version: Int
-    var config: FullVmConfiguration
-    var shape: MachineShape
-    var memoryBytes: UInt64
+/// What a snapshot file (`snapshot_path`) holds, in the migration stream's format at rest
+/// (`MigrationFile`: magic, version, sections with lengths and checksums): a `config` section with the
+/// API configuration that built the VM, what the VM must look like and its memory size, and a `state`
+/// section with the saved `MachineState`. Guest memory is in the memory file (`mem_file_path`): every
+/// RAM region, in order, byte for byte (Firecracker's two files).
+struct SnapshotFile {
+    /// The `config` section.
+    struct Header: Codable {
+        var config: FullVmConfiguration
+        var shape: MachineShape
+        var memoryBytes: UInt64
+    }
+
+    var header: Header
     var state: MachineState
+
+    func encoded() throws -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return try MigrationFile.encode([MigrationSection(kind: .config, payload: Array(try encoder.encode(header))),
+                                         MigrationSection(kind: .state, payload: Array(try encoder.encode(state)))])
+    }
+
+    init(header: Header, state: MachineState) {
+        self.header = header
+        self.state = state
+    }
+
+    /// Reads and checks a file: its format (every length and checksum), then exactly one `config`
+    /// and one `state` section, each valid JSON of its type.
+    init(decoding bytes: [UInt8]) throws {
+        let sections = try MigrationFile.decode(bytes)
+        guard sections.map(\.kind) == [.config, .state] else {
+            throw MigrationError.malformedSection(kind: sections.first?.kind ?? .config,
+                                                  reason: "a snapshot holds a config and a state section, this one \(sections.map { "\($0.kind)" })")
+        }
+        header = try sections[0].decodeJSON(Header.self)
+        state = try sections[1].decodeJSON(MachineState.self)
+    }
 }
 
 extension VMMService {
@@ -33,12 +61,9 @@ extension VMMService {
             try machine.quiesceDevices()
             defer { try? machine.releaseDevices() }
             let state = try machine.captureState()
-            let file = SnapshotFile(magic: SnapshotFile.magic, version: SnapshotFile.version, config: config, shape: machine.shape,
-                                    memoryBytes: machine.memory.totalSize, state: state)
+            let file = SnapshotFile(header: .init(config: config, shape: machine.shape, memoryBytes: machine.memory.totalSize), state: state)
             try writeMemory(machine, to: params.memFilePath)
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys]
-            try writeFile(params.snapshotPath, Array(try encoder.encode(file)))
+            try writeFile(params.snapshotPath, try file.encoded())
         } catch let error as APIError {
             throw error
         } catch {
@@ -53,30 +78,27 @@ extension VMMService {
         do {
             let data = try Data(contentsOf: URL(fileURLWithPath: params.snapshotPath))
             guard data.count <= 64 << 20 else { throw APIError.badRequest("snapshot file \(params.snapshotPath) is larger than 64 MiB") }
-            file = try JSONDecoder().decode(SnapshotFile.self, from: data)
+            file = try SnapshotFile(decoding: Array(data))
         } catch let error as APIError {
             throw error
         } catch {
             throw APIError.badRequest("snapshot_path \(params.snapshotPath) is not a Godwit snapshot: \(error)")
         }
-        guard file.magic == SnapshotFile.magic, file.version == SnapshotFile.version else {
-            throw APIError.badRequest("snapshot_path \(params.snapshotPath): \(file.magic) version \(file.version) is not \(SnapshotFile.magic) version \(SnapshotFile.version)")
-        }
         let config: MachineConfig = try lock.withLock {
             try requireNotStarted("PUT /snapshot/load")
             // The snapshot's own configuration: the same machine, drives and NICs (paths must still exist).
-            if let m = file.config.machineConfig { machine = m }
-            drives = file.config.drives ?? []
-            interfaces = file.config.networkInterfaces ?? []
-            bootSource = file.config.bootSource
+            if let m = file.header.config.machineConfig { machine = m }
+            drives = file.header.config.drives ?? []
+            interfaces = file.header.config.networkInterfaces ?? []
+            bootSource = file.header.config.bootSource
             let config = try machineConfigLocked(incoming: true)
             lifecycle = try lifecycle.applying(.start)
             return config
         }
         try startMachine(config, startsPaused: params.resumeVm != true) { machine in
-            if let mismatch = machine.shape.mismatch(file.shape) { throw APIError.badRequest("the snapshot cannot run here: \(mismatch)") }
-            guard file.memoryBytes == machine.memory.totalSize else {
-                throw APIError.badRequest("the snapshot has \(file.memoryBytes) bytes of memory, this VM \(machine.memory.totalSize)")
+            if let mismatch = machine.shape.mismatch(file.header.shape) { throw APIError.badRequest("the snapshot cannot run here: \(mismatch)") }
+            guard file.header.memoryBytes == machine.memory.totalSize else {
+                throw APIError.badRequest("the snapshot has \(file.header.memoryBytes) bytes of memory, this VM \(machine.memory.totalSize)")
             }
             try self.readMemory(machine, from: memoryPath)
             try machine.restore(file.state)

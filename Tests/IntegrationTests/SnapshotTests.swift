@@ -38,6 +38,20 @@ struct SnapshotTests {
         #expect(lines.last { $0.job == "done" }?["status"] == "pass")
         #expect(beforeLines > 0)
         #expect(lines.first { $0.job == "idle" }.map { ($0.int("seq") ?? 0) > 10 } ?? false, "continued, not rebooted")
+
+        // The snapshot file is in the migration stream's format: damaged or cut short, it is refused
+        // with a reason and the VMM stays up, unconfigured.
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: snapshot))
+        #expect(bytes.prefix(8) == Data("GODWITMG".utf8))
+        let third = try APIHarness()
+        defer { third.stop() }
+        for (name, damaged) in [("truncated", bytes.prefix(bytes.count - 40)), ("flipped", { var d = bytes; d[d.count / 2] ^= 0x10; return d }())] {
+            let path = third.dir.appendingPathComponent("\(name).snap").path
+            try damaged.write(to: URL(fileURLWithPath: path))
+            let r = try third.call("PUT", "/snapshot/load", ["snapshot_path": path, "mem_backend": ["backend_type": "File", "backend_path": memory]])
+            #expect(r.status == 400 && r.body.contains("not a Godwit snapshot"), "\(name): \(r.status) \(r.body)")
+        }
+        #expect(third.process.isRunning)
     }
 
     @Test func badSnapshotsAreRefused() throws {

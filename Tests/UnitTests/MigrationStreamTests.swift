@@ -594,3 +594,57 @@ private func sendPatternPages(_ channel: MigrationChannel, _ numbers: [UInt64]) 
         #expect(average >= 0.5 * Double(rate), "average \(average) bytes/s, cap \(rate)")
     }
 }
+
+// MARK: - The format at rest (snapshot files)
+
+@Suite("Migration file format")
+struct MigrationFileTests {
+    let sections = [MigrationSection(kind: .config, payload: Array(#"{"cpus":2}"#.utf8)),
+                    MigrationSection(kind: .state, payload: Array(repeating: 0x5A, count: 300))]
+
+    @Test func roundTrip() throws {
+        let bytes = try MigrationFile.encode(sections)
+        #expect(Array(bytes[0..<8]) == MigrationStream.magic)
+        #expect(try MigrationFile.decode(bytes) == sections)
+        #expect(try MigrationFile.decode(try MigrationFile.encode([])) == [])
+    }
+
+    /// Every truncation and every single flipped bit is an error, never a trap or a different file.
+    @Test func everyTruncationAndFlipIsRefused() throws {
+        let bytes = try MigrationFile.encode(sections)
+        for length in 0..<bytes.count {
+            #expect(throws: MigrationError.self) { try MigrationFile.decode(Array(bytes[0..<length])) }
+        }
+        for index in bytes.indices {
+            for bit in [0, 3, 7] {
+                var damaged = bytes
+                damaged[index] ^= UInt8(1 << bit)
+                #expect(throws: MigrationError.self, "byte \(index) bit \(bit)") { try MigrationFile.decode(damaged) }
+            }
+        }
+    }
+
+    @Test func lyingLengthsAndTrailingBytesAreRefused() throws {
+        var bytes = try MigrationFile.encode(sections)
+        #expect(throws: MigrationError.self) { try MigrationFile.decode(bytes + [0]) }
+        // The first section's length (after the 20-byte header and its 4-byte kind) set past the end,
+        // and past the kind's limit.
+        for length in [UInt64(bytes.count), UInt64.max, UInt64(Int.max)] {
+            withUnsafeBytes(of: length.littleEndian) { for (i, b) in $0.enumerated() { bytes[MigrationFile.headerLength + 4 + i] = b } }
+            #expect(throws: MigrationError.self) { try MigrationFile.decode(bytes) }
+        }
+        // A wire stream is not a file (another label), and an unknown version is refused.
+        var other = try MigrationFile.encode(sections)
+        other[12] ^= 1
+        #expect(throws: MigrationError.self) { try MigrationFile.decode(other) }
+        var version = try MigrationFile.encode(sections)
+        version[8] = 2
+        #expect(throws: MigrationError.self) { try MigrationFile.decode(version) }
+    }
+
+    @Test func sectionsThatAreTooLargeAreNotWritten() {
+        #expect(throws: MigrationError.self) {
+            try MigrationFile.encode([MigrationSection(kind: .config, payload: Array(repeating: 0, count: 64 << 10 + 1))])
+        }
+    }
+}
