@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layers (see ARCHITECTURE.md): dependencies point down only.
-// CGodwit -> GodwitSystem -> GuestMemory -> {KVM, Virtio} -> Machine -> godwit
+// CGodwit -> GodwitSystem -> GuestMemory -> {KVM, Virtio} -> Machine -> godwit; NBD and Migration sit on GodwitSystem
 let swift5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
 
 let package = Package(
@@ -25,19 +25,20 @@ let package = Package(
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "Migration", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
+        .target(name: "NBD", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "VMM", dependencies: ["API", "Machine", "Migration", "Virtio", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
-            dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", "NBD", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swift5),
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
             name: "UnitTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "GodwitTestSupport"],
             swiftSettings: swift5),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "GodwitTestSupport"],
             swiftSettings: swift5),
     ]
 )

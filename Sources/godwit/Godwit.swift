@@ -16,7 +16,7 @@ struct Godwit: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "godwit",
         abstract: "A KVM virtual machine monitor whose device I/O runs in separate I/O domains.",
-        subcommands: [VMCommand.self, IODomainCommand.self, CtlCommand.self, SandboxProbeCommand.self, SuperviseCommand.self])
+        subcommands: [VMCommand.self, IODomainCommand.self, NBDServerCommand.self, CtlCommand.self, SandboxProbeCommand.self, SuperviseCommand.self])
 }
 
 /// Exit statuses of `godwit vm`, documented in the README.

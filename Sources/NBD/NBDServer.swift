@@ -1,0 +1,407 @@
+import CGodwit
+import Foundation
+import GodwitSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Blocking reads and writes of whole messages on a connected stream socket.
+final class NBDSocket: @unchecked Sendable {
+    let descriptor: FileDescriptor
+    private let writeLock = Lock()
+
+    init(_ descriptor: FileDescriptor) { self.descriptor = descriptor }
+
+    /// Limits each blocking read to `seconds` (nil: no limit).
+    func setReceiveTimeout(_ seconds: Double?) {
+        var value = timeval(tv_sec: Int(seconds ?? 0), tv_usec: Int(((seconds ?? 0) - Double(Int(seconds ?? 0))) * 1e6))
+        _ = setsockopt(descriptor.rawValue, SOL_SOCKET, SO_RCVTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, operation: String) throws(NBDError) {
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.read(descriptor.rawValue, buffer.baseAddress! + done, buffer.count - done)
+            if n > 0 { done += n; continue }
+            if n == 0 { throw .peerClosed }
+            let code = godwit_errno()
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { throw .timedOut(operation: operation) }
+            throw .system(SystemError(operation: "read", errno: code, context: operation))
+        }
+    }
+
+    func read(count: Int, operation: String) throws(NBDError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        // In bounds: the buffer is exactly `count` bytes.
+        let result = bytes.withUnsafeMutableBytes { b in Result { () throws(NBDError) in try read(into: b, operation: operation) } }
+        try result.get()
+        return bytes
+    }
+
+    /// Writes every piece in order as one message (other writers wait).
+    func write(_ pieces: [UnsafeRawBufferPointer]) throws(NBDError) {
+        let result: Result<Void, NBDError> = writeLock.withLock {
+            for piece in pieces {
+                var done = 0
+                while done < piece.count {
+                    let n = send(descriptor.rawValue, piece.baseAddress! + done, piece.count - done, Int32(MSG_NOSIGNAL))
+                    if n > 0 { done += n; continue }
+                    let code = godwit_errno()
+                    if code == EINTR { continue }
+                    return .failure(code == EPIPE || code == ECONNRESET ? .peerClosed : .system(SystemError(operation: "send", errno: code, context: "NBD")))
+                }
+            }
+            return .success(())
+        }
+        try result.get()
+    }
+
+    func write(_ bytes: [UInt8]) throws(NBDError) {
+        let result = bytes.withUnsafeBytes { b in Result { () throws(NBDError) in try write([b]) } }
+        try result.get()
+    }
+
+    func shutdown() { _ = Glibc.shutdown(descriptor.rawValue, Int32(SHUT_RDWR)) }
+}
+
+/// Counters of an NBD server, for statistics and tests.
+public struct NBDServerStatistics: Sendable, Equatable {
+    public var connections = 0
+    public var requests = 0
+    public var errors = 0
+    /// Connections dropped for a protocol violation (bad magic, a lying length, a hostile option).
+    public var violations = 0
+    /// The most requests one connection had in flight at once.
+    public var peakInFlight = 0
+}
+
+/// An NBD server (fixed newstyle; `NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST`, `NBD_OPT_EXPORT_NAME`;
+/// simple replies; READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE, with FUA; many requests in flight,
+/// answered as they finish). Every field a client sends is checked; a client that breaks the
+/// protocol is disconnected, one that asks for something wrong gets an error reply.
+public final class NBDServer: @unchecked Sendable {
+    public struct Options: Sendable {
+        /// Seconds a client has to finish the handshake.
+        public var handshakeTimeout: Double = 30
+        /// Requests executed at once per connection.
+        public var workers = 8
+        /// Requests read ahead of the workers per connection (beyond that the reader waits).
+        public var maxQueued = 64
+        public init() {}
+    }
+
+    public let exports: [String: NBDStorage]
+    public let options: Options
+    private let lock = Lock()
+    private var stats = NBDServerStatistics()
+    private var connections: [ObjectIdentifier: NBDSocket] = [:]
+    private var stopping = false
+
+    /// A server for `exports` by name ("" is the default export NBD clients ask for without a name).
+    public init(exports: [String: NBDStorage], options: Options = Options()) {
+        self.exports = exports
+        self.options = options
+    }
+
+    public var statistics: NBDServerStatistics { lock.withLock { stats } }
+
+    /// Accepts connections on a listening socket until `stop()`, each served on its own thread.
+    public func serve(listener: FileDescriptor) {
+        while !lock.withLock({ stopping }) {
+            let fd = godwit_accept(listener.rawValue)
+            if fd < 0 {
+                let code = godwit_errno()
+                if code == EINTR || code == ECONNABORTED { continue }
+                return
+            }
+            let connection = FileDescriptor(owning: fd)
+            let thread = Thread { [self] in serve(connection: connection) }
+            thread.name = "nbd-conn"
+            thread.start()
+        }
+    }
+
+    /// Disconnects every client; `serve(listener:)` returns once its listener is shut down by the caller.
+    public func stop() {
+        let all: [NBDSocket] = lock.withLock {
+            stopping = true
+            return Array(connections.values)
+        }
+        for socket in all { socket.shutdown() }
+    }
+
+    /// Serves one connected client until it disconnects or breaks the protocol; returns the reason
+    /// the connection ended (nil: a clean disconnect).
+    @discardableResult
+    public func serve(connection: FileDescriptor) -> NBDError? {
+        let socket = NBDSocket(connection)
+        let id = ObjectIdentifier(socket)
+        lock.withLock {
+            stats.connections += 1
+            connections[id] = socket
+        }
+        defer {
+            lock.withLock { _ = connections.removeValue(forKey: id) }
+            socket.shutdown()
+            connection.close()
+        }
+        var on: Int32 = 1
+        _ = setsockopt(connection.rawValue, Int32(IPPROTO_TCP), TCP_NODELAY, &on, socklen_t(MemoryLayout<Int32>.size))
+        do throws(NBDError) {
+            socket.setReceiveTimeout(options.handshakeTimeout)
+            guard let (name, storage) = try handshake(socket) else { return nil }
+            socket.setReceiveTimeout(nil)
+            try transmission(socket, export: name, storage: storage)
+            return nil
+        } catch {
+            if case .peerClosed = error { return nil }
+            lock.withLock { stats.violations += 1 }
+            return error
+        }
+    }
+
+    // MARK: Handshake
+
+    private func transmissionFlags(_ storage: NBDStorage) -> UInt16 {
+        var flags = NBDProtocol.TransmissionFlag.hasFlags | NBDProtocol.TransmissionFlag.sendFlush
+            | NBDProtocol.TransmissionFlag.sendFUA | NBDProtocol.TransmissionFlag.canMultiConn | NBDProtocol.TransmissionFlag.sendCache
+        if storage.readOnly { flags |= NBDProtocol.TransmissionFlag.readOnly } else {
+            flags |= NBDProtocol.TransmissionFlag.sendTrim | NBDProtocol.TransmissionFlag.sendWriteZeroes
+        }
+        return flags
+    }
+
+    /// The option phase; returns the export to serve, or nil when the client aborted.
+    private func handshake(_ socket: NBDSocket) throws(NBDError) -> (String, NBDStorage)? {
+        var greeting = [UInt8]()
+        greeting.appendBE(NBDProtocol.initMagic)
+        greeting.appendBE(NBDProtocol.optionMagic)
+        greeting.appendBE(NBDProtocol.HandshakeFlag.fixedNewstyle | NBDProtocol.HandshakeFlag.noZeroes)
+        try socket.write(greeting)
+        let clientFlags: UInt32 = try socket.read(count: 4, operation: "reading the client flags").loadBE(at: 0)
+        guard clientFlags & ~UInt32(NBDProtocol.HandshakeFlag.fixedNewstyle | NBDProtocol.HandshakeFlag.noZeroes) == 0,
+              clientFlags & UInt32(NBDProtocol.HandshakeFlag.fixedNewstyle) != 0 else {
+            throw .protocolViolation("client flags 0x\(String(clientFlags, radix: 16)) (fixed newstyle is required)")
+        }
+        let noZeroes = clientFlags & UInt32(NBDProtocol.HandshakeFlag.noZeroes) != 0
+        for _ in 0..<64 {  // a client that haggles for ever is dropped
+            let header = try socket.read(count: 16, operation: "reading an option")
+            let magic: UInt64 = header.loadBE(at: 0)
+            guard magic == NBDProtocol.optionMagic else { throw .badMagic(expected: NBDProtocol.optionMagic, got: magic) }
+            let option: UInt32 = header.loadBE(at: 8)
+            let length: UInt32 = header.loadBE(at: 12)
+            guard length <= NBDProtocol.maxOptionLength else { throw .protocolViolation("option \(option) with \(length) bytes of data") }
+            let data = try socket.read(count: Int(length), operation: "reading option \(option)")
+            switch option {
+            case NBDProtocol.Option.exportName:
+                let name = String(decoding: data, as: UTF8.self)
+                // No error reply exists for EXPORT_NAME: an unknown name ends the connection.
+                guard let storage = exports[name] else { throw .unknownExport(name) }
+                var reply = [UInt8]()
+                reply.appendBE(storage.size)
+                reply.appendBE(transmissionFlags(storage))
+                if !noZeroes { reply += [UInt8](repeating: 0, count: 124) }
+                try socket.write(reply)
+                return (name, storage)
+            case NBDProtocol.Option.abort:
+                try? sendOptionReply(socket, option, NBDProtocol.Reply.ack)
+                return nil
+            case NBDProtocol.Option.list:
+                guard data.isEmpty else { try sendOptionReply(socket, option, NBDProtocol.Reply.errInvalid, message: "LIST takes no data"); continue }
+                for name in exports.keys.sorted() {
+                    var payload = [UInt8]()
+                    payload.appendBE(UInt32(name.utf8.count))
+                    payload += Array(name.utf8)
+                    try sendOptionReply(socket, option, NBDProtocol.Reply.server, payload)
+                }
+                try sendOptionReply(socket, option, NBDProtocol.Reply.ack)
+            case NBDProtocol.Option.info, NBDProtocol.Option.go:
+                // u32 name length, name, u16 number of requests, that many u16 info types.
+                guard data.count >= 6 else { try sendOptionReply(socket, option, NBDProtocol.Reply.errInvalid, message: "short request"); continue }
+                let nameLength = Int(data.loadBE(at: 0, as: UInt32.self))
+                guard nameLength <= data.count - 6 else { try sendOptionReply(socket, option, NBDProtocol.Reply.errInvalid, message: "name length"); continue }
+                let count = Int(data.loadBE(at: 4 + nameLength, as: UInt16.self))
+                guard data.count == 6 + nameLength + 2 * count else {
+                    try sendOptionReply(socket, option, NBDProtocol.Reply.errInvalid, message: "request length"); continue
+                }
+                let name = String(decoding: data[4..<(4 + nameLength)], as: UTF8.self)
+                guard let storage = exports[name] else {
+                    try sendOptionReply(socket, option, NBDProtocol.Reply.errUnknown, message: "no export named '\(name)'"); continue
+                }
+                var export = [UInt8]()
+                export.appendBE(NBDProtocol.Info.export)
+                export.appendBE(storage.size)
+                export.appendBE(transmissionFlags(storage))
+                try sendOptionReply(socket, option, NBDProtocol.Reply.info, export)
+                var block = [UInt8]()
+                block.appendBE(NBDProtocol.Info.blockSize)
+                block.appendBE(UInt32(1))
+                block.appendBE(UInt32(4096))
+                block.appendBE(NBDProtocol.maxPayload)
+                try sendOptionReply(socket, option, NBDProtocol.Reply.info, block)
+                try sendOptionReply(socket, option, NBDProtocol.Reply.ack)
+                if option == NBDProtocol.Option.go { return (name, storage) }
+            default:
+                // STARTTLS, STRUCTURED_REPLY, meta contexts and anything unknown: not offered.
+                try sendOptionReply(socket, option, NBDProtocol.Reply.errUnsupported, message: "option \(option) is not supported")
+            }
+        }
+        throw .protocolViolation("more than 64 options")
+    }
+
+    private func sendOptionReply(_ socket: NBDSocket, _ option: UInt32, _ type: UInt32, _ payload: [UInt8] = [],
+                                 message: String? = nil) throws(NBDError) {
+        let data = message.map { Array($0.utf8) } ?? payload
+        var reply = [UInt8]()
+        reply.appendBE(NBDProtocol.replyMagic)
+        reply.appendBE(option)
+        reply.appendBE(type)
+        reply.appendBE(UInt32(data.count))
+        try socket.write(reply + data)
+    }
+
+    // MARK: Transmission
+
+    /// One request read off the wire, with its data for a write.
+    private struct Request {
+        var flags: UInt16
+        var type: UInt16
+        var cookie: UInt64
+        var offset: UInt64
+        var length: UInt32
+        var data: [UInt8]
+    }
+
+    /// The requests of one connection between its reader and its workers.
+    private final class RequestQueue: @unchecked Sendable {
+        let condition = Condition()
+        var pending: [Request] = []
+        var inFlight = 0
+        var finished = false
+        var failure: NBDError?
+    }
+
+    private func transmission(_ socket: NBDSocket, export: String, storage: NBDStorage) throws(NBDError) {
+        let queue = RequestQueue()
+        let condition = queue.condition
+        for n in 0..<max(1, options.workers) {
+            let thread = Thread { [self] in
+                while true {
+                    let next: Request? = condition.withLock {
+                        condition.wait(until: { !queue.pending.isEmpty || queue.finished })
+                        return queue.pending.isEmpty ? nil : queue.pending.removeFirst()
+                    }
+                    guard let request = next else { return }
+                    do throws(NBDError) { try execute(request, socket: socket, storage: storage) } catch {
+                        condition.withLock { if queue.failure == nil { queue.failure = error } }
+                        socket.shutdown()
+                    }
+                    condition.withLock {
+                        queue.inFlight -= 1
+                        condition.broadcast()
+                    }
+                }
+            }
+            thread.name = "nbd-worker-\(n)"
+            thread.start()
+        }
+        defer {
+            // Every request read is answered (or its connection is gone) before the connection closes.
+            condition.withLock {
+                queue.finished = true
+                condition.broadcast()
+                condition.wait(until: { queue.inFlight == 0 })
+            }
+        }
+        while true {
+            let header = try socket.read(count: NBDProtocol.requestLength, operation: "reading a request")
+            let magic: UInt32 = header.loadBE(at: 0)
+            guard magic == NBDProtocol.requestMagic else { throw .badMagic(expected: UInt64(NBDProtocol.requestMagic), got: UInt64(magic)) }
+            var request = Request(flags: header.loadBE(at: 4), type: header.loadBE(at: 6), cookie: header.loadBE(at: 8),
+                                  offset: header.loadBE(at: 16), length: header.loadBE(at: 24), data: [])
+            if request.type == NBDProtocol.Command.disconnect { return }
+            if request.type == NBDProtocol.Command.write {
+                // The data follows whatever we think of the request; a length we will not read is a violation.
+                guard request.length <= NBDProtocol.maxPayload else {
+                    throw .protocolViolation("a write of \(request.length) bytes (at most \(NBDProtocol.maxPayload))")
+                }
+                request.data = try socket.read(count: Int(request.length), operation: "reading write data")
+            }
+            if let error = condition.withLock({ queue.failure }) { throw error }
+            let maxQueued = options.maxQueued
+            let inFlight: Int = condition.withLock {
+                condition.wait(until: { queue.pending.count < maxQueued || queue.finished })
+                queue.pending.append(request)
+                queue.inFlight += 1
+                condition.broadcast()
+                return queue.inFlight
+            }
+            lock.withLock {
+                stats.requests += 1
+                stats.peakInFlight = max(stats.peakInFlight, inFlight)
+            }
+        }
+    }
+
+    /// Performs a request and sends its reply.
+    private func execute(_ request: Request, socket: NBDSocket, storage: NBDStorage) throws(NBDError) {
+        var code: UInt32 = 0
+        var readData: [UInt8] = []
+        let length = UInt64(request.length)
+        let inRange = request.offset <= storage.size && length <= storage.size - request.offset
+        let fua = request.flags & NBDProtocol.CommandFlag.fua != 0
+        let knownFlags = NBDProtocol.CommandFlag.fua | NBDProtocol.CommandFlag.noHole
+        do {
+            if request.flags & ~knownFlags != 0 {
+                code = NBDProtocol.Errno.invalid
+            } else {
+                switch request.type {
+                case NBDProtocol.Command.read:
+                    if request.length > NBDProtocol.maxPayload { code = NBDProtocol.Errno.overflow } else if !inRange { code = NBDProtocol.Errno.invalid } else {
+                        readData = [UInt8](repeating: 0, count: Int(request.length))
+                        try readData.withUnsafeMutableBytes { try storage.read(at: request.offset, into: $0) }
+                    }
+                case NBDProtocol.Command.write:
+                    if storage.readOnly { code = NBDProtocol.Errno.perm } else if !inRange { code = NBDProtocol.Errno.noSpace } else {
+                        try request.data.withUnsafeBytes { try storage.write(at: request.offset, from: $0, fua: fua) }
+                    }
+                case NBDProtocol.Command.flush:
+                    try storage.flush()
+                case NBDProtocol.Command.trim:
+                    if storage.readOnly { code = NBDProtocol.Errno.perm } else if !inRange { code = NBDProtocol.Errno.invalid } else {
+                        try storage.trim(at: request.offset, length: length)
+                        if fua { try storage.flush() }
+                    }
+                case NBDProtocol.Command.writeZeroes:
+                    if storage.readOnly { code = NBDProtocol.Errno.perm } else if !inRange { code = NBDProtocol.Errno.noSpace } else {
+                        let mayUnmap = request.flags & NBDProtocol.CommandFlag.noHole == 0
+                        try storage.writeZeroes(at: request.offset, length: length, mayUnmap: mayUnmap, fua: fua)
+                    }
+                case NBDProtocol.Command.cache:
+                    if !inRange { code = NBDProtocol.Errno.invalid }
+                default:
+                    code = NBDProtocol.Errno.invalid
+                }
+            }
+        } catch let e as NBDError where e == .readOnly {
+            code = NBDProtocol.Errno.perm
+        } catch let e as SystemError {
+            code = e.errno == ENOSPC ? NBDProtocol.Errno.noSpace : NBDProtocol.Errno.io
+        } catch {
+            code = NBDProtocol.Errno.io
+        }
+        if code != 0 {
+            lock.withLock { stats.errors += 1 }
+            readData = []
+        }
+        var header = [UInt8]()
+        header.appendBE(NBDProtocol.simpleReplyMagic)
+        header.appendBE(code)
+        header.appendBE(request.cookie)
+        let result = header.withUnsafeBytes { h in
+            readData.withUnsafeBytes { d in Result { () throws(NBDError) in try socket.write([h, d]) } }
+        }
+        try result.get()
+    }
+}
