@@ -25,7 +25,8 @@ let package = Package(
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "Migration", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
-        .target(name: "NBD", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
+        .target(name: "CNBD", linkerSettings: [.linkedLibrary("nbd")]),
+        .target(name: "NBD", dependencies: ["CGodwit", "CNBD", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "VMM", dependencies: ["API", "Machine", "Migration", "Virtio", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",

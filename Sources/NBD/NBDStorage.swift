@@ -16,6 +16,8 @@ public enum NBDError: Error, CustomStringConvertible, Equatable {
     case outOfRange(offset: UInt64, length: UInt64, size: UInt64)
     case readOnly
     case invalidArgument(String)
+    /// What libnbd said when a client call failed (its message and errno).
+    case remote(operation: String, errno: Int32, message: String)
 
     public var description: String {
         switch self {
@@ -29,6 +31,7 @@ public enum NBDError: Error, CustomStringConvertible, Equatable {
         case .outOfRange(let offset, let length, let size): return "NBD request [\(offset), +\(length)) is outside the export (\(size) bytes)"
         case .readOnly: return "the NBD export is read-only"
         case .invalidArgument(let what): return "invalid NBD argument: \(what)"
+        case .remote(let operation, let errno, let message): return "NBD \(operation) failed: \(message) (errno \(errno))"
         }
     }
 }

@@ -1,16 +1,21 @@
 import Foundation
+import GodwitSystem
 import GodwitTestSupport
+import NBD
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Godwit's NBD server (`godwit nbd-server`) read and written by the NBD world's own tools: libnbd's
 /// nbdinfo and nbdcopy, qemu-img and qemu-io.
 /// The NBD tools the interop tier needs (scripts/install-deps.sh installs them).
 enum NBDTools {
-    static let all = ["/usr/bin/nbdinfo", "/usr/bin/nbdcopy", "/usr/bin/qemu-img", "/usr/bin/qemu-io"]
+    static let all = ["/usr/bin/nbdinfo", "/usr/bin/nbdcopy", "/usr/bin/qemu-img", "/usr/bin/qemu-io", "/usr/bin/qemu-nbd", "/usr/bin/nbdkit"]
     static var missing: [String] { all.filter { !FileManager.default.isExecutableFile(atPath: $0) } }
 }
 
-@Suite("Interop: NBD server with nbdinfo, nbdcopy, qemu-img, qemu-io", .serialized,
+@Suite("Interop: NBD with nbdinfo, nbdcopy, qemu-img, qemu-io, qemu-nbd, nbdkit", .serialized,
        .enabled(if: NBDTools.missing.isEmpty, "needs \(NBDTools.missing.joined(separator: ", ")) (scripts/install-deps.sh installs them)"))
 struct NBDInteropTests {
     /// A server on a Unix socket with a writable export "disk" and a read-only default export.
@@ -106,5 +111,50 @@ struct NBDInteropTests {
         #expect(r.stderr.contains("/nonexistent/img"))
         let bad = try runProcess(TestEnvironment.godwitPath, ["nbd-server", "--export", "x=/tmp,offset=banana", "--unix", "/tmp/godwit-nbd-never.sock"], timeout: 10)
         #expect(bad.status != 0 && bad.stderr.contains("offset"), "\(bad.stderr)")
+    }
+
+    /// Connects to a Unix socket (retrying while the server starts).
+    static func connect(_ path: String) throws -> FileDescriptor {
+        for _ in 0..<500 {
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in path.utf8.enumerated() where i < raw.count - 1 { raw[i] = b } }
+            let rc = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+            if rc == 0 { return FileDescriptor(owning: fd) }
+            close(fd)
+            usleep(10_000)
+        }
+        throw TestFailure("cannot connect to \(path)")
+    }
+
+    /// Godwit's client (libnbd over a socket we connect and hand over) against other servers: writes,
+    /// FUA, zeroes, flush and reads, checked in the file the server serves.
+    @Test(arguments: ["qemu-nbd", "nbdkit"])
+    func clientWorksWithOtherServers(server name: String) throws {
+        let dir = try TestEnvironment.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let image = dir.appendingPathComponent("disk.img")
+        try TestEnvironment.makeImage(at: image, size: 16 << 20)
+        let socketPath = dir.appendingPathComponent("s.sock").path
+        let server = name == "qemu-nbd"
+            ? try BackgroundProcess("/usr/bin/qemu-nbd", ["-k", socketPath, "-f", "raw", "-x", "disk", "-t", image.path])
+            : try BackgroundProcess("/usr/bin/nbdkit", ["-U", socketPath, "-f", "file", image.path])
+        defer { server.terminate(); _ = server.wait(timeout: 10) }
+        let socket = try Self.connect(socketPath)
+        let client = try NBDClient(socket: socket, export: name == "qemu-nbd" ? "disk" : "")
+        socket.close()
+        #expect(client.size == 16 << 20, "\(name)")
+        let data = (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 7) }
+        try data.withUnsafeBytes { try client.write(at: 3 << 20, from: $0, fua: true) }
+        try client.writeZeroes(at: (3 << 20) + 4096, length: 8192)
+        try client.flush()
+        var back = [UInt8](repeating: 0, count: data.count)
+        try back.withUnsafeMutableBytes { try client.read(at: 3 << 20, into: $0) }
+        var expected = data
+        for i in 4096..<(4096 + 8192) { expected[i] = 0 }
+        #expect(back == expected, "\(name): what was written reads back")
+        let file = try Data(contentsOf: image)
+        #expect(file[(3 << 20)..<((3 << 20) + data.count)] == Data(expected), "\(name): and is in the file")
     }
 }
