@@ -21,7 +21,7 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .target(name: "Virtio", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .target(name: "VhostUser", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "Virtio"], swiftSettings: swift5),
-        .target(name: "IODomain", dependencies: ["CGodwit", "GodwitSystem", "Virtio", "VhostUser"], swiftSettings: swift5),
+        .target(name: "IODomain", dependencies: ["CGodwit", "GodwitSystem", "Virtio", "VhostUser", "NBD"], swiftSettings: swift5),
         .target(name: "Machine", dependencies: ["CGodwit", "GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser"], swiftSettings: swift5),
         .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "Migration", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),

@@ -63,6 +63,23 @@ public final class Condition: @unchecked Sendable {
         while !predicate() { pthread_cond_wait(condition, mutex) }
     }
 
+    /// With the mutex held (inside `withLock`): waits until `predicate` is true or `seconds` have
+    /// passed; returns whether it is true.
+    public func wait(until predicate: () -> Bool, timeout seconds: Double) -> Bool {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let whole = seconds.rounded(.down)
+        var deadline = timespec(tv_sec: now.tv_sec + Int(whole), tv_nsec: now.tv_nsec + Int((seconds - whole) * 1e9))
+        if deadline.tv_nsec >= 1_000_000_000 {
+            deadline.tv_sec += 1
+            deadline.tv_nsec -= 1_000_000_000
+        }
+        while !predicate() {
+            if pthread_cond_timedwait(condition, mutex, &deadline) == ETIMEDOUT { return predicate() }
+        }
+        return true
+    }
+
     /// Wakes every waiter (call inside `withLock` after changing the state they wait on).
     public func broadcast() { pthread_cond_broadcast(condition) }
 }
