@@ -22,6 +22,12 @@ public final class FileDescriptor: @unchecked Sendable {
         rawValue = -1
     }
 
+    /// Gives up ownership: returns the descriptor, which this object no longer closes (-1 if closed).
+    public func release() -> Int32 {
+        defer { rawValue = -1 }
+        return rawValue
+    }
+
     /// Opens `path`; the descriptor is close-on-exec.
     public static func open(_ path: String, flags: Int32, mode: UInt32 = 0o644) throws(SystemError) -> FileDescriptor {
         let fd = try systemCall("open", context: path) { godwit_open(path, flags, mode) }

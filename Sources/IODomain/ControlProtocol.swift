@@ -21,6 +21,17 @@ public struct ControlRequest: Codable, Equatable, Sendable {
         case addNet = "add-net"
         /// Stops serving the device on `socket` (the caller removes the socket file).
         case remove
+        /// Switches a block device's route (`route`: local, remote or mirror).
+        case route
+        /// Attaches a replica to a block device: descriptors [a connected NBD socket]; `export` names
+        /// the export, `resync` says the replica already holds the disk but for what the route remembered.
+        case attachReplica = "attach-replica"
+        /// Stops using a block device's replica.
+        case detachReplica = "detach-replica"
+        /// Brings a block device's out-of-sync replica back in sync.
+        case resync
+        /// The events of every device (or of `socket`), oldest first.
+        case events
     }
 
     public var op: Operation
@@ -30,15 +41,33 @@ public struct ControlRequest: Codable, Equatable, Sendable {
     public var size: UInt64?
     public var readonly: Bool?
     public var mac: String?
+    public var route: DeviceRoute?
+    public var export: String?
+    public var resync: Bool?
+    /// A block device's local time-out in milliseconds (add-blk): no answer within it counts as a failure.
+    public var faultTimeoutMs: Int?
 
-    public init(op: Operation, socket: String? = nil, offset: UInt64? = nil, size: UInt64? = nil, readonly: Bool? = nil, mac: String? = nil) {
+    public init(op: Operation, socket: String? = nil, offset: UInt64? = nil, size: UInt64? = nil, readonly: Bool? = nil, mac: String? = nil,
+                route: DeviceRoute? = nil, export: String? = nil, resync: Bool? = nil, faultTimeoutMs: Int? = nil) {
         self.op = op
         self.socket = socket
         self.offset = offset
         self.size = size
         self.readonly = readonly
         self.mac = mac
+        self.route = route
+        self.export = export
+        self.resync = resync
+        self.faultTimeoutMs = faultTimeoutMs
     }
+}
+
+/// One route event of one device, as `events` reports it.
+public struct ControlEvent: Codable, Equatable, Sendable {
+    public var socket: String
+    /// Seconds since the domain started (monotonic).
+    public var time: Double
+    public var event: RouteEvent
 }
 
 /// One VM device as `list` reports it.
@@ -54,6 +83,8 @@ public struct ControlDevice: Codable, Equatable, Sendable {
     public var connections: Int
     /// Connections that ended, with their errors (the last few).
     public var closedWithError: Int
+    /// A block device's route, replica and sync state.
+    public var route: RouteStatus?
 }
 
 /// The answer to a `ControlRequest`.
@@ -61,11 +92,13 @@ public struct ControlResponse: Codable, Equatable, Sendable {
     public var ok: Bool
     public var error: String?
     public var devices: [ControlDevice]?
+    public var events: [ControlEvent]?
 
-    public init(ok: Bool, error: String? = nil, devices: [ControlDevice]? = nil) {
+    public init(ok: Bool, error: String? = nil, devices: [ControlDevice]? = nil, events: [ControlEvent]? = nil) {
         self.ok = ok
         self.error = error
         self.devices = devices
+        self.events = events
     }
 }
 

@@ -1,5 +1,6 @@
 import Foundation
 import GodwitSystem
+import NBD
 import VhostUser
 import Virtio
 #if canImport(Glibc)
@@ -14,7 +15,13 @@ public final class IODomainService: @unchecked Sendable {
         var backend: VhostUserBackend
         var info: ControlDevice
         var receiver: NetRxWorker?
+        var route: RoutedBlockBackend?
     }
+
+    /// The last events of every device (at most `maxEvents`), oldest first.
+    private var events: [ControlEvent] = []
+    private static let maxEvents = 1000
+    private let started = BandwidthClock.now()
 
     /// The block device slices are cut from (`--blk`), if any.
     public let block: FileBlockBackend?
@@ -28,18 +35,51 @@ public final class IODomainService: @unchecked Sendable {
     }
 
     /// Serves a slice [offset, offset + size) of the block device on `listener` (size nil: to the end).
-    public func addBlock(socket path: String, listener: VhostUserListener, offset: UInt64, size: UInt64?, readOnly: Bool) throws {
+    public func addBlock(socket path: String, listener: VhostUserListener, offset: UInt64, size: UInt64?, readOnly: Bool,
+                         faultTimeout: Double? = nil) throws {
         guard let block else { throw IODomainError.badRequest("this domain has no block device (--blk)") }
         try checkNew(path)
         guard offset <= block.capacity else { throw IODomainError.badRequest("offset \(offset) is past the device's \(block.capacity) bytes") }
         let slice = try SliceBlockBackend(base: block, offset: offset, size: size ?? (block.capacity - offset), readOnly: readOnly)
         let name = URL(fileURLWithPath: path).lastPathComponent
+        // Every disk goes through its route (local until a replica is attached), so that it can fail over.
+        let route = RoutedBlockBackend(local: slice)
+        route.localTimeout = faultTimeout
+        route.onEvent = { [weak self] event in self?.record(path, event) }
         // A fresh device per connection: a reconnecting VMM gets a clean device, other VMs are untouched.
-        let backend = VhostUserBackend(name: name) { BlockDevice(backend: slice, serial: String(name.prefix(20))) }
+        let backend = VhostUserBackend(name: name) { BlockDevice(backend: route, serial: String(name.prefix(20))) }
         backend.requireSealedMemory = requireSealedMemory
         try backend.listen(on: listener)
         insert(path, Entry(backend: backend, info: ControlDevice(socket: path, kind: "blk", offset: offset, size: slice.capacity,
-                                                                  readonly: readOnly, mac: nil, connections: 0, closedWithError: 0)))
+                                                                  readonly: readOnly, mac: nil, connections: 0, closedWithError: 0),
+                           route: route))
+    }
+
+    private func record(_ path: String, _ event: RouteEvent) {
+        let name = URL(fileURLWithPath: path).lastPathComponent
+        fputs("godwit: iodomain: \(name): \(event.kind) (route \(event.route.rawValue))\(event.reason.map { ": \($0)" } ?? "")"
+              + "\(event.held.map { ", \($0) held" } ?? "")\(event.milliseconds.map { String(format: ", %.1f ms", $0) } ?? "")\n", stderr)
+        lock.withLock {
+            events.append(ControlEvent(socket: path, time: BandwidthClock.now() - started, event: event))
+            if events.count > Self.maxEvents { events.removeFirst(events.count - Self.maxEvents) }
+        }
+    }
+
+    /// The route of the block device on `path`.
+    public func route(_ path: String) throws -> RoutedBlockBackend {
+        guard let entry = lock.withLock({ entries[path] }) else { throw IODomainError.badRequest("no device serves \(path)") }
+        guard let route = entry.route else { throw IODomainError.badRequest("\(path) is not a block device") }
+        return route
+    }
+
+    /// Attaches an NBD export on `socket` (connected by the caller) as the replica of the disk on `path`.
+    public func attachReplica(socket path: String, nbd: FileDescriptor, export: String, resync: Bool) throws {
+        let route = try route(path)
+        let client: NBDClient
+        do { client = try NBDClient(socket: nbd, export: export) } catch {
+            throw IODomainError.badRequest("the replica's NBD export '\(export)': \(error)")
+        }
+        try route.attachReplica(client, resync: resync)
     }
 
     /// Serves a NIC on `tap` on `listener`: one device, one VMM connection at a time; its receive
@@ -84,6 +124,7 @@ public final class IODomainService: @unchecked Sendable {
                 var info = entry.info
                 info.connections = entry.backend.connectionCount
                 info.closedWithError = entry.backend.closedConnections.filter { $0.error != nil }.count
+                info.route = entry.route?.status
                 return info
             }.sorted { $0.socket < $1.socket }
         }
@@ -110,8 +151,12 @@ public final class IODomainService: @unchecked Sendable {
             case .addBlock:
                 guard descriptors.count == 1 else { throw IODomainError.badRequest("add-blk takes one descriptor (the listening socket), got \(descriptors.count)") }
                 let path = request.socket ?? ""
+                if let ms = request.faultTimeoutMs, !(1...600_000).contains(ms) {
+                    throw IODomainError.badRequest("fault_timeout_ms must be 1 to 600000, not \(ms)")
+                }
                 try addBlock(socket: path, listener: try listener(descriptors[0], path), offset: request.offset ?? 0,
-                             size: request.size, readOnly: request.readonly ?? false)
+                             size: request.size, readOnly: request.readonly ?? false,
+                             faultTimeout: request.faultTimeoutMs.map { Double($0) / 1000 })
             case .addNet:
                 guard descriptors.count == 2 else { throw IODomainError.badRequest("add-net takes two descriptors (the listening socket, the TAP), got \(descriptors.count)") }
                 var mac: MACAddress?
@@ -126,6 +171,23 @@ public final class IODomainService: @unchecked Sendable {
             case .remove:
                 guard descriptors.isEmpty else { throw IODomainError.badRequest("remove takes no descriptors") }
                 try remove(socket: request.socket ?? "")
+            case .route:
+                guard descriptors.isEmpty else { throw IODomainError.badRequest("route takes no descriptors") }
+                guard let newRoute = request.route else { throw IODomainError.badRequest("route needs route: local, remote or mirror") }
+                try route(request.socket ?? "").setRoute(newRoute)
+            case .attachReplica:
+                guard descriptors.count == 1 else { throw IODomainError.badRequest("attach-replica takes one descriptor (a connected NBD socket), got \(descriptors.count)") }
+                try attachReplica(socket: request.socket ?? "", nbd: descriptors[0], export: request.export ?? "", resync: request.resync ?? false)
+            case .detachReplica:
+                guard descriptors.isEmpty else { throw IODomainError.badRequest("detach-replica takes no descriptors") }
+                try route(request.socket ?? "").detachReplica()
+            case .resync:
+                guard descriptors.isEmpty else { throw IODomainError.badRequest("resync takes no descriptors") }
+                try route(request.socket ?? "").resync()
+            case .events:
+                guard descriptors.isEmpty else { throw IODomainError.badRequest("events takes no descriptors") }
+                let all = lock.withLock { events }
+                return ControlResponse(ok: true, events: request.socket.map { socket in all.filter { $0.socket == socket } } ?? all)
             }
             return ControlResponse(ok: true, devices: list())
         } catch {

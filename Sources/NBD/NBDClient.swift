@@ -22,18 +22,24 @@ public final class NBDClient: @unchecked Sendable {
     public let canTrim: Bool
     public let canZero: Bool
 
-    /// Completes the NBD handshake on `socket` (connected to a server; the client takes it over) for
-    /// the export `name`.
+    /// Completes the NBD handshake on `socket` (connected to a server) for the export `name`. The client
+    /// takes the descriptor over (libnbd closes it): `socket` is left closed, whatever happens.
     public init(socket: FileDescriptor, export name: String) throws(NBDError) {
-        guard let handle = nbd_create() else { throw NBDClient.lastError("nbd_create") }
-        self.handle = handle
-        // libnbd owns the socket from here on (it closes it): hand it a duplicate.
-        let fd = dup(socket.rawValue)
-        guard fd >= 0 else {
-            nbd_close(handle)
-            throw .system(SystemError(operation: "dup", errno: godwit_errno()))
+        let fd = socket.release()
+        guard fd >= 0 else { throw .invalidArgument("the NBD socket is closed") }
+        guard let handle = nbd_create() else {
+            close(fd)
+            throw NBDClient.lastError("nbd_create")
         }
-        guard nbd_set_export_name(handle, name) == 0, nbd_connect_socket(handle, fd) == 0 else {
+        self.handle = handle
+        guard nbd_set_export_name(handle, name) == 0 else {
+            close(fd)
+            let error = NBDClient.lastError("setting export '\(name)'")
+            nbd_close(handle)
+            throw error
+        }
+        // From here libnbd owns fd (it closes it on failure too).
+        guard nbd_connect_socket(handle, fd) == 0 else {
             let error = NBDClient.lastError("connecting to export '\(name)'")
             nbd_close(handle)
             throw error

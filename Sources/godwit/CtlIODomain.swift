@@ -5,6 +5,7 @@ import Glibc
 #endif
 import GodwitSystem
 import IODomain
+import NBD
 
 /// `godwit ctl iodomain`: lists, adds and removes the VM devices of a running I/O domain through its
 /// control socket. The domain is sandboxed, so this command makes what a new device needs (the
@@ -13,7 +14,8 @@ struct CtlIODomainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "iodomain",
         abstract: "Control an I/O domain through its control socket (godwit iodomain --control).",
-        subcommands: [List.self, AddBlock.self, AddNet.self, Remove.self])
+        subcommands: [List.self, AddBlock.self, AddNet.self, Remove.self, Route.self, AttachReplica.self, DetachReplica.self,
+                      Resync.self, Events.self])
 
     struct Options: ParsableArguments {
         @Option(help: "The I/O domain's control socket.")
@@ -32,10 +34,21 @@ struct CtlIODomainCommand: ParsableCommand {
                     return
                 }
                 for device in response.devices ?? [] {
-                    let what = device.kind == "blk"
+                    var what = device.kind == "blk"
                         ? "blk offset=\(device.offset ?? 0) size=\(device.size ?? 0)\(device.readonly == true ? " readonly" : "")"
                         : "net mac=\(device.mac ?? "?")"
+                    if let r = device.route {
+                        what += " route=\(r.route.rawValue) replica=\(r.replica ? (r.replicaInSync ? "in-sync" : "out-of-sync") : "none")"
+                        if let p = r.syncProgress { what += String(format: " sync=%.0f%%", p * 100) }
+                        what += " out_of_sync_bytes=\(r.bytesOutOfSync) held=\(r.held) failovers=\(r.failovers)\(r.localFailed ? " local=failed" : "")"
+                    }
                     print("\(device.socket): \(what) connections=\(device.connections)")
+                }
+                for e in response.events ?? [] {
+                    let ev = e.event
+                    print(String(format: "%10.3f ", e.time) + "\(e.socket): \(ev.kind) route=\(ev.route.rawValue)"
+                          + (ev.held.map { " held=\($0)" } ?? "") + (ev.milliseconds.map { String(format: " %.1fms", $0) } ?? "")
+                          + (ev.reason.map { ": \($0)" } ?? ""))
                 }
             }
         }
@@ -54,9 +67,12 @@ struct CtlIODomainCommand: ParsableCommand {
         @Option(help: "The slice's first byte.") var offset: UInt64 = 0
         @Option(help: "The slice's size in bytes (default: to the end).") var size: UInt64?
         @Flag(help: "Read-only.") var readonly = false
+        @Option(help: "Milliseconds without an answer from the device after which a request counts as failed (and a replica in sync takes over).")
+        var faultTimeoutMs: Int?
         func run() throws {
             let listener = try ctlSocket(socket)
-            try options.run(ControlRequest(op: .addBlock, socket: socket, offset: offset, size: size, readonly: readonly), descriptors: [listener])
+            try options.run(ControlRequest(op: .addBlock, socket: socket, offset: offset, size: size, readonly: readonly,
+                                           faultTimeoutMs: faultTimeoutMs), descriptors: [listener])
         }
     }
 
@@ -85,6 +101,60 @@ struct CtlIODomainCommand: ParsableCommand {
             try options.run(ControlRequest(op: .remove, socket: socket))
             unlink(socket)
         }
+    }
+}
+
+extension CtlIODomainCommand {
+    struct Route: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Switch a disk's route: local, remote (its replica) or mirror (both).")
+        @OptionGroup var options: Options
+        @Option(help: "The disk's vhost-user socket.") var socket: String
+        @Argument(help: "local, remote or mirror.") var route: String
+        func run() throws {
+            guard let parsed = DeviceRoute(rawValue: route) else { throw ValidationError("route must be local, remote or mirror, not '\(route)'") }
+            try options.run(ControlRequest(op: .route, socket: socket, route: parsed))
+        }
+    }
+
+    struct AttachReplica: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "attach-replica",
+            abstract: "Give a disk a replica on an NBD server: it is copied in the background, then mirrored.",
+            discussion: "The connection is made here and handed to the sandboxed domain, which never dials out.")
+        @OptionGroup var options: Options
+        @Option(help: "The disk's vhost-user socket.") var socket: String
+        @Option(help: "The NBD server: tcp:HOST:PORT or unix:PATH.") var nbd: String
+        @Option(help: "The export's name.") var export: String = ""
+        @Flag(help: "The replica already holds the disk but for what was written since it left: copy only that.") var resync = false
+        func run() throws {
+            let connection: FileDescriptor
+            do { connection = try NBDConnector.connect(nbd) } catch {
+                FileHandle.standardError.write(Data("godwit ctl: NBD server \(nbd): \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+            try options.run(ControlRequest(op: .attachReplica, socket: socket, export: export, resync: resync), descriptors: [connection])
+        }
+    }
+
+    struct DetachReplica: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "detach-replica", abstract: "Stop using a disk's replica (the route becomes local).")
+        @OptionGroup var options: Options
+        @Option(help: "The disk's vhost-user socket.") var socket: String
+        func run() throws { try options.run(ControlRequest(op: .detachReplica, socket: socket)) }
+    }
+
+    struct Resync: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Bring a disk's out-of-sync replica back in sync (then mirror).")
+        @OptionGroup var options: Options
+        @Option(help: "The disk's vhost-user socket.") var socket: String
+        func run() throws { try options.run(ControlRequest(op: .resync, socket: socket)) }
+    }
+
+    struct Events: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The route events (faults, failovers, syncs), oldest first.")
+        @OptionGroup var options: Options
+        @Option(help: "Only this disk's.") var socket: String?
+        func run() throws { try options.run(ControlRequest(op: .events, socket: socket)) }
     }
 }
 

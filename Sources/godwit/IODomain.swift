@@ -23,8 +23,8 @@ struct IODomainCommand: ParsableCommand {
     @Option(help: "The raw image file or block device this domain serves.")
     var blk: String?
 
-    @Option(help: ArgumentHelp("A VM device: socket=PATH[,offset=BYTES][,size=BYTES][,readonly]. Repeat for more VMs.",
-                               valueName: "socket=path[,offset=][,size=][,readonly]"))
+    @Option(help: ArgumentHelp("A VM device: socket=PATH[,offset=BYTES][,size=BYTES][,readonly][,fault-timeout-ms=N] (no answer from the device within N ms counts as a failure: a replica in sync takes over). Repeat for more VMs.",
+                               valueName: "socket=path[,offset=][,size=][,readonly][,fault-timeout-ms=]"))
     var device: [String] = []
 
     @Option(help: ArgumentHelp("A VM NIC: tap=NAME or tap-fd=N (a TAP descriptor passed in), socket=PATH[,mac=MAC]. Repeat for more NICs.",
@@ -65,7 +65,7 @@ struct IODomainCommand: ParsableCommand {
         for spec in specs {
             do {
                 try service.addBlock(socket: spec.socket, listener: VhostUserListener(path: spec.socket), offset: spec.offset,
-                                     size: spec.size, readOnly: spec.readOnly)
+                                     size: spec.size, readOnly: spec.readOnly, faultTimeout: spec.faultTimeoutMs.map { Double($0) / 1000 })
             } catch {
                 fail("device \(spec.socket): \(error)")
             }
@@ -126,6 +126,7 @@ struct IODomainCommand: ParsableCommand {
         var offset: UInt64 = 0
         var size: UInt64?
         var readOnly = false
+        var faultTimeoutMs: Int?
     }
 
     func parseDevice(_ text: String) throws -> DeviceSpec {
@@ -141,7 +142,10 @@ struct IODomainCommand: ParsableCommand {
                 guard let v = UInt64(kv[1]), v > 0 else { throw ValidationError("--device size '\(kv[1])' is not a number of bytes") }
                 spec.size = v
             case ("readonly", 1), ("ro", 1): spec.readOnly = true
-            default: throw ValidationError("--device option '\(option)' is not one of socket=, offset=, size=, readonly")
+            case ("fault-timeout-ms", 2):
+                guard let v = Int(kv[1]), (1...600_000).contains(v) else { throw ValidationError("--device fault-timeout-ms '\(kv[1])' is not 1 to 600000") }
+                spec.faultTimeoutMs = v
+            default: throw ValidationError("--device option '\(option)' is not one of socket=, offset=, size=, readonly, fault-timeout-ms=")
             }
         }
         guard !spec.socket.isEmpty else { throw ValidationError("--device needs socket=PATH: '\(text)'") }
