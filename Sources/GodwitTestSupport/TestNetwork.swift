@@ -87,3 +87,53 @@ public func residentAnonymousKB(pid: Int32) -> Int? {
     }
     return nil
 }
+
+/// A second "host" for multi-host tests: a network namespace joined to the test's own by a veth pair
+/// (ours `10.89.N.1`, theirs `10.89.N.2`); `setLink(up:)` cuts and restores the wire.
+public final class PeerHost: @unchecked Sendable {
+    public let namespace: String
+    public let link: String
+    public let ourAddress: String
+    public let address: String
+
+    public init(subnet: Int) throws {
+        let tag = String(UInt32.random(in: 0..<0xffffff), radix: 16)
+        namespace = "gwpeer-\(tag)"
+        link = "gwp\(tag)a"
+        ourAddress = "10.89.\(subnet).1"
+        address = "10.89.\(subnet).2"
+        let peer = "gwp\(tag)b"
+        let steps: [[String]] = [
+            ["netns", "add", namespace],
+            ["link", "add", link, "type", "veth", "peer", "name", peer],
+            ["link", "set", peer, "netns", namespace],
+            ["addr", "add", "\(ourAddress)/24", "dev", link],
+            ["link", "set", link, "up"],
+            ["netns", "exec", namespace, "ip", "addr", "add", "\(address)/24", "dev", peer],
+            ["netns", "exec", namespace, "ip", "link", "set", peer, "up"],
+            ["netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
+        ]
+        for step in steps {
+            let r = try runProcess("/usr/sbin/ip", step, timeout: 20)
+            guard r.status == 0 else {
+                tearDown()
+                throw TestNetworkError(message: "ip \(step.joined(separator: " ")): \(r.stderr)")
+            }
+        }
+    }
+
+    /// Starts `program` inside the peer's namespace.
+    public func start(_ program: String, _ arguments: [String]) throws -> BackgroundProcess {
+        try BackgroundProcess("/usr/sbin/ip", ["netns", "exec", namespace, program] + arguments)
+    }
+
+    /// Brings our end of the wire down (nothing passes, no reset is sent) or up again.
+    public func setLink(up: Bool) throws {
+        _ = try runProcess("/usr/sbin/ip", ["link", "set", link, up ? "up" : "down"], timeout: 20)
+    }
+
+    public func tearDown() {
+        _ = try? runProcess("/usr/sbin/ip", ["link", "del", link], timeout: 20)
+        _ = try? runProcess("/usr/sbin/ip", ["netns", "del", namespace], timeout: 20)
+    }
+}

@@ -45,6 +45,12 @@ public protocol ReplicaStorage: AnyObject {
     func flush() throws
     func trim(at offset: UInt64, length: UInt64) throws
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws
+    /// Cuts the replica off under a call that does not return (a dead network), so that it fails.
+    func abort()
+}
+
+extension ReplicaStorage {
+    public func abort() {}
 }
 
 extension NBDClient: ReplicaStorage {}
@@ -347,7 +353,14 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                     try failOver(operation, error, requestStarted: started)
                     return
                 }
-                group.wait()
+                // A replica that does not answer within the fault time-out (or 30 s) is cut off and counts as failed.
+                if group.wait(timeout: .now() + (localTimeout ?? 30)) == .timedOut, let replica {
+                    replica.abort()
+                    group.wait()
+                    if case .success? = remoteResult {} else {
+                        remoteResult = .failure(IODomainError.system("the replica did not answer within \(Int((localTimeout ?? 30) * 1000)) ms"))
+                    }
+                }
                 if route == .mirror, let replica, case .failure(let error)? = remoteResult {
                     if let range = operation.written { state.withLock { bitmap.mark(offset: range.0, length: range.1) } }
                     replicaFailed(replica, error)

@@ -14,6 +14,8 @@ import Glibc
 /// call fails the same way (never a trap).
 public final class NBDClient: @unchecked Sendable {
     private let handle: OpaquePointer
+    /// The connection's descriptor (libnbd's), kept to cut it from another thread (`abort`).
+    private let socket: Int32
     /// The export's size in bytes.
     public let size: UInt64
     public let readOnly: Bool
@@ -39,6 +41,7 @@ public final class NBDClient: @unchecked Sendable {
             throw error
         }
         // From here libnbd owns fd (it closes it on failure too).
+        self.socket = fd
         guard nbd_connect_socket(handle, fd) == 0 else {
             let error = NBDClient.lastError("connecting to export '\(name)'")
             nbd_close(handle)
@@ -61,6 +64,13 @@ public final class NBDClient: @unchecked Sendable {
     deinit {
         nbd_shutdown(handle, 0)
         nbd_close(handle)
+    }
+
+    /// Cuts the connection under any call in progress (one blocked on a dead network returns with an
+    /// error); every later call fails. Safe from any thread: it touches only the socket, not libnbd's
+    /// handle, whose lock the blocked call holds.
+    public func abort() {
+        _ = Glibc.shutdown(socket, Int32(SHUT_RDWR))
     }
 
     static func lastError(_ operation: String) -> NBDError {

@@ -11,9 +11,10 @@ enum FailureTools {
 }
 
 /// Device routes end to end: a test guest's disk lives in a sandboxed I/O domain whose local device
-/// fails for real (nbdkit error filter under nbdfuse), mirrored to a replica served over NBD.
+/// fails for real (nbdkit error filter under nbdfuse), mirrored to a replica served over NBD from
+/// another host (a network namespace joined by a veth pair, whose link the tests can cut).
 @Suite("Integration: device routes, mirror and failover", .serialized,
-       .enabled(if: TestEnvironment.hasKVM && FailureTools.missing.isEmpty, "needs KVM and \(FailureTools.missing.joined(separator: ", "))"))
+       .enabled(if: TestNetwork.isAvailable && FailureTools.missing.isEmpty, "needs KVM, root and \(FailureTools.missing.joined(separator: ", "))"))
 struct RouteFailoverTests {
     static var nextPort: UInt16 = 7700
 
@@ -25,8 +26,12 @@ struct RouteFailoverTests {
         let nbdkit: BackgroundProcess, nbdfuse: BackgroundProcess, replicaServer: BackgroundProcess
         var domain: BackgroundProcess!
         let port: UInt16
+        /// The replica's host: another network namespace, over a veth pair.
+        let peer: PeerHost
 
         init(size: UInt64 = 16 << 20, faultTimeoutMs: Int = 2000) throws {
+            RouteFailoverTests.nextPort += 1
+            peer = try PeerHost(subnet: Int(RouteFailoverTests.nextPort % 200))
             dir = try TestEnvironment.temporaryDirectory()
             local = dir.appendingPathComponent("local.img")
             replica = dir.appendingPathComponent("replica.img")
@@ -42,10 +47,9 @@ struct RouteFailoverTests {
             nbdfuse = try BackgroundProcess("/usr/bin/nbdfuse", [mount.path, "--unix", nbdSocket])
             let device = mount.appendingPathComponent("nbd").path
             for _ in 0..<500 where !FileManager.default.fileExists(atPath: device) { usleep(10_000) }
-            RouteFailoverTests.nextPort += 1
             port = RouteFailoverTests.nextPort
-            replicaServer = try BackgroundProcess(TestEnvironment.godwitPath, ["nbd-server", "--export", "replica=\(replica.path)",
-                                                                               "--listen", "127.0.0.1:\(port)"])
+            replicaServer = try peer.start(TestEnvironment.godwitPath, ["nbd-server", "--export", "replica=\(replica.path)",
+                                                                        "--listen", "\(peer.address):\(port)"])
             control = dir.appendingPathComponent("control.sock").path
             disk = dir.appendingPathComponent("disk.sock").path
             domain = try BackgroundProcess("/usr/bin/env", ["GODWIT_SANDBOX_NAMESPACES=1", TestEnvironment.godwitPath, "iodomain",
@@ -64,7 +68,7 @@ struct RouteFailoverTests {
         }
 
         func attachReplica() throws -> ProcessResult {
-            try ctl(["attach-replica", "--socket", disk, "--nbd", "tcp:127.0.0.1:\(port)", "--export", "replica"])
+            try ctl(["attach-replica", "--socket", disk, "--nbd", "tcp:\(peer.address):\(port)", "--export", "replica"])
         }
 
         func waitFor(_ text: String, seconds: Double = 60) throws -> Bool {
@@ -85,6 +89,7 @@ struct RouteFailoverTests {
             _ = nbdfuse.wait(timeout: 10)
             nbdkit.terminate()
             _ = nbdkit.wait(timeout: 10)
+            peer.tearDown()
             try? FileManager.default.removeItem(at: dir)
         }
     }
@@ -137,10 +142,12 @@ struct RouteFailoverTests {
     /// The replica goes away while the local device is healthy: the disk carries on locally, and when
     /// the replica comes back it gets only the chunks written meanwhile; afterwards both images agree.
     @Test func aReplicaOutageIsResyncedFromTheBitmap() throws {
-        let rig = try Rig()
+        let rig = try Rig(faultTimeoutMs: 500)
         defer { rig.stop() }
         #expect(try rig.attachReplica().status == 0)
         #expect(try rig.waitFor("route=mirror"))
+        // The wire to the replica's host goes dead: no reset, nothing; the time-out notices.
+        try rig.peer.setLink(up: false)
         rig.replicaServer.terminate()
         _ = rig.replicaServer.wait(timeout: 10)
         let first = try runGodwit(jobs: "godwit.job=blk-verify,size=1048576", disks: ["socket=\(rig.disk)"])
@@ -152,11 +159,12 @@ struct RouteFailoverTests {
         let outOfSync = try rig.status()
         #expect(!outOfSync.contains("out_of_sync_bytes=0 "), "\(outOfSync)")
         // The replica returns (same image): a resync copies what it missed, not the whole disk.
-        let server = try BackgroundProcess(TestEnvironment.godwitPath, ["nbd-server", "--export", "replica=\(rig.replica.path)",
-                                                                         "--listen", "127.0.0.1:\(rig.port)"])
+        try rig.peer.setLink(up: true)
+        let server = try rig.peer.start(TestEnvironment.godwitPath, ["nbd-server", "--export", "replica=\(rig.replica.path)",
+                                                                     "--listen", "\(rig.peer.address):\(rig.port)"])
         defer { server.terminate(); _ = server.wait(timeout: 10) }
-        usleep(300_000)
-        let resync = try rig.ctl(["attach-replica", "--socket", rig.disk, "--nbd", "tcp:127.0.0.1:\(rig.port)", "--export", "replica", "--resync"])
+        usleep(500_000)
+        let resync = try rig.ctl(["attach-replica", "--socket", rig.disk, "--nbd", "tcp:\(rig.peer.address):\(rig.port)", "--export", "replica", "--resync"])
         #expect(resync.status == 0, "\(resync.stderr)")
         #expect(try rig.waitFor("route=mirror replica=in-sync"))
         #expect(try rig.ctl(["events"]).stdout.contains("resync"))

@@ -71,6 +71,9 @@ private final class FlakyDisk: BlockBackend, ReplicaStorage, @unchecked Sendable
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws { try writeZeroes(at: offset, length: length, mayUnmap: mayUnmap) }
 
     var snapshot: [UInt8] { lock.withLock { bytes } }
+
+    /// As a cut connection does: the hanging call returns (with an error).
+    func abort() { release.signal() }
 }
 
 private final class EventLog: @unchecked Sendable {
@@ -207,6 +210,20 @@ struct RouteTests {
         #expect(waitFor { route.status.route == .mirror })
         #expect(replica.writes - writesBefore == 2, "only the two chunks written meanwhile were copied")
         #expect(replica.snapshot == local.snapshot)
+    }
+
+    /// A replica that stops answering (a dead link) under a mirrored disk: after the time-out it is cut
+    /// off, the write completes from the local device, and the route degrades to local.
+    @Test func aHangingReplicaIsCutOffAndTheDiskGoesOnLocally() throws {
+        let (route, local, replica, log) = try mirrored()
+        route.localTimeout = 0.05
+        replica.mode = .hanging
+        try write(route, 4096, [UInt8](repeating: 0x66, count: 512))
+        #expect(local.snapshot[4096..<4608].allSatisfy { $0 == 0x66 })
+        #expect(route.status.route == .local && !route.status.replica)
+        #expect(log.first("replica-fault")?.reason?.contains("did not answer") == true, "\(log.kinds)")
+        try write(route, 8192, [1, 2, 3, 4])  // and the next one does not wait
+        #expect(route.status.bytesOutOfSync == 64 << 10)
     }
 
     @Test func routesSetByHandFollowTheRules() throws {
