@@ -271,17 +271,29 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             }
             let offset = UInt64(chunk) * chunkSize
             let length = Int(min(chunkSize, capacity - offset))
-            do {
-                // In bounds: length <= chunkSize == buffer.count.
-                try buffer.withUnsafeMutableBytes { raw in
-                    let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
-                    try local.read(at: offset, into: [part])
-                    try replica.write(at: offset, from: UnsafeRawBufferPointer(part), fua: false)
+            // In bounds: length <= chunkSize == buffer.count.
+            let copied: Result<Void, Error> = buffer.withUnsafeMutableBytes { raw in
+                let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<length])
+                do { try local.read(at: offset, into: [part]) } catch {
+                    return .failure(IODomainError.system("the local device failed while the replica was being copied: \(error)"))
                 }
-            } catch {
+                do { try replica.write(at: offset, from: UnsafeRawBufferPointer(part), fua: false) } catch { return .failure(error) }
+                return .success(())
+            }
+            if case .failure(let error) = copied {
                 state.withLock { bitmap.mark(offset: offset, length: UInt64(length)) }
-                if state.withLock({ localFailed }) { return }
-                replicaFailed(replica, error)
+                if case IODomainError.system(let reason) = error, reason.hasPrefix("the local device failed") {
+                    // The copy stops; the replica stays attached and out of sync. Guest requests meet
+                    // the local failure themselves and get the error (no replica is in sync).
+                    let stop = state.withLock { () -> Bool in
+                        guard self.replica === replica else { return false }
+                        syncing = false
+                        return true
+                    }
+                    if stop { emit("sync-failed", reason: reason) }
+                } else {
+                    replicaFailed(replica, error)
+                }
                 return
             }
         }

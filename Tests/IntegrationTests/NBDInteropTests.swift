@@ -130,20 +130,34 @@ struct NBDInteropTests {
 
     /// Godwit's client (libnbd over a socket we connect and hand over) against other servers: writes,
     /// FUA, zeroes, flush and reads, checked in the file the server serves.
-    @Test(arguments: ["qemu-nbd", "nbdkit"])
+    @Test(arguments: ["qemu-nbd", "nbdkit", "nbd-server"])
     func clientWorksWithOtherServers(server name: String) throws {
+        if name == "nbd-server" && !FileManager.default.isExecutableFile(atPath: "/usr/bin/nbd-server") { return }
         let dir = try TestEnvironment.temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: dir) }
         let image = dir.appendingPathComponent("disk.img")
         try TestEnvironment.makeImage(at: image, size: 16 << 20)
         let socketPath = dir.appendingPathComponent("s.sock").path
-        let server = name == "qemu-nbd"
-            ? try BackgroundProcess("/usr/bin/qemu-nbd", ["-k", socketPath, "-f", "raw", "-x", "disk", "-t", image.path])
-            : try BackgroundProcess("/usr/bin/nbdkit", ["-U", socketPath, "-f", "file", image.path])
+        let port = UInt16.random(in: 20000..<30000)
+        let server: BackgroundProcess
+        switch name {
+        case "qemu-nbd": server = try BackgroundProcess("/usr/bin/qemu-nbd", ["-k", socketPath, "-f", "raw", "-x", "disk", "-t", image.path])
+        case "nbdkit": server = try BackgroundProcess("/usr/bin/nbdkit", ["-U", socketPath, "-f", "file", image.path])
+        default:  // the NBD project's reference server, on TCP (its export from the command line is the default, "")
+            server = try BackgroundProcess("/usr/bin/nbd-server", ["127.0.0.1:\(port)", image.path, "-C", "/dev/null", "-d"])
+        }
         defer { server.terminate(); _ = server.wait(timeout: 10) }
-        let socket = try Self.connect(socketPath)
-        let client = try NBDClient(socket: socket, export: name == "qemu-nbd" ? "disk" : "")
-        socket.close()
+        var socket: FileDescriptor?
+        if name == "nbd-server" {
+            for _ in 0..<200 where socket == nil {
+                socket = try? NBDConnector.connect("tcp:127.0.0.1:\(port)")
+                if socket == nil { usleep(20_000) }
+            }
+        } else {
+            socket = try Self.connect(socketPath)
+        }
+        let connection = try #require(socket, "\(name) listens")
+        let client = try NBDClient(socket: connection, export: name == "qemu-nbd" ? "disk" : "")
         #expect(client.size == 16 << 20, "\(name)")
         let data = (0..<(256 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 7) }
         try data.withUnsafeBytes { try client.write(at: 3 << 20, from: $0, fua: true) }

@@ -136,6 +136,7 @@ struct RouteFailoverTests {
         #expect(r.stdout.contains("error") || r.stdout.contains("status=fail"), "\(r.stdout.suffix(1000))")
         let events = try rig.ctl(["events"]).stdout
         #expect(events.contains("no replica in sync"), "\(events)")
+        #expect(events.contains("sync-failed") && events.contains("the local device failed while the replica was being copied"), "\(events)")
         #expect(rig.domain.isRunning)
     }
 
