@@ -26,6 +26,7 @@ let package = Package(
         .target(name: "API", dependencies: ["GodwitSystem"], swiftSettings: swift5),
         .target(name: "Migration", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "CNBD", linkerSettings: [.linkedLibrary("nbd")]),
+        .target(name: "Cluster", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "NBD", dependencies: ["CGodwit", "CNBD", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "VMM", dependencies: ["API", "Machine", "Migration", "Virtio", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
@@ -35,11 +36,11 @@ let package = Package(
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
             name: "UnitTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "Cluster", "GodwitTestSupport"],
             swiftSettings: swift5),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "Cluster", "GodwitTestSupport"],
             swiftSettings: swift5),
     ]
 )

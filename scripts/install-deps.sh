@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Godwit needs (idempotent; runs apt-get only for what is missing).
 set -euo pipefail
-packages=(gcc make binutils qemu-system-x86 qemu-utils procps iproute2 iputils-ping python3 curl libseccomp-dev fio libssl-dev libnbd-dev libnbd-bin nbdkit nbd-server fuse3)
+packages=(gcc make binutils qemu-system-x86 qemu-utils procps iproute2 iputils-ping python3 curl libseccomp-dev fio libssl-dev libnbd-dev libnbd-bin nbdkit nbd-server fuse3 etcd-server etcd-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
