@@ -40,7 +40,8 @@ public struct MachineShape: Codable, Equatable, Sendable {
         if other.devices.count != devices.count {
             return "the VM has \(other.devices.count) devices, this one \(devices.count)"
         }
-        for (a, b) in zip(other.devices, devices) where a != b {
+        // A device may have gained queues since (virtio-net's control queue): a state with fewer still fits.
+        for (a, b) in zip(other.devices, devices) where a.id != b.id || a.deviceID != b.deviceID || a.queues > b.queues {
             return "device \(a.id) is type \(a.deviceID) with \(a.queues) queues, here \(b.id) is type \(b.deviceID) with \(b.queues) queues"
         }
         if other.cpuid != cpuid {
@@ -68,6 +69,8 @@ final class MigrationRuntime: @unchecked Sendable {
     var vhostLog: (fd: FileDescriptor, mapping: MemoryMapping, words: Int)?
     var suspended = false
     var externalBases: [Int: [Int: UInt16]?] = [:]
+    /// Set by `restore`: the guest announces itself on the network once it runs again.
+    var announcePending = false
 }
 
 extension MicroVM {
@@ -251,5 +254,27 @@ extension MicroVM {
             // In bounds: the key set was checked above.
             try wired.transport.restoreState(state.devices[MicroVM.deviceID(i)]!)
         }
+        migration.lock.withLock { migration.announcePending = true }
+    }
+
+    /// Once after `restore`, when the vCPUs run (from `run()`, or from `resume()` for a VM restored
+    /// paused): every network device whose driver negotiated VIRTIO_NET_F_GUEST_ANNOUNCE is asked to
+    /// announce the guest (status bit and a configuration change interrupt), so that switches learn the
+    /// guest's MAC address on its new port. Returns how many devices were asked.
+    @discardableResult
+    func announceAfterRestore() -> Int {
+        let pending = migration.lock.withLock { () -> Bool in
+            defer { migration.announcePending = false }
+            return migration.announcePending
+        }
+        guard pending else { return 0 }
+        var asked = 0
+        for wired in virtioDevices {
+            if let device = wired.device as? GuestAnnouncing, device.requestAnnounce() { asked += 1 }
+        }
+        if ProcessInfo.processInfo.environment["GODWIT_MIGRATION_TRACE"] != nil {
+            FileHandle.standardError.write(Data("godwit: migration: asked \(asked) network device(s) to announce the guest\n".utf8))
+        }
+        return asked
     }
 }
