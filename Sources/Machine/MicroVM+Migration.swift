@@ -257,10 +257,18 @@ extension MicroVM {
         migration.lock.withLock { migration.announcePending = true }
     }
 
+    /// When the announce rounds after a restore start, after the previous one: like QEMU's defaults
+    /// (`announce-initial` 50 ms, `announce-step` 100 ms, 5 rounds) but with the first round at once.
+    /// Several rounds, because the first gratuitous ARP can be lost: a bridge port whose TAP just got
+    /// its carrier (the target opened it when the migration arrived) forwards only once the kernel's
+    /// link watch ran, up to a second later.
+    public static let announceDelays: [Double] = [0, 0.15, 0.25, 0.35, 0.45]
+
     /// Once after `restore`, when the vCPUs run (from `run()`, or from `resume()` for a VM restored
     /// paused): every network device whose driver negotiated VIRTIO_NET_F_GUEST_ANNOUNCE is asked to
     /// announce the guest (status bit and a configuration change interrupt), so that switches learn the
-    /// guest's MAC address on its new port. Returns how many devices were asked.
+    /// guest's MAC address on its new port; the first round now, the others (`announceDelays`) on a
+    /// thread of their own while the VM runs. Returns how many devices were asked in the first round.
     @discardableResult
     func announceAfterRestore() -> Int {
         let pending = migration.lock.withLock { () -> Bool in
@@ -268,13 +276,21 @@ extension MicroVM {
             return migration.announcePending
         }
         guard pending else { return 0 }
-        var asked = 0
-        for wired in virtioDevices {
-            if let device = wired.device as? GuestAnnouncing, device.requestAnnounce() { asked += 1 }
-        }
+        let devices = virtioDevices.compactMap { $0.device as? GuestAnnouncing }
+        let asked = devices.filter { $0.requestAnnounce() }.count
         if ProcessInfo.processInfo.environment["GODWIT_MIGRATION_TRACE"] != nil {
             FileHandle.standardError.write(Data("godwit: migration: asked \(asked) network device(s) to announce the guest\n".utf8))
         }
+        guard asked > 0 else { return 0 }
+        let thread = Thread { [weak self] in
+            for delay in MicroVM.announceDelays.dropFirst() {
+                usleep(UInt32(delay * 1_000_000))
+                guard let self, self.isRunningForAnnounce else { return }
+                for device in devices { device.requestAnnounce() }
+            }
+        }
+        thread.name = "announce"
+        thread.start()
         return asked
     }
 }

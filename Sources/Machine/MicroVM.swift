@@ -511,6 +511,13 @@ public final class MicroVM: @unchecked Sendable {
         }
     }
 
+    /// True while the vCPUs run (not paused, not stopped) and no migration is under way: when a later
+    /// announce round may touch the devices.
+    var isRunningForAnnounce: Bool {
+        guard stateLock.withLock({ state == .running }) else { return false }
+        return !migration.lock.withLock { migration.logging || migration.suspended }
+    }
+
     private var isStopped: Bool {
         if case .stopped = stateLock.withLock({ state }) { return true }
         return false
