@@ -24,7 +24,7 @@ import Glibc
 ///     (kick: kickFDs[queue], call: callFD)   // the Machine's ioeventfd and irqfd
 /// }
 /// ```
-public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
+public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Sendable {
     /// The kick and call eventfds of queue `queue`, made (and registered with KVM) by the Machine.
     public typealias Notifiers = (_ queue: Int) throws -> (kick: EventFD, call: EventFD)
 
