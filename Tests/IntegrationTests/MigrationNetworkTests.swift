@@ -69,12 +69,23 @@ final class TwoHostNetwork: @unchecked Sendable {
     func tearDown() {
         var script = ""
         for (i, ns) in hosts.enumerated() { script += "ip netns exec \(ns) ip tuntap del dev \(taps[i]) mode tap 2>/dev/null\n" }
+        for (ns, tap) in extraTaps { script += "ip netns exec \(ns) ip tuntap del dev \(tap) mode tap 2>/dev/null\n" }
         for ns in hosts + [client] { script += "ip netns del \(ns) 2>/dev/null\n" }
         _ = try? runProcess("/bin/bash", ["-c", script + "true"], timeout: 30)
         try? FileManager.default.removeItem(at: dir)
     }
 
     func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+
+    /// One more TAP named `name` on host `host`'s bridge (hosts name their TAPs alike: a snapshot
+    /// names the TAP it was taken with).
+    func addTap(host: Int, name: String) throws {
+        let ns = hosts[host], bridge = "gwm\(tag)b\(["A", "B"][host])"
+        let r = try runProcess("/bin/bash", ["-c", "set -e; ip netns exec \(ns) ip tuntap add dev \(name) mode tap vnet_hdr; ip -n \(ns) link set \(name) master \(bridge) up"], timeout: 30)
+        guard r.status == 0 else { throw TwoHostNetworkError(message: "TAP \(name) on host \(host): \(r.stdout)\(r.stderr)") }
+        extraTaps.append((ns, name))
+    }
+    private var extraTaps: [(String, String)] = []
 
     /// Runs a command in namespace `ns` and waits.
     func run(_ ns: String, _ program: String, _ arguments: [String], timeout: Double = 30) throws -> ProcessResult {
@@ -164,6 +175,24 @@ struct MigrationNetworkTests {
             process = try net.start(net.hosts[host], TestEnvironment.godwitPath,
                                     ["vm", "--config-file", file, "--api-sock", socket, "--serial", serial])
             for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
+        }
+
+        /// A VMM with nothing configured yet (for PUT /snapshot/load).
+        init(empty net: TwoHostNetwork, host: Int, name: String) throws {
+            socket = net.path("\(name).api")
+            serial = net.path("\(name).serial")
+            url = nil
+            process = try net.start(net.hosts[host], TestEnvironment.godwitPath, ["vm", "--api-sock", socket, "--serial", serial])
+            for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
+        }
+
+        /// One API request through curl; returns the HTTP status and the body.
+        func call(_ method: String, _ path: String, _ body: [String: Any]) throws -> (status: Int, body: String) {
+            let text = String(decoding: try JSONSerialization.data(withJSONObject: body), as: UTF8.self)
+            let r = try runProcess("/usr/bin/curl", ["-s", "--unix-socket", socket, "-X", method, "-w", "\n%{http_code}",
+                                                     "-H", "Content-Type: application/json", "-d", text, "http://localhost\(path)"], timeout: 60)
+            let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
+            return (Int(lines.last ?? "") ?? -1, lines.dropLast().joined(separator: "\n"))
         }
 
         /// A target waiting on the host's migration address; `nic` is `tap=...,mac=...` or `socket=...`.
@@ -283,6 +312,40 @@ struct MigrationNetworkTests {
         #expect((echo.int("tx_frames") ?? 0) > (echo.int("icmp") ?? 0), "gratuitous ARPs went out: \(echo)")
         #expect(echo["boot"] == ready["boot"], "the same boot: \(echo) vs \(ready)")
         #expect(lines.last { $0.job == "done" }?["status"] == "pass")
+    }
+
+    /// A snapshot taken on host A and loaded by a new VMM on host B (on a TAP of the same name there):
+    /// the loaded guest announces itself too.
+    @Test func aSnapshotLoadedOnTheOtherHostAnnouncesItself() throws {
+        let net = try TwoHostNetwork()
+        defer { net.tearDown() }
+        try net.addTap(host: 1, name: net.taps[0])
+        let jobs = "godwit.ip=\(TwoHostNetwork.guestIP)/24 godwit.job=ready godwit.job=net-echo,seconds=15"
+        let source = try HostVMM(source: net, host: 0, name: "a1", jobs: jobs,
+                                 nic: ["iface_id": "net0", "host_dev_name": net.taps[0], "guest_mac": TwoHostNetwork.guestMAC])
+        defer { source.stop() }
+        let ready = try #require(source.waitForLine { $0.job == "ready" }, "the guest booted on host A")
+        #expect(try net.secondsUntilTheGuestAnswers(timeout: 10) != nil, "the client reaches the guest on host A")
+        #expect(try net.clientBridgePort() == "A")
+        #expect(try source.call("PATCH", "/vm", ["state": "Paused"]).status == 204)
+        let snapshot = net.path("vm.snap"), memory = net.path("vm.mem")
+        let created = try source.call("PUT", "/snapshot/create", ["snapshot_path": snapshot, "mem_file_path": memory])
+        #expect(created.status == 204, "\(created.body)")
+        source.stop()
+
+        let loaded = try HostVMM(empty: net, host: 1, name: "b1")
+        defer { loaded.stop() }
+        let reply = try loaded.call("PUT", "/snapshot/load", ["snapshot_path": snapshot, "mem_backend": ["backend_type": "File", "backend_path": memory],
+                                                              "resume_vm": true])
+        #expect(reply.status == 204, "\(reply.body)")
+        let took = try net.secondsUntilTheGuestAnswers(timeout: 10)
+        #expect(took != nil && took! < 2, "the guest answers the client within 2 s of the load (took \(took.map { String(format: "%.2f s", $0) } ?? "more than 10 s")); \(net.diagnostics())")
+        let announce = loaded.waitForLine(timeout: 5) { $0.job == "announce" }
+        #expect(announce?["ack"] == "ok", "the loaded guest announced itself: \(String(describing: announce))")
+        #expect(try net.clientBridgePort() == "B")
+        let r = loaded.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(loaded.lines().last { $0.job == "net-echo" }?["boot"] == ready["boot"])
     }
 
     @Test func theGuestAnswersPingOnTheNewHostRightAfterTheMove() throws {
