@@ -3,6 +3,7 @@ import GodwitSystem
 import GuestMemory
 import Testing
 import VhostUser
+import Machine
 import Virtio
 
 // MARK: - Driver-side helpers
@@ -26,7 +27,7 @@ final class NetHarness {
 
     /// `features` is the driver's choice, taken from what the device offers (default: everything).
     init(features: ((UInt64) -> UInt64)? = nil, queueSize: UInt16 = 16, mtu: UInt16? = nil,
-         offloads: UInt64 = NetDevice.implementedOffloads, activate: Bool = true) throws {
+         offloads: UInt64 = NetDevice.implementedOffloads, controlQueue: Bool = true, activate: Bool = true) throws {
         memory = try GuestMemory.anonymous(layout: [(base: 0, size: NetHarness.ramSize)])
         allocator = VirtioTestAllocator(memory: memory)
         rx = try VirtioTestDriver(size: queueSize, memory: memory, index: 0, base: 0x1000, allocator: allocator)
@@ -34,7 +35,7 @@ final class NetHarness {
         ctrl = try VirtioTestDriver(size: queueSize, memory: memory, index: 2, base: 0x80000, allocator: allocator)
         backend = try MemoryNetBackend()
         device = NetDevice(backend: backend, mac: MACAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56])!, mtu: mtu,
-                           offloads: offloads)
+                           offloads: offloads, controlQueue: controlQueue)
         let offered = device.deviceFeatures
         self.features = features.map { $0(offered) } ?? offered
         if activate { try self.activate() }
@@ -1144,6 +1145,43 @@ extension NetHarness {
                                                                          try missing.tx.makeQueue(features: missing.features)],
                                         features: missing.features, interrupt: missing.interrupt)
         }
+    }
+
+    /// A saved state from a NIC without the control queue (an older VMM) restores into one with it;
+    /// the other way round is refused.
+    @Test func aStateWithFewerQueuesRestores() throws {
+        let old = try NetHarness(controlQueue: false, activate: false)
+        let transport = VirtioMmioTransport(device: old.device, memory: old.memory, interruptLine: VirtioRecordingLine())
+        let features = VirtioFeature.version1 | NetF.mac | NetF.status
+        #expect(transport.netNegotiate(features))
+        transport.netSetUpQueue(old.rx)
+        transport.netSetUpQueue(old.tx)
+        transport.netDriverOK()
+        try old.transmitFrame(netTestFrame(60, seed: 3))
+        let saved = transport.captureState(externalBases: nil)
+        #expect(saved.queues.count == 2 && saved.queues[1].nextAvail == 1)
+
+        let new = try NetHarness(activate: false)
+        let restored = VirtioMmioTransport(device: new.device, memory: old.memory, interruptLine: VirtioRecordingLine())
+        try restored.restoreState(saved)
+        #expect(new.device.isActive && new.device.negotiatedFeatures == features)
+        #expect(restored.captureState(externalBases: nil).queues.count == 3)
+        #expect(!new.device.requestAnnounce(), "a driver without GUEST_ANNOUNCE is not asked")
+
+        // Three saved queues do not fit a device with two.
+        let withControl = restored.captureState(externalBases: nil)
+        let older = VirtioMmioTransport(device: NetDevice(backend: try MemoryNetBackend(), mac: old.device.mac, controlQueue: false),
+                                        memory: old.memory, interruptLine: VirtioRecordingLine())
+        #expect(throws: VirtioError.self) { try older.restoreState(withControl) }
+
+        // The machine-level check agrees: fewer queues fit, more do not.
+        func shape(_ queues: Int) -> MachineShape {
+            let json = #"{"cpus": 1, "regions": [{"base": 0, "size": 268435456}], "devices": [{"id": "virtio0", "deviceID": 1, "queues": \#(queues)}], "cpuid": []}"#
+            return try! JSONDecoder().decode(MachineShape.self, from: Data(json.utf8))
+        }
+        #expect(shape(3).mismatch(shape(2)) == nil)
+        #expect(shape(2).mismatch(shape(3)) != nil)
+        #expect(shape(3).mismatch(shape(3)) == nil)
     }
 
     @Test func decodeChecksEveryByte() {
