@@ -74,8 +74,11 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
     private var dirtyLog: (fd: FileDescriptor, size: UInt64)?
     /// Rings stopped for a migration's final phase: their next avail indices.
     private var suspendedBases: [Int: UInt16]?
-    /// The control queue run here, between activation and reset.
-    private var control: (queue: Virtqueue, memory: GuestMemory, interrupt: VirtioInterrupt)?
+    /// Guards the control queue, the announce bit and their counters: never held while talking to the
+    /// backend, so that a vCPU running the control queue never waits for backend I/O. Taken after `lock`.
+    private let controlLock = Lock()
+    /// The control queue run here, between activation and reset, with the negotiated features.
+    private var control: (queue: Virtqueue, memory: GuestMemory, interrupt: VirtioInterrupt, features: UInt64)?
     /// VIRTIO_NET_S_ANNOUNCE as the guest sees it.
     private var announcing = false
     private var controlStatistics = NetDeviceStatistics()
@@ -313,13 +316,11 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
     public var deviceFeatures: UInt64 { lock.withLock { guestFeatures } }
 
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
-        let space = lock.withLock { () -> [UInt8] in
-            var space = config
-            // virtio_net_config.status (offset 6): the announce bit is this object's, the rest the backend's.
-            if runsNetControlQueue, space.count > 6 {
-                space[6] = space[6] & ~UInt8(NetDevice.LinkStatus.announce) | (announcing ? UInt8(NetDevice.LinkStatus.announce) : 0)
-            }
-            return space
+        var space = lock.withLock { config }
+        // virtio_net_config.status (offset 6): the announce bit is this object's, the rest the backend's.
+        if runsNetControlQueue, space.count > 6 {
+            let announce = controlLock.withLock { announcing }
+            space[6] = space[6] & ~UInt8(NetDevice.LinkStatus.announce) | (announce ? UInt8(NetDevice.LinkStatus.announce) : 0)
         }
         for i in 0..<data.count {
             let (position, overflow) = offset.addingReportingOverflow(i)
@@ -358,7 +359,7 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
                 lastErrorValue = error
                 throw error
             }
-            control = controlQueue.map { ($0, memory, interrupt) }
+            controlLock.withLock { control = controlQueue.map { ($0, memory, interrupt, features) } }
         }
     }
 
@@ -415,18 +416,18 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
     // MARK: Announce (virtio-net)
 
     /// Whether VIRTIO_NET_S_ANNOUNCE is set for the guest.
-    public var isAnnouncing: Bool { lock.withLock { announcing } }
+    public var isAnnouncing: Bool { controlLock.withLock { announcing } }
 
     /// The control queue's counters (only the control* fields are used).
-    public var controlQueueStatistics: NetDeviceStatistics { lock.withLock { controlStatistics } }
+    public var controlQueueStatistics: NetDeviceStatistics { controlLock.withLock { controlStatistics } }
 
     /// Sets VIRTIO_NET_S_ANNOUNCE and raises a configuration change, when the driver negotiated
     /// GUEST_ANNOUNCE and the control queue runs here; the driver's ANNOUNCE_ACK clears it.
     @discardableResult
     public func requestAnnounce() -> Bool {
-        let interrupt: VirtioInterrupt? = lock.withLock {
+        let interrupt: VirtioInterrupt? = controlLock.withLock {
             let needed = NetDevice.Feature.guestAnnounce | NetDevice.Feature.controlQueue
-            guard let control, let activation, activation.features & needed == needed else { return nil }
+            guard let control, control.features & needed == needed else { return nil }
             announcing = true
             return control.interrupt
         }
@@ -436,7 +437,7 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
 
     /// Runs the control queue (on the vCPU thread that wrote QueueNotify).
     private func processControlQueue() {
-        let (failure, interrupt): (Error?, VirtioInterrupt?) = lock.withLock {
+        let (failure, interrupt): (Error?, VirtioInterrupt?) = controlLock.withLock {
             guard let control else { return (nil, nil) }
             let outcome: NetControlQueue.Outcome
             do {
@@ -465,8 +466,10 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
 
     public func reset() {
         lock.withLock {
-            control = nil
-            announcing = false
+            controlLock.withLock {
+                control = nil
+                announcing = false
+            }
             guard let active = activation else { return }
             activation = nil
             inflightRegion = nil
@@ -522,7 +525,7 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
             for (index, _) in activation.queues { bases[index] = try frontend.getVringBase(queue: index) }
             suspendedBases = bases
             // The control queue runs here (on vCPU threads, which are stopped): its position is ours.
-            if let control { bases[control.queue.index] = control.queue.nextAvail }
+            if let queue = controlLock.withLock({ control?.queue }) { bases[queue.index] = queue.nextAvail }
             return bases
         }
     }
