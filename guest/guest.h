@@ -205,5 +205,12 @@ int job_net_echo(struct args *a);
 int job_net_send(struct args *a);
 int job_net_recv(struct args *a);
 int job_net_ping(struct args *a);
+/* idle,net=1: the stack served between heartbeats. begin parses mode= (before args_check),
+ * start brings the NIC up (0, or 1 with the job's error line printed), poll serves it once
+ * (-1 on a device error, with the error line printed), end returns the ICMP echo replies sent. */
+void net_serve_begin(struct args *a);
+int net_serve_start(void);
+int net_serve_poll(void);
+u64 net_serve_end(void);
 
 #endif

@@ -671,6 +671,28 @@ int job_net_echo(struct args *a)
     return 0;
 }
 
+/* idle,net=1: the same service as net-echo, polled by the idle job between its beats. */
+static struct net_job serve_job;
+
+void net_serve_begin(struct args *a) { net_job_begin(a, &serve_job); }
+
+int net_serve_start(void) { return net_job_start(&serve_job); }
+
+int net_serve_poll(void)
+{
+    if (net_poll(serve_job.nf) < 0) {
+        net_job_device_error(&serve_job);
+        return -1;
+    }
+    return 0;
+}
+
+u64 net_serve_end(void)
+{
+    net_job_end(&serve_job);
+    return nic_stats(serve_job.nf->nic)->icmp - serve_job.base.icmp;
+}
+
 /* net-send,dst=IP:PORT,bytes=B,size=S: B bytes of UDP payload in datagrams of
  * S bytes (the last one shorter if S does not divide B), as fast as the TX
  * ring takes them. Payload: the datagram's sequence number (big-endian, first
