@@ -343,7 +343,7 @@ public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Se
             var controlQueue: Virtqueue?
             if runsNetControlQueue && features & NetDevice.Feature.controlQueue != 0 {
                 guard let queue = queues.first(where: { $0.index == NetControlQueue.queueIndex }) else {
-                    throw VirtioError.queueMissing(queue: NetControlQueue.queueIndex)
+                    throw VhostUserError.deviceError("the driver negotiated CTRL_VQ without setting up queue \(NetControlQueue.queueIndex), the control queue")
                 }
                 queue.maxChainBytes = NetControlQueue.maxCommandBytes
                 controlQueue = queue
