@@ -165,6 +165,14 @@ int nic_tx_free(struct nic *n);
 /* Until a used entry is pending on RX (or TX, with want_tx) or the deadline: polls the rings,
  * or in irq mode waits for the interrupt. Returns 1 (work) or 0 (deadline). */
 int nic_wait(struct nic *n, u64 deadline_ns, int want_tx);
+/* VIRTIO_NET_F_GUEST_ANNOUNCE: 1 when the device asks the driver to announce itself (read after a
+ * configuration change, or every 20 ms when polled); nic_announce_ack sends ANNOUNCE_ACK and waits
+ * for the answer: 0 ok, 1 refused, -1 device error. nic_wait returns 1 when a status poll is due. */
+int nic_announce_pending(struct nic *n);
+int nic_status_poll_due(struct nic *n);
+int nic_announce_ack(struct nic *n);
+u64 nic_announces(struct nic *n);
+void nic_announce_retry(struct nic *n);            /* look at the status again on the next poll */
 void fmt_mac(char *buf, const u8 *mac);            /* "aa:bb:cc:dd:ee:ff", buf >= 18 bytes */
 
 /* net.c: Ethernet, ARP, IPv4, ICMP echo, UDP (echo on port 7) on the first NIC */
@@ -197,5 +205,12 @@ int job_net_echo(struct args *a);
 int job_net_send(struct args *a);
 int job_net_recv(struct args *a);
 int job_net_ping(struct args *a);
+/* idle,net=1: the stack served between heartbeats. begin parses mode= (before args_check),
+ * start brings the NIC up (0, or 1 with the job's error line printed), poll serves it once
+ * (-1 on a device error, with the error line printed), end returns the ICMP echo replies sent. */
+void net_serve_begin(struct args *a);
+int net_serve_start(void);
+int net_serve_poll(void);
+u64 net_serve_end(void);
 
 #endif

@@ -105,7 +105,10 @@ static int job_ready(struct args *a)
 static int job_idle(struct args *a)
 {
     u64 secs = arg_num(a, "seconds", 1, 0, 1000000);
-    if (args_check(a))
+    int net = (int)arg_num(a, "net", 0, 0, 1);
+    if (net)
+        net_serve_begin(a);
+    if (args_check(a) || (net && net_serve_start()))
         return 1;
     const u64 period = 10000000; /* 10 ms */
     u64 t0 = clock_ns(), end = t0 + secs * 1000000000ull, prev = t0, max_gap = 0, seq = 0, k = 0;
@@ -113,7 +116,13 @@ static int job_idle(struct args *a)
         u64 target = t0 + k * period;
         if (target >= end)
             break;
-        wait_until(target);
+        if (net) {
+            while (clock_ns() < target)
+                if (net_serve_poll() < 0)
+                    return 1;
+        } else {
+            wait_until(target);
+        }
         u64 now = clock_ns();
         if (seq && now - prev > max_gap)
             max_gap = now - prev;
@@ -123,7 +132,10 @@ static int job_idle(struct args *a)
         u64 next = (clock_ns() - t0) / period + 1;
         k = next > k + 1 ? next : k + 1;
     }
-    emit("idle", "beats=%lu max_gap_us=%lu", seq, max_gap / 1000);
+    if (net)
+        emit("idle", "beats=%lu max_gap_us=%lu icmp=%lu", seq, max_gap / 1000, net_serve_end());
+    else
+        emit("idle", "beats=%lu max_gap_us=%lu", seq, max_gap / 1000);
     return 0;
 }
 

@@ -473,14 +473,46 @@ static void rx_frame(void *ctx, u8 *f, u32 len, u8 flags)
     }
 }
 
+/* VIRTIO_NET_S_ANNOUNCE (the VM moved to another host): a gratuitous ARP (a
+ * broadcast request for our own address, sender = target = our IP) so that
+ * switches learn our MAC's new port and peers refresh their caches, then
+ * ANNOUNCE_ACK, which clears the bit. -1 on a device error. */
+static int net_announce(struct netif *nf)
+{
+    if (!nic_announce_pending(nf->nic))
+        return 0;
+    static const u8 zero[6];
+    if (arp_send(nf, 1, bcast_mac, zero, nf->ip)) {
+        if (nic_tx_reclaim(nf->nic) < 0)
+            return -1;
+        if (arp_send(nf, 1, bcast_mac, zero, nf->ip)) {
+            nic_announce_retry(nf->nic); /* TX ring full: the bit stays set, try again on the next poll */
+            return 0;
+        }
+    }
+    nic_tx_kick(nf->nic);
+    int r = nic_announce_ack(nf->nic);
+    if (r < 0)
+        return -1;
+    char ip[16], mac[18];
+    fmt_ip(ip, nf->ip);
+    fmt_mac(mac, nf->mac);
+    emit("announce", "nic=0 ip=%s mac=%s garp=1 ack=%s announces=%lu", ip, mac, r ? "refused" : "ok",
+         nic_announces(nf->nic));
+    return 0;
+}
+
 /* Handles what has arrived (up to a budget), reclaims sent frames and sends
- * the replies. Returns frames received, or -1 on a device error. */
+ * the replies; announces us when the device asks. Returns frames received, or
+ * -1 on a device error. */
 static int net_poll(struct netif *nf)
 {
     int n = nic_rx(nf->nic, RX_BUDGET, rx_frame, nf);
     if (n < 0 || nic_tx_reclaim(nf->nic) < 0)
         return -1;
     nic_tx_kick(nf->nic);
+    if (net_announce(nf) < 0)
+        return -1;
     return n;
 }
 
@@ -637,6 +669,28 @@ int job_net_echo(struct args *a)
          s->udp_echo - b->udp_echo, s->dropped - b->dropped, drops, mode_name(&j), s->notifies - b->notifies,
          s->irqs - b->irqs);
     return 0;
+}
+
+/* idle,net=1: the same service as net-echo, polled by the idle job between its beats. */
+static struct net_job serve_job;
+
+void net_serve_begin(struct args *a) { net_job_begin(a, &serve_job); }
+
+int net_serve_start(void) { return net_job_start(&serve_job); }
+
+int net_serve_poll(void)
+{
+    if (net_poll(serve_job.nf) < 0) {
+        net_job_device_error(&serve_job);
+        return -1;
+    }
+    return 0;
+}
+
+u64 net_serve_end(void)
+{
+    net_job_end(&serve_job);
+    return nic_stats(serve_job.nf->nic)->icmp - serve_job.base.icmp;
 }
 
 /* net-send,dst=IP:PORT,bytes=B,size=S: B bytes of UDP payload in datagrams of

@@ -13,6 +13,13 @@
  * may arrive later. TX (queue 1): one descriptor per frame (header + frame
  * contiguous), descriptor i <-> 2 KiB buffer i.
  *
+ * Control queue (queue 2), with CTRL_VQ and GUEST_ANNOUNCE when offered: only
+ * for the announce handshake (virtio 1.2 5.1.6.5.4). When the device sets
+ * VIRTIO_NET_S_ANNOUNCE (after the VM moved), nic_announce_pending says so
+ * (noticed from a configuration change interrupt, or by reading the status
+ * every 20 ms while the net stack polls); net.c sends a gratuitous ARP and
+ * nic_announce_ack sends VIRTIO_NET_CTRL_ANNOUNCE_ACK and checks the answer.
+ *
  * Everything the device hands back is validated. Broken ring protocol (an
  * unknown id, used->idx moving by more than what is posted) stops the device
  * (nic_error); a bad length or header only drops that frame, counted by
@@ -23,6 +30,13 @@
 #define F_NET_MAC (1ull << 5)
 #define F_NET_MRG_RXBUF (1ull << 15)
 #define F_NET_STATUS (1ull << 16)
+#define F_NET_CTRL_VQ (1ull << 17)
+#define F_NET_GUEST_ANNOUNCE (1ull << 21)
+#define NET_S_ANNOUNCE 2
+#define CTRL_QSIZE 16
+#define CTRL_ANNOUNCE 3
+#define CTRL_ANNOUNCE_ACK 0
+#define STATUS_POLL_NS 20000000ull
 #define NET_QSIZE 256
 #define NET_HDR 12
 #define BUF_SIZE 2048
@@ -30,7 +44,10 @@
 
 struct nic {
     struct vdev *v;
-    struct vq rx, tx;
+    struct vq rx, tx, ctrl;
+    u8 *ctrlbuf;              /* [0..1] command header, [8] ack */
+    u64 next_status_poll;     /* poll mode: when to read the status for ANNOUNCE */
+    u64 announces;            /* ANNOUNCE_ACKs the device accepted */
     u8 mac[6], mac_from_device;
     u32 rxbuf_size;
     u8 *rxbufs, *txbufs;
@@ -109,10 +126,25 @@ int net_attach(struct vdev *v)
     struct nic *n = &nics[nnics];
     memset(n, 0, sizeof *n);
     n->v = v;
-    if (vdev_negotiate(v, F_NET_MAC | F_NET_STATUS | F_NET_MRG_RXBUF | F_EVENT_IDX, 0))
+    u64 offered = 0;
+    if (vdev_negotiate(v, F_NET_MAC | F_NET_STATUS | F_NET_MRG_RXBUF | F_EVENT_IDX | F_NET_CTRL_VQ | F_NET_GUEST_ANNOUNCE,
+                       &offered))
         return -1;
+    /* GUEST_ANNOUNCE needs CTRL_VQ (5.1.3.1): a device offering one without the other gets neither. */
+    if ((v->features & (F_NET_CTRL_VQ | F_NET_GUEST_ANNOUNCE)) != (F_NET_CTRL_VQ | F_NET_GUEST_ANNOUNCE) &&
+        (v->features & (F_NET_CTRL_VQ | F_NET_GUEST_ANNOUNCE))) {
+        if (vdev_negotiate(v, F_NET_MAC | F_NET_STATUS | F_NET_MRG_RXBUF | F_EVENT_IDX, 0))
+            return -1;
+    }
     if (vq_setup(v, &n->rx, 0, NET_QSIZE) || vq_setup(v, &n->tx, 1, NET_QSIZE))
         return -1;
+    if (v->features & F_NET_CTRL_VQ) {
+        if (vq_setup(v, &n->ctrl, 2, CTRL_QSIZE))
+            return -1;
+        n->ctrlbuf = perm_alloc(64, 64);
+        if (!n->ctrlbuf)
+            return vdev_fail(v, "nomem");
+    }
     /* Without MRG_RXBUF every buffer must hold a whole frame and its header. */
     n->rxbuf_size = BUF_SIZE;
     if (v->features & F_NET_MRG_RXBUF)
@@ -324,9 +356,75 @@ int nic_wait(struct nic *n, u64 deadline, int want_tx)
     for (u32 spin = 0;; spin++) {
         if (vq_pending(&n->rx) || (want_tx && vq_pending(&n->tx)))
             return 1;
+        if (!(spin & 63) && nic_status_poll_due(n))
+            return 1; /* time to look for VIRTIO_NET_S_ANNOUNCE */
         cpu_relax();
         if (!(spin & 63) && clock_ns() >= deadline)
             return 0;
     }
 }
 
+
+/* ------------------------------------------------------------- announce */
+
+int nic_announce_pending(struct nic *n)
+{
+    if (n->broken || !(n->v->features & F_NET_GUEST_ANNOUNCE))
+        return 0;
+    u64 now = clock_ns();
+    if (!n->v->config_dirty && now < n->next_status_poll)
+        return 0;
+    n->v->config_dirty = 0; /* before the read: a change during it sets it again */
+    n->next_status_poll = now + STATUS_POLL_NS;
+    u16 status = 0;
+    if (vdev_config(n->v, 6, &status, 2))
+        return 0;
+    return !!(status & NET_S_ANNOUNCE);
+}
+
+int nic_status_poll_due(struct nic *n)
+{
+    return (n->v->features & F_NET_GUEST_ANNOUNCE) && !n->v->irq_mode && clock_ns() >= n->next_status_poll;
+}
+
+u64 nic_announces(struct nic *n) { return n->announces; }
+void nic_announce_retry(struct nic *n) { n->v->config_dirty = 1; }
+
+int nic_announce_ack(struct nic *n)
+{
+    if (n->broken || !(n->v->features & F_NET_CTRL_VQ))
+        return -1;
+    struct vq *q = &n->ctrl;
+    u8 *b = n->ctrlbuf;
+    b[0] = CTRL_ANNOUNCE;
+    b[1] = CTRL_ANNOUNCE_ACK;
+    b[8] = 0xff; /* the device overwrites it */
+    q->desc[0].addr = (u64)b;
+    q->desc[0].len = 2;
+    q->desc[0].flags = DESC_F_NEXT;
+    q->desc[0].next = 1;
+    q->desc[1].addr = (u64)(b + 8);
+    q->desc[1].len = 1;
+    q->desc[1].flags = DESC_F_WRITE;
+    q->desc[1].next = 0;
+    vq_push(q, 0);
+    vq_kick(n->v, q);
+    u64 deadline = clock_ns() + 1000000000ull;
+    for (u32 spin = 0; vq_pending(q) == 0; spin++) {
+        cpu_relax();
+        if (!(spin & 63) && clock_ns() >= deadline)
+            return fail(n, "ctrl-timeout");
+    }
+    barrier();
+    if (vq_pending(q) != 1)
+        return fail(n, "used-idx-jump");
+    volatile struct vring_used_elem *e = &q->used[q->last_used & (q->num - 1)];
+    u32 id = e->id, len = e->len;
+    q->last_used++;
+    if (id != 0)
+        return fail(n, "used-id-bad");
+    if (len != 1 || b[8] != 0)
+        return 1; /* the device refused (VIRTIO_NET_ERR) or did not answer */
+    n->announces++;
+    return 0;
+}

@@ -40,7 +40,8 @@ public struct MachineShape: Codable, Equatable, Sendable {
         if other.devices.count != devices.count {
             return "the VM has \(other.devices.count) devices, this one \(devices.count)"
         }
-        for (a, b) in zip(other.devices, devices) where a != b {
+        // A device may have gained queues since (virtio-net's control queue): a state with fewer still fits.
+        for (a, b) in zip(other.devices, devices) where a.id != b.id || a.deviceID != b.deviceID || a.queues > b.queues {
             return "device \(a.id) is type \(a.deviceID) with \(a.queues) queues, here \(b.id) is type \(b.deviceID) with \(b.queues) queues"
         }
         if other.cpuid != cpuid {
@@ -68,6 +69,8 @@ final class MigrationRuntime: @unchecked Sendable {
     var vhostLog: (fd: FileDescriptor, mapping: MemoryMapping, words: Int)?
     var suspended = false
     var externalBases: [Int: [Int: UInt16]?] = [:]
+    /// Set by `restore`: the guest announces itself on the network once it runs again.
+    var announcePending = false
 }
 
 extension MicroVM {
@@ -251,5 +254,43 @@ extension MicroVM {
             // In bounds: the key set was checked above.
             try wired.transport.restoreState(state.devices[MicroVM.deviceID(i)]!)
         }
+        migration.lock.withLock { migration.announcePending = true }
+    }
+
+    /// When the announce rounds after a restore start, after the previous one: like QEMU's defaults
+    /// (`announce-initial` 50 ms, `announce-step` 100 ms, 5 rounds) but with the first round at once.
+    /// Several rounds, because the first gratuitous ARP can be lost: a bridge port whose TAP just got
+    /// its carrier (the target opened it when the migration arrived) forwards only once the kernel's
+    /// link watch ran, up to a second later.
+    public static let announceDelays: [Double] = [0, 0.15, 0.25, 0.35, 0.45]
+
+    /// Once after `restore`, when the vCPUs run (from `run()`, or from `resume()` for a VM restored
+    /// paused): every network device whose driver negotiated VIRTIO_NET_F_GUEST_ANNOUNCE is asked to
+    /// announce the guest (status bit and a configuration change interrupt), so that switches learn the
+    /// guest's MAC address on its new port; the first round now, the others (`announceDelays`) on a
+    /// thread of their own while the VM runs. Returns how many devices were asked in the first round.
+    @discardableResult
+    func announceAfterRestore() -> Int {
+        let pending = migration.lock.withLock { () -> Bool in
+            defer { migration.announcePending = false }
+            return migration.announcePending
+        }
+        guard pending else { return 0 }
+        let devices = virtioDevices.compactMap { $0.device as? GuestAnnouncing }
+        let asked = devices.filter { $0.requestAnnounce() }.count
+        if ProcessInfo.processInfo.environment["GODWIT_MIGRATION_TRACE"] != nil {
+            FileHandle.standardError.write(Data("godwit: migration: asked \(asked) network device(s) to announce the guest\n".utf8))
+        }
+        guard asked > 0 else { return 0 }
+        let thread = Thread { [weak self] in
+            for delay in MicroVM.announceDelays.dropFirst() {
+                usleep(UInt32(delay * 1_000_000))
+                guard let self, self.isRunningForAnnounce else { return }
+                for device in devices { device.requestAnnounce() }
+            }
+        }
+        thread.name = "announce"
+        thread.start()
+        return asked
     }
 }

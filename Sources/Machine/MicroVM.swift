@@ -431,6 +431,8 @@ public final class MicroVM: @unchecked Sendable {
         }
         // A stop that came while threads were still starting may have missed a thread: kick again.
         if isStopped { kickAll() }
+        // A restored guest that runs now tells the network where it is (a paused one: at resume).
+        if !startsPaused { announceAfterRestore() }
         // Every vCPU thread ends once the VM is stopped (requestExit kicks them out of KVM_RUN).
         for thread in stateLock.withLock({ threads }) { pthread_join(thread, nil) }
         if getenv("GODWIT_DEVICE_STATISTICS") != nil {
@@ -496,6 +498,7 @@ public final class MicroVM: @unchecked Sendable {
             state = try state.applying(.resume)
             stateLock.broadcast()
         }
+        announceAfterRestore()
     }
 
     /// Called by a vCPU thread after a kick: parks it while the VM is paused.
@@ -510,6 +513,13 @@ public final class MicroVM: @unchecked Sendable {
             }
             parkedVCPUs -= 1
         }
+    }
+
+    /// True while the vCPUs run (not paused, not stopped) and no migration is under way: when a later
+    /// announce round may touch the devices.
+    var isRunningForAnnounce: Bool {
+        guard stateLock.withLock({ state == .running }) else { return false }
+        return !migration.lock.withLock { migration.logging || migration.suspended }
     }
 
     private var isStopped: Bool {

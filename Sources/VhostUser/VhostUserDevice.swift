@@ -13,12 +13,18 @@ import Glibc
 /// the device's interrupt line), both through the `notifiers` closure, and the backend reads the kicks
 /// and writes the calls. `queueNotified` (the path of `--notify exit`) writes the kick eventfd.
 ///
+/// A network device with one queue pair gets a third queue, the control queue, that this object runs
+/// itself, as QEMU's frontend does: the guest sees CTRL_VQ and GUEST_ANNOUNCE whatever the backend
+/// offers (the backend's own control-queue features are hidden and never negotiated with it), its
+/// notifications exit to the VMM (no ioeventfd), and `requestAnnounce()` sets VIRTIO_NET_S_ANNOUNCE in
+/// the config space the guest reads, over the backend's status byte, until the driver acknowledges.
+///
 /// ```swift
 /// let disk = try VhostUserDevice(socketPath: "/run/godwit/vm1-disk.sock", deviceID: VirtioDeviceType.block) { queue in
 ///     (kick: kickFDs[queue], call: callFD)   // the Machine's ioeventfd and irqfd
 /// }
 /// ```
-public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
+public final class VhostUserDevice: VirtioDevice, GuestAnnouncing, @unchecked Sendable {
     /// The kick and call eventfds of queue `queue`, made (and registered with KVM) by the Machine.
     public typealias Notifiers = (_ queue: Int) throws -> (kick: EventFD, call: EventFD)
 
@@ -34,6 +40,18 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
 
     public let deviceID: UInt32
     public let queueCount: Int
+    /// The queues that run in the backend: `queueCount`, less the control queue run here.
+    public let backendQueueCount: Int
+    /// Whether this object runs a virtio-net control queue (queue 2) and the announce status itself.
+    public let runsNetControlQueue: Bool
+    /// virtio-net features that need the control queue: hidden from the guest when the backend offers
+    /// them (the backend never sees the control queue), but for the two this object implements.
+    public static let netControlFeatures: UInt64 = NetDevice.Feature.controlGuestOffloads | NetDevice.Feature.controlQueue
+        | NetDevice.Feature.controlRx | NetDevice.Feature.controlVLAN | NetDevice.Feature.controlRxExtra
+        | NetDevice.Feature.guestAnnounce | NetDevice.Feature.controlMACAddress | NetDevice.Feature.multiQueue
+        | (1 << 52) | (1 << 53) | (1 << 57) | (1 << 60)  // VQ_NOTF_COAL, NOTF_COAL, HASH_REPORT, RSS
+    /// The control-queue features the guest gets from this object.
+    public static let localNetFeatures: UInt64 = NetDevice.Feature.controlQueue | NetDevice.Feature.guestAnnounce
     public let maxQueueSize: UInt16
     /// How many bytes of config space are fetched (GET_CONFIG) and cached.
     public let configSize: Int
@@ -56,6 +74,14 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
     private var dirtyLog: (fd: FileDescriptor, size: UInt64)?
     /// Rings stopped for a migration's final phase: their next avail indices.
     private var suspendedBases: [Int: UInt16]?
+    /// Guards the control queue, the announce bit and their counters: never held while talking to the
+    /// backend, so that a vCPU running the control queue never waits for backend I/O. Taken after `lock`.
+    private let controlLock = Lock()
+    /// The control queue run here, between activation and reset, with the negotiated features.
+    private var control: (queue: Virtqueue, memory: GuestMemory, interrupt: VirtioInterrupt, features: UInt64)?
+    /// VIRTIO_NET_S_ANNOUNCE as the guest sees it.
+    private var announcing = false
+    private var controlStatistics = NetDeviceStatistics()
 
     /// What `activate` was given: replayed on reconnect.
     private struct Activation {
@@ -96,7 +122,9 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
             let wanted = queueCount ?? (deviceID == VirtioDeviceType.block ? 1 : deviceID == VirtioDeviceType.network ? 2 : nil)
                 ?? Int(negotiated.queues ?? 1)
             guard wanted >= 1, wanted <= 256 else { throw VhostUserError.deviceError("queue count \(wanted) is not 1 to 256") }
-            self.queueCount = wanted
+            backendQueueCount = wanted
+            runsNetControlQueue = deviceID == VirtioDeviceType.network && wanted == NetControlQueue.queueIndex
+            self.queueCount = runsNetControlQueue ? wanted + 1 : wanted
             try lock.withLock { try adopt(frontend, negotiated) }
         } catch {
             frontend.close()
@@ -135,11 +163,12 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
 
     /// Makes `frontend` the device's connection. Called with the lock held.
     private func adopt(_ frontend: VhostUserFrontend, _ negotiated: Negotiated) throws {
-        if let queues = negotiated.queues, queues < UInt64(queueCount) {
-            throw VhostUserError.deviceError("the backend serves \(queues) queues, \(queueCount) wanted")
+        if let queues = negotiated.queues, queues < UInt64(backendQueueCount) {
+            throw VhostUserError.deviceError("the backend serves \(queues) queues, \(backendQueueCount) wanted")
         }
         var guest = negotiated.features & ~VhostUserDevice.hiddenFeatures
         if deviceID == VirtioDeviceType.block && queueCount == 1 { guest &= ~BlockDevice.Feature.multiQueue }
+        if runsNetControlQueue { guest = guest & ~VhostUserDevice.netControlFeatures | VhostUserDevice.localNetFeatures }
         // The guest negotiated with the old backend's features: a backend that lacks some cannot take over.
         if let activation, activation.features & ~guest != 0 {
             let missing = activation.features & ~guest
@@ -287,7 +316,12 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
     public var deviceFeatures: UInt64 { lock.withLock { guestFeatures } }
 
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
-        let space = lock.withLock { config }
+        var space = lock.withLock { config }
+        // virtio_net_config.status (offset 6): the announce bit is this object's, the rest the backend's.
+        if runsNetControlQueue, space.count > 6 {
+            let announce = controlLock.withLock { announcing }
+            space[6] = space[6] & ~UInt8(NetDevice.LinkStatus.announce) | (announce ? UInt8(NetDevice.LinkStatus.announce) : 0)
+        }
         for i in 0..<data.count {
             let (position, overflow) = offset.addingReportingOverflow(i)
             data[i] = !overflow && position >= 0 && position < space.count ? space[position] : 0
@@ -306,16 +340,32 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
     public func activate(memory: GuestMemory, queues: [Virtqueue], features: UInt64, interrupt: VirtioInterrupt) throws {
         try lock.withLock {
             guard let frontend else { throw VhostUserError.disconnected(reason: "no connection to the backend") }
+            var controlQueue: Virtqueue?
+            if runsNetControlQueue && features & NetDevice.Feature.controlQueue != 0 {
+                guard let queue = queues.first(where: { $0.index == NetControlQueue.queueIndex }) else {
+                    throw VhostUserError.deviceError("the driver negotiated CTRL_VQ without setting up queue \(NetControlQueue.queueIndex), the control queue")
+                }
+                queue.maxChainBytes = NetControlQueue.maxCommandBytes
+                controlQueue = queue
+            }
+            // The control queue's notifications exit to the VMM: no ioeventfd, nothing for the backend.
+            let remote = queues.filter { !(runsNetControlQueue && $0.index == NetControlQueue.queueIndex) }
             var eventFDs: [Int: (kick: EventFD, call: EventFD)] = [:]
-            for queue in queues { eventFDs[queue.index] = try notifiers(queue.index) }
+            for queue in remote { eventFDs[queue.index] = try notifiers(queue.index) }
             do {
-                try start(frontend, memory: memory, queues: queues.map { (index: $0.index, state: $0.state) },
+                try start(frontend, memory: memory, queues: remote.map { (index: $0.index, state: $0.state) },
                           features: features, interrupt: interrupt, eventFDs: eventFDs)
             } catch {
                 lastErrorValue = error
                 throw error
             }
+            controlLock.withLock { control = controlQueue.map { ($0, memory, interrupt, features) } }
         }
+    }
+
+    /// The features negotiated with the backend: the guest's, without those this object implements.
+    private func backendFeatures(_ features: UInt64) -> UInt64 {
+        runsNetControlQueue ? features & ~VhostUserDevice.localNetFeatures : features
     }
 
     /// SET_FEATURES, SET_MEM_TABLE, then per queue NUM, BASE, ADDR, KICK, CALL and ENABLE (QEMU's order).
@@ -327,14 +377,14 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
         if protocolFeatures & VhostUserProtocolFeature.inflightSharedMemory != 0 {
             // QEMU's order: the region first (fetched once, handed back to every later backend).
             if inflightRegion == nil {
-                inflightRegion = try frontend.getInflightFD(queueCount: UInt16(queueCount), queueSize: maxQueueSize)
+                inflightRegion = try frontend.getInflightFD(queueCount: UInt16(backendQueueCount), queueSize: maxQueueSize)
             }
             if let region = inflightRegion {
                 try frontend.setInflightFD(region.description, fileDescriptor: region.fd)
             }
         }
         let logging = dirtyLog != nil
-        try frontend.setFeatures(features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0)
+        try frontend.setFeatures(backendFeatures(features) | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0)
                                  | (logging ? VhostUserFeature.logAll : 0))
         let (regions, fds) = try VhostUserDevice.memoryTable(memory)
         try frontend.setMemoryTable(regions, fileDescriptors: fds)
@@ -355,12 +405,71 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
     }
 
     public func queueNotified(_ index: Int) {
+        if runsNetControlQueue && index == NetControlQueue.queueIndex {
+            processControlQueue()
+            return
+        }
         let kick = lock.withLock { activation?.eventFDs[index]?.kick }
         try? kick?.signal()
     }
 
+    // MARK: Announce (virtio-net)
+
+    /// Whether VIRTIO_NET_S_ANNOUNCE is set for the guest.
+    public var isAnnouncing: Bool { controlLock.withLock { announcing } }
+
+    /// The control queue's counters (only the control* fields are used).
+    public var controlQueueStatistics: NetDeviceStatistics { controlLock.withLock { controlStatistics } }
+
+    /// Sets VIRTIO_NET_S_ANNOUNCE and raises a configuration change, when the driver negotiated
+    /// GUEST_ANNOUNCE and the control queue runs here; the driver's ANNOUNCE_ACK clears it.
+    @discardableResult
+    public func requestAnnounce() -> Bool {
+        let interrupt: VirtioInterrupt? = controlLock.withLock {
+            let needed = NetDevice.Feature.guestAnnounce | NetDevice.Feature.controlQueue
+            guard let control, control.features & needed == needed else { return nil }
+            announcing = true
+            return control.interrupt
+        }
+        interrupt?.signalConfigChange()
+        return interrupt != nil
+    }
+
+    /// Runs the control queue (on the vCPU thread that wrote QueueNotify).
+    private func processControlQueue() {
+        let (failure, interrupt): (Error?, VirtioInterrupt?) = controlLock.withLock {
+            guard let control else { return (nil, nil) }
+            let outcome: NetControlQueue.Outcome
+            do {
+                outcome = try NetControlQueue.process(control.queue, memory: control.memory) { command in
+                    guard command == .announceAck else { return NetControlQueue.error }
+                    announcing = false
+                    return NetControlQueue.ok
+                }
+            } catch {
+                // A broken ring: stop the queue until the driver resets the device.
+                self.control = nil
+                return (error, control.interrupt)
+            }
+            controlStatistics.controlAnnounceAcks += UInt64(outcome.announceAcks)
+            controlStatistics.controlRefused += UInt64(outcome.refused)
+            controlStatistics.controlMalformed += UInt64(outcome.malformed)
+            guard outcome.completed > 0, (try? control.queue.needsNotification()) ?? true else { return (nil, nil) }
+            return (nil, control.interrupt)
+        }
+        if let failure {
+            interrupt?.deviceNeedsReset(because: failure)
+        } else {
+            interrupt?.signalUsedBuffer(queue: NetControlQueue.queueIndex)
+        }
+    }
+
     public func reset() {
         lock.withLock {
+            controlLock.withLock {
+                control = nil
+                announcing = false
+            }
             guard let active = activation else { return }
             activation = nil
             inflightRegion = nil
@@ -396,7 +505,7 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
             }
             let usesProtocolFeatures = backendFeatures & VhostUserFeature.protocolFeatures != 0
             if let fd { try frontend.setLogBase(size: size, offset: 0, fileDescriptor: fd) }
-            try frontend.setFeatures(activation.features | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0)
+            try frontend.setFeatures(backendFeatures(activation.features) | (usesProtocolFeatures ? VhostUserFeature.protocolFeatures : 0)
                                      | (fd != nil ? VhostUserFeature.logAll : 0))
             for (index, state) in activation.queues {
                 try frontend.setVringAddress(try VhostUserDevice.vringAddress(index, state, activation.memory, logging: fd != nil))
@@ -415,6 +524,8 @@ public final class VhostUserDevice: VirtioDevice, @unchecked Sendable {
             }
             for (index, _) in activation.queues { bases[index] = try frontend.getVringBase(queue: index) }
             suspendedBases = bases
+            // The control queue runs here (on vCPU threads, which are stopped): its position is ours.
+            if let queue = controlLock.withLock({ control?.queue }) { bases[queue.index] = queue.nextAvail }
             return bases
         }
     }

@@ -37,6 +37,13 @@ public struct NetDeviceStatistics: Equatable, Codable, Sendable {
     /// A frame already read from the backend and waiting for guest buffers, dropped by a reset.
     public var rxDroppedOnReset: UInt64 = 0
 
+    /// Control queue: announce acknowledgements (VIRTIO_NET_CTRL_ANNOUNCE_ACK) answered OK.
+    public var controlAnnounceAcks: UInt64 = 0
+    /// Control queue: commands answered VIRTIO_NET_ERR (an unsupported class or command).
+    public var controlRefused: UInt64 = 0
+    /// Control queue: chains completed without an answer (malformed, no header, no ack byte).
+    public var controlMalformed: UInt64 = 0
+
     /// Backend offload configuration failures at activation (the backend then sends only plain frames).
     public var offloadConfigurationErrors: UInt64 = 0
     /// Times the device stopped and asked for a reset (a broken ring: avail idx too far, bad head index).
@@ -136,7 +143,11 @@ public struct MACAddress: Equatable, Hashable, Sendable, Codable, CustomStringCo
 /// supports): CSUM and HOST_TSO4/6 (the guest may send partial checksums and TSO frames; the device
 /// checks their headers and the backend finishes them), GUEST_CSUM and GUEST_TSO4/6 (the guest may
 /// receive them; the backend is allowed to produce them only for what the driver accepted, via
-/// `NetBackend.configureOffloads`). Never offered: ECN, UFO/USO, CTRL_VQ, MQ, GUEST_ANNOUNCE, RSC, RSS.
+/// `NetBackend.configureOffloads`). CTRL_VQ and GUEST_ANNOUNCE unless `controlQueue` is false: queue 2
+/// is then the control queue (`NetControlQueue`: the announce command, VIRTIO_NET_ERR for the rest),
+/// and `requestAnnounce()` (after a migration or a snapshot load) sets VIRTIO_NET_S_ANNOUNCE and raises
+/// a configuration change until the driver acknowledges. Never offered: ECN, UFO/USO, MQ, CTRL_RX,
+/// CTRL_VLAN, CTRL_MAC_ADDR, CTRL_GUEST_OFFLOADS, RSC, RSS.
 ///
 /// ## TX
 /// A TX notification (`queueNotified(1)`, on the notifying thread) drains the TX queue: each chain is
@@ -160,7 +171,7 @@ public struct MACAddress: Equatable, Hashable, Sendable, Codable, CustomStringCo
 /// RX state is under one lock, TX state under another, so RX and TX run in parallel; a third lock
 /// protects configuration, link status and activation. `Virtqueue`s are not thread-safe: each is only
 /// touched under its own queue's lock. Hooks are called with no device lock held.
-public final class NetDevice: VirtioDevice, @unchecked Sendable {
+public final class NetDevice: VirtioDevice, GuestAnnouncing, @unchecked Sendable {
     /// virtio-net feature bits (virtio 1.2 §5.1.3).
     public enum Feature {
         public static let checksum: UInt64 = 1 << 0
@@ -179,6 +190,11 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
         public static let mergeableRxBuffers: UInt64 = 1 << 15
         public static let status: UInt64 = 1 << 16
         public static let controlQueue: UInt64 = 1 << 17
+        public static let controlRx: UInt64 = 1 << 18
+        public static let controlVLAN: UInt64 = 1 << 19
+        public static let controlRxExtra: UInt64 = 1 << 20
+        public static let guestAnnounce: UInt64 = 1 << 21
+        public static let controlMACAddress: UInt64 = 1 << 23
         public static let multiQueue: UInt64 = 1 << 22
     }
 
@@ -208,7 +224,8 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
     /// The MTU advertised with VIRTIO_NET_F_MTU, or nil when not offered.
     public let mtu: UInt16?
     public let deviceID: UInt32 = VirtioDeviceType.network
-    public let queueCount = 2
+    /// 3 with the control queue, else 2.
+    public let queueCount: Int
     public let maxQueueSize: UInt16
     public let deviceFeatures: UInt64
 
@@ -250,6 +267,11 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
     private var transmitBlockedHook: (() -> Void)?
     private var controlStats = NetDeviceStatistics()
 
+    /// The control queue between activation and reset, and its counters. Taken before controlLock.
+    private let ctrlLock = Lock()
+    private var ctrl: (queue: Virtqueue, memory: GuestMemory, interrupt: VirtioInterrupt)?
+    private var ctrlStats = NetDeviceStatistics()
+
     /// The RX queue, the pending frame and RX counters.
     private let rxLock = Lock()
     private var rx: ReceiveState?
@@ -273,9 +295,11 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
     ///   - offloads: the offload features to offer, further limited to `implementedOffloads` and the
     ///     backend's `supportedOffloadFeatures`; TSO is dropped when its checksum feature is missing.
     ///     Pass 0 for a device without offloads.
-    ///   - maxQueueSize: QueueNumMax for both queues.
+    ///   - maxQueueSize: QueueNumMax for every queue.
+    ///   - controlQueue: offer CTRL_VQ and GUEST_ANNOUNCE with a control queue (queue 2).
     public init(backend: NetBackend, mac: MACAddress, mtu: UInt16? = nil, linkUp: Bool = true,
-                offloads: UInt64 = NetDevice.implementedOffloads, maxQueueSize: UInt16 = 256) {
+                offloads: UInt64 = NetDevice.implementedOffloads, maxQueueSize: UInt16 = 256,
+                controlQueue: Bool = true) {
         self.backend = backend
         self.mac = mac
         self.mtu = mtu.map { max($0, 68) }
@@ -288,6 +312,8 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
         deviceFeatures = VirtioFeature.version1 | VirtioFeature.eventIndex | VirtioFeature.indirectDescriptors
             | Feature.mac | Feature.status | Feature.mergeableRxBuffers
             | (self.mtu == nil ? 0 : Feature.mtu) | offered
+            | (controlQueue ? Feature.controlQueue | Feature.guestAnnounce : 0)
+        queueCount = controlQueue ? 3 : 2
 
         // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu (only with VIRTIO_NET_F_MTU).
         var config = [UInt8](repeating: 0, count: self.mtu == nil ? 10 : 12)
@@ -323,6 +349,10 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
         var result = rxLock.withLock { rxStats }
         let transmit = txLock.withLock { txStats }
         let control = controlLock.withLock { controlStats }
+        let commands = ctrlLock.withLock { ctrlStats }
+        result.controlAnnounceAcks = commands.controlAnnounceAcks
+        result.controlRefused = commands.controlRefused
+        result.controlMalformed = commands.controlMalformed
         result.txFrames = transmit.txFrames
         result.txBytes = transmit.txBytes
         result.txMalformed = transmit.txMalformed
@@ -388,6 +418,54 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
         signal?.signalConfigChange()
     }
 
+    // MARK: Announce
+
+    /// Whether VIRTIO_NET_S_ANNOUNCE is set (the driver has not acknowledged an announce yet).
+    public var isAnnouncing: Bool { controlLock.withLock { UInt16(config[6]) & LinkStatus.announce != 0 } }
+
+    /// Asks the driver to announce itself on the network (virtio 1.2 §5.1.6.5.4): sets
+    /// VIRTIO_NET_S_ANNOUNCE and raises a configuration change interrupt. The driver sends a gratuitous
+    /// ARP (or what its protocols use) and acknowledges on the control queue, which clears the bit.
+    /// Returns false, doing nothing, unless the device is active with GUEST_ANNOUNCE and CTRL_VQ.
+    @discardableResult
+    public func requestAnnounce() -> Bool {
+        let signal: VirtioInterrupt? = controlLock.withLock {
+            let needed = Feature.guestAnnounce | Feature.controlQueue
+            guard let interrupt, !broken, negotiated & needed == needed else { return nil }
+            config[6] |= UInt8(LinkStatus.announce)
+            return interrupt
+        }
+        signal?.signalConfigChange()
+        return signal != nil
+    }
+
+    /// Runs the control queue. Called on the notifying thread.
+    private func processControlQueue() {
+        let (failure, notify): (Error?, VirtioInterrupt?) = ctrlLock.withLock {
+            guard let ctrl, !isBroken else { return (nil, nil) }
+            let outcome: NetControlQueue.Outcome
+            do {
+                outcome = try NetControlQueue.process(ctrl.queue, memory: ctrl.memory) { command in
+                    guard command == .announceAck else { return NetControlQueue.error }
+                    controlLock.withLock { config[6] &= ~UInt8(LinkStatus.announce) }
+                    return NetControlQueue.ok
+                }
+            } catch {
+                return (error, ctrl.interrupt)
+            }
+            ctrlStats.controlAnnounceAcks += UInt64(outcome.announceAcks)
+            ctrlStats.controlRefused += UInt64(outcome.refused)
+            ctrlStats.controlMalformed += UInt64(outcome.malformed)
+            guard outcome.completed > 0, (try? ctrl.queue.needsNotification()) ?? true else { return (nil, nil) }
+            return (nil, ctrl.interrupt)
+        }
+        if let failure, let notify {
+            stop(failure, notify)
+        } else {
+            notify?.signalUsedBuffer(queue: NetControlQueue.queueIndex)
+        }
+    }
+
     // MARK: VirtioDevice
 
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
@@ -412,11 +490,21 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
             throw VirtioError.queueMissing(queue: NetDevice.transmitQueueIndex)
         }
         transmitQueue.maxChainBytes = UInt64(NetHeader.size + NetDevice.maxFrameLength)
+        var controlQueue: Virtqueue?
+        if features & Feature.controlQueue != 0 {
+            guard queueCount > NetControlQueue.queueIndex,
+                  let queue = queues.first(where: { $0.index == NetControlQueue.queueIndex }) else {
+                throw VirtioError.queueMissing(queue: NetControlQueue.queueIndex)
+            }
+            queue.maxChainBytes = NetControlQueue.maxCommandBytes
+            controlQueue = queue
+        }
         controlLock.withLock {
             self.interrupt = interrupt
             negotiated = features
             broken = false
         }
+        ctrlLock.withLock { ctrl = controlQueue.map { ($0, memory, interrupt) } }
         var offloadError = false
         do { try backend.configureOffloads(negotiatedFeatures: features) } catch { offloadError = true }
         if offloadError { controlLock.withLock { controlStats.offloadConfigurationErrors += 1 } }
@@ -441,10 +529,12 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
             tx = nil
             txBlocked = false
         }
+        ctrlLock.withLock { ctrl = nil }
         controlLock.withLock {
             interrupt = nil
             negotiated = 0
             broken = false
+            config[6] &= ~UInt8(LinkStatus.announce)
         }
         // Back to plain frames only; a failure changes nothing for the next driver, which sets its own.
         try? backend.configureOffloads(negotiatedFeatures: 0)
@@ -454,6 +544,7 @@ public final class NetDevice: VirtioDevice, @unchecked Sendable {
         switch index {
         case NetDevice.receiveQueueIndex: wakeReceiver()
         case NetDevice.transmitQueueIndex: transmit()
+        case NetControlQueue.queueIndex: processControlQueue()
         default: break
         }
     }

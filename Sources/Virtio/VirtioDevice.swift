@@ -52,3 +52,13 @@ extension VirtioDevice {
     public func suspendForMigration() throws -> [Int: UInt16]? { nil }
     public func resumeAfterSuspend() throws {}
 }
+
+/// A device that can ask its driver to announce the guest on the network (virtio-net's
+/// VIRTIO_NET_F_GUEST_ANNOUNCE): the VMM asks after a migration or a snapshot load, so that switches
+/// learn where the guest's MAC address now is.
+public protocol GuestAnnouncing: AnyObject {
+    /// Sets VIRTIO_NET_S_ANNOUNCE and raises a configuration change interrupt when the driver
+    /// negotiated GUEST_ANNOUNCE and the control queue; returns whether it did.
+    @discardableResult
+    func requestAnnounce() -> Bool
+}

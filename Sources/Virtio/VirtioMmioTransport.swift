@@ -412,7 +412,9 @@ public final class VirtioMmioTransport: @unchecked Sendable {
         guard state.deviceID == device.deviceID else {
             throw VirtioError.backendMismatch(reason: "saved device type \(state.deviceID), this device is \(device.deviceID)")
         }
-        guard state.queues.count == queues.count else {
+        // Fewer saved queues is a state from a device that had fewer (a virtio-net device before it had a
+        // control queue): the rest stay as after a reset, and the driver never set them up.
+        guard state.queues.count <= queues.count else {
             throw VirtioError.backendMismatch(reason: "saved \(state.queues.count) queues, this device has \(queues.count)")
         }
         guard state.driverFeatures & ~device.deviceFeatures == 0 else {
@@ -442,6 +444,7 @@ public final class VirtioMmioTransport: @unchecked Sendable {
                 queueSel = state.queueSel
                 queues = state.queues.map { QueueConfig(size: $0.size, ready: $0.ready, descriptorTable: $0.descriptorTable,
                                                         driverArea: $0.driverArea, deviceArea: $0.deviceArea) }
+                    + queues.dropFirst(state.queues.count)
                 interruptStatusValue = state.interruptStatus
                 configGenerationValue = state.configGeneration
                 generation &+= 1

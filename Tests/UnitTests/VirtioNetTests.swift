@@ -2,6 +2,8 @@ import Foundation
 import GodwitSystem
 import GuestMemory
 import Testing
+import VhostUser
+import Machine
 import Virtio
 
 // MARK: - Driver-side helpers
@@ -14,6 +16,8 @@ final class NetHarness {
     let allocator: VirtioTestAllocator
     let rx: VirtioTestDriver
     let tx: VirtioTestDriver
+    /// The control queue (queue 2), used when the features include CTRL_VQ.
+    let ctrl: VirtioTestDriver
     let backend: MemoryNetBackend
     let device: NetDevice
     let interrupt = VirtioRecordingInterrupt()
@@ -23,23 +27,24 @@ final class NetHarness {
 
     /// `features` is the driver's choice, taken from what the device offers (default: everything).
     init(features: ((UInt64) -> UInt64)? = nil, queueSize: UInt16 = 16, mtu: UInt16? = nil,
-         offloads: UInt64 = NetDevice.implementedOffloads, activate: Bool = true) throws {
+         offloads: UInt64 = NetDevice.implementedOffloads, controlQueue: Bool = true, activate: Bool = true) throws {
         memory = try GuestMemory.anonymous(layout: [(base: 0, size: NetHarness.ramSize)])
         allocator = VirtioTestAllocator(memory: memory)
         rx = try VirtioTestDriver(size: queueSize, memory: memory, index: 0, base: 0x1000, allocator: allocator)
         tx = try VirtioTestDriver(size: queueSize, memory: memory, index: 1, base: 0x40000, allocator: allocator)
+        ctrl = try VirtioTestDriver(size: queueSize, memory: memory, index: 2, base: 0x80000, allocator: allocator)
         backend = try MemoryNetBackend()
         device = NetDevice(backend: backend, mac: MACAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56])!, mtu: mtu,
-                           offloads: offloads)
+                           offloads: offloads, controlQueue: controlQueue)
         let offered = device.deviceFeatures
         self.features = features.map { $0(offered) } ?? offered
         if activate { try self.activate() }
     }
 
     func activate() throws {
-        try device.activate(memory: memory, queues: [try rx.makeQueueAtDriverPosition(features: features),
-                                                     try tx.makeQueueAtDriverPosition(features: features)],
-                            features: features, interrupt: interrupt)
+        var queues = [try rx.makeQueueAtDriverPosition(features: features), try tx.makeQueueAtDriverPosition(features: features)]
+        if features & NetF.controlQueue != 0 { queues.append(try ctrl.makeQueueAtDriverPosition(features: features)) }
+        try device.activate(memory: memory, queues: queues, features: features, interrupt: interrupt)
     }
 
     /// Puts both rings back to their initial state, as a driver does after a reset.
@@ -200,15 +205,15 @@ let netTapUnavailableReason: String? = {
         let backend = try MemoryNetBackend()
         let mac = MACAddress([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])!
         let device = NetDevice(backend: backend, mac: mac)
-        #expect(device.deviceID == 1 && device.queueCount == 2 && device.maxQueueSize == 256)
+        #expect(device.deviceID == 1 && device.queueCount == 3 && device.maxQueueSize == 256)
         let f = device.deviceFeatures
         for bit in [VirtioFeature.version1, VirtioFeature.eventIndex, VirtioFeature.indirectDescriptors,
-                    NetF.mac, NetF.status, NetF.mergeableRxBuffers,
+                    NetF.mac, NetF.status, NetF.mergeableRxBuffers, NetF.controlQueue, NetF.guestAnnounce,
                     NetF.checksum, NetF.guestChecksum, NetF.guestTSO4, NetF.guestTSO6, NetF.hostTSO4, NetF.hostTSO6] {
             #expect(f & bit != 0, "feature 0x\(String(bit, radix: 16)) should be offered")
         }
-        for bit in [NetF.mtu, NetF.guestECN, NetF.guestUFO, NetF.hostECN, NetF.hostUFO, NetF.controlQueue,
-                    NetF.multiQueue, NetF.controlGuestOffloads, VirtioFeature.ringPacked] {
+        for bit in [NetF.mtu, NetF.guestECN, NetF.guestUFO, NetF.hostECN, NetF.hostUFO, NetF.controlRx, NetF.controlVLAN,
+                    NetF.controlMACAddress, NetF.multiQueue, NetF.controlGuestOffloads, VirtioFeature.ringPacked] {
             #expect(f & bit == 0, "feature 0x\(String(bit, radix: 16)) should not be offered")
         }
 
@@ -243,6 +248,9 @@ let netTapUnavailableReason: String? = {
         #expect(noChecksum.deviceFeatures & NetDevice.implementedOffloads == NetF.guestChecksum | NetF.guestTSO4)
         let limited = NetDevice(backend: try MemoryNetBackend(supportedOffloadFeatures: NetF.checksum), mac: mac)
         #expect(limited.deviceFeatures & NetDevice.implementedOffloads == NetF.checksum)
+        // Without the control queue: two queues, neither CTRL_VQ nor GUEST_ANNOUNCE.
+        let noControl = NetDevice(backend: backend, mac: mac, controlQueue: false)
+        #expect(noControl.queueCount == 2 && noControl.deviceFeatures & (NetF.controlQueue | NetF.guestAnnounce) == 0)
     }
 
     @Test func macAddresses() throws {
@@ -951,7 +959,7 @@ let netTapUnavailableReason: String? = {
         let rx = try VirtioTestDriver(size: 16, memory: memory, index: 0, base: 0x1000, allocator: allocator)
         let tx = try VirtioTestDriver(size: 16, memory: memory, index: 1, base: 0x40000, allocator: allocator)
         let device = NetDevice(backend: backend, mac: MACAddress.generated(seed: name))
-        let features = device.deviceFeatures & ~(NetF.guestTSO6)
+        let features = device.deviceFeatures & ~(NetF.guestTSO6 | NetF.controlQueue | NetF.guestAnnounce)
         try device.activate(memory: memory, queues: [try rx.makeQueueAtDriverPosition(features: features), try tx.makeQueueAtDriverPosition(features: features)],
                             features: features, interrupt: VirtioRecordingInterrupt())
         #expect(backend.offloadFlags == Tap.offloadChecksum | Tap.offloadTSO4)
@@ -985,5 +993,274 @@ fileprivate extension VirtioMmioTransport {
         var bytes = [UInt8](repeating: 0xAA, count: count)
         bytes.withUnsafeMutableBytes { read(offset: offset, into: $0) }
         return bytes
+    }
+}
+
+// MARK: - Control queue and announce
+
+extension NetHarness {
+    /// Sends one control command: `readable` pieces (each its own descriptor) then writable buffers of
+    /// `writable` bytes (filled with 0xEE); returns the used elements and the first writable byte.
+    func control(_ readable: [[UInt8]], writable: [Int] = [1]) throws -> (used: [(id: UInt32, length: UInt32)], ack: UInt8?) {
+        var buffers: [VirtioTestBuffer] = []
+        for piece in readable {
+            buffers.append(VirtioTestBuffer(address: try allocator.place(piece), length: UInt32(piece.count), writable: false))
+        }
+        for length in writable {
+            buffers.append(VirtioTestBuffer(address: try allocator.allocate(length, fill: 0xEE), length: UInt32(length), writable: true))
+        }
+        try ctrl.publish(try ctrl.addChain(buffers))
+        device.queueNotified(NetControlQueue.queueIndex)
+        let ack = try buffers.first(where: \.writable).map { try memory.load(UInt8.self, at: $0.address) }
+        return (try ctrl.takeUsed(), ack)
+    }
+
+    /// The config status field (2 bytes, little-endian).
+    var status: UInt16 {
+        var bytes = [UInt8](repeating: 0xAA, count: 2)
+        bytes.withUnsafeMutableBytes { device.readConfig(offset: 6, into: $0) }
+        return UInt16(bytes[0]) | UInt16(bytes[1]) << 8
+    }
+}
+
+@Suite struct VirtioNetControlQueueTests {
+    static let announceAck: [UInt8] = [NetControlQueue.classAnnounce, NetControlQueue.commandAnnounceAck]
+
+    @Test func announceSetsTheStatusAndTheAckClearsIt() throws {
+        let h = try NetHarness()
+        #expect(h.status == NetDevice.LinkStatus.up && !h.device.isAnnouncing)
+        #expect(h.device.requestAnnounce())
+        #expect(h.status == NetDevice.LinkStatus.up | NetDevice.LinkStatus.announce && h.device.isAnnouncing)
+        #expect(h.interrupt.configSignals == 1)
+        // Link changes leave the announce bit alone.
+        h.device.setLinkUp(false)
+        #expect(h.status == NetDevice.LinkStatus.announce)
+        h.device.setLinkUp(true)
+
+        let (used, ack) = try h.control([VirtioNetControlQueueTests.announceAck])
+        #expect(used.count == 1 && used[0].length == 1 && ack == NetControlQueue.ok)
+        #expect(h.status == NetDevice.LinkStatus.up && !h.device.isAnnouncing)
+        #expect(h.device.statistics.controlAnnounceAcks == 1)
+        #expect(h.interrupt.usedSignals >= 1)
+        // The header may be split over two descriptors; a second ACK is answered OK too.
+        let split = try h.control([[NetControlQueue.classAnnounce], [NetControlQueue.commandAnnounceAck]])
+        #expect(split.used.count == 1 && split.ack == NetControlQueue.ok)
+        // Frames still flow.
+        try h.transmitFrame(netTestFrame(60, seed: 1))
+        #expect(h.backend.takeSent().count == 1)
+    }
+
+    @Test func otherCommandsAreAnsweredWithAnError() throws {
+        let h = try NetHarness()
+        _ = h.device.requestAnnounce()
+        for (command, what) in [([UInt8(0), 0, 1], "VIRTIO_NET_CTRL_RX promisc (not offered)"),
+                                ([1, 0] + [UInt8](repeating: 0, count: 14), "MAC table"),
+                                ([3, 1], "announce class, unknown command"),
+                                ([3, 0, 0], "ANNOUNCE_ACK with data"),
+                                ([0xFF, 0xFF], "unknown class")] {
+            let (used, ack) = try h.control([command])
+            #expect(used.count == 1 && used[0].length == 1 && ack == NetControlQueue.error, "\(what)")
+        }
+        // None of them cleared the announce bit.
+        #expect(h.device.isAnnouncing)
+        #expect(h.device.statistics.controlRefused == 5 && h.device.statistics.controlAnnounceAcks == 0)
+        // Writable space larger than one byte: only the ack is written.
+        let (used, ack) = try h.control([VirtioNetControlQueueTests.announceAck], writable: [8])
+        #expect(used[0].length == 1 && ack == NetControlQueue.ok && !h.device.isAnnouncing)
+    }
+
+    @Test func hostileChainsAreCompletedWithoutAnAnswer() throws {
+        let h = try NetHarness()
+        _ = h.device.requestAnnounce()
+        var malformed: UInt64 = 0
+        func expectMalformed(_ what: String, _ body: () throws -> [(id: UInt32, length: UInt32)]) throws {
+            let used = try body()
+            malformed += 1
+            #expect(used.count == 1 && used[0].length == 0, "\(what): \(used)")
+            #expect(h.device.statistics.controlMalformed == malformed, "\(what)")
+            #expect(h.device.isAnnouncing, "\(what) must not acknowledge")
+            #expect(!h.device.needsReset, "\(what) must not stop the device")
+        }
+        try expectMalformed("no ack byte") { try h.control([VirtioNetControlQueueTests.announceAck], writable: []).used }
+        try expectMalformed("one-byte header") { try h.control([[3]]).used }
+        try expectMalformed("no header at all") { try h.control([], writable: [2]).used }
+        try expectMalformed("a chain too large") { try h.control([VirtioNetControlQueueTests.announceAck + [UInt8](repeating: 0, count: 5000)]).used }
+        // Hand-made descriptor tables: out of RAM, a loop, readable after writable.
+        let ack = try h.allocator.allocate(1)
+        let header = try h.allocator.place(VirtioNetControlQueueTests.announceAck)
+        func raw(_ descriptors: [(address: UInt64, length: UInt32, flags: UInt16, next: UInt16)]) throws -> [(id: UInt32, length: UInt32)] {
+            for (i, d) in descriptors.enumerated() {
+                try h.ctrl.writeDescriptor(UInt16(10 + i), address: d.address, length: d.length, flags: d.flags, next: d.next)
+            }
+            try h.ctrl.publish(10)
+            h.device.queueNotified(NetControlQueue.queueIndex)
+            return try h.ctrl.takeUsed()
+        }
+        let next = VirtioTestFlag.next, write = VirtioTestFlag.write
+        try expectMalformed("header outside RAM") {
+            try raw([(NetHarness.ramSize - 1, 2, next, 11), (ack, 1, write, 0)])
+        }
+        try expectMalformed("ack outside RAM") {
+            try raw([(header, 2, next, 11), (NetHarness.ramSize + 4096, 1, write, 0)])
+        }
+        try expectMalformed("a descriptor loop") {
+            try raw([(header, 2, next, 11), (ack, 1, write | next, 10)])
+        }
+        try expectMalformed("readable after writable") {
+            try raw([(ack, 1, write | next, 11), (header, 2, next, 12), (ack, 1, write, 0)])
+        }
+        try expectMalformed("next index out of the table") {
+            try raw([(header, 2, next, 200)])
+        }
+        // The device goes on: a good command still works.
+        let good = try h.control([VirtioNetControlQueueTests.announceAck])
+        #expect(good.ack == NetControlQueue.ok && !h.device.isAnnouncing)
+
+        // A broken ring (avail idx far ahead) stops the device until reset.
+        try h.ctrl.setAvailIdx(h.ctrl.availIdx &+ 100)
+        h.device.queueNotified(NetControlQueue.queueIndex)
+        #expect(h.device.needsReset && h.interrupt.resetErrors.count == 1)
+    }
+
+    @Test func announceNeedsTheFeaturesAndAnActiveDevice() throws {
+        // Not negotiated: nothing happens.
+        let plain = try NetHarness(features: { $0 & ~(NetF.guestAnnounce | NetF.controlQueue) })
+        #expect(!plain.device.requestAnnounce())
+        #expect(plain.status == NetDevice.LinkStatus.up && plain.interrupt.configSignals == 0)
+        // Control queue without GUEST_ANNOUNCE: commands run, announce is not asked.
+        let noAnnounce = try NetHarness(features: { $0 & ~NetF.guestAnnounce })
+        #expect(!noAnnounce.device.requestAnnounce())
+        #expect(try noAnnounce.control([[0, 0, 1]]).ack == NetControlQueue.error)
+        // Not active: nothing; a reset clears a pending announce.
+        let h = try NetHarness(activate: false)
+        #expect(!h.device.requestAnnounce())
+        try h.activate()
+        #expect(h.device.requestAnnounce())
+        h.device.reset()
+        #expect(h.status == NetDevice.LinkStatus.up)
+        // CTRL_VQ negotiated but no queue 2: activation refuses.
+        let missing = try NetHarness(activate: false)
+        #expect(throws: VirtioError.queueMissing(queue: 2)) {
+            try missing.device.activate(memory: missing.memory, queues: [try missing.rx.makeQueue(features: missing.features),
+                                                                         try missing.tx.makeQueue(features: missing.features)],
+                                        features: missing.features, interrupt: missing.interrupt)
+        }
+    }
+
+    /// A saved state from a NIC without the control queue (an older VMM) restores into one with it;
+    /// the other way round is refused.
+    @Test func aStateWithFewerQueuesRestores() throws {
+        let old = try NetHarness(controlQueue: false, activate: false)
+        let transport = VirtioMmioTransport(device: old.device, memory: old.memory, interruptLine: VirtioRecordingLine())
+        let features = VirtioFeature.version1 | NetF.mac | NetF.status
+        #expect(transport.netNegotiate(features))
+        transport.netSetUpQueue(old.rx)
+        transport.netSetUpQueue(old.tx)
+        transport.netDriverOK()
+        try old.transmitFrame(netTestFrame(60, seed: 3))
+        let saved = transport.captureState(externalBases: nil)
+        #expect(saved.queues.count == 2 && saved.queues[1].nextAvail == 1)
+
+        let new = try NetHarness(activate: false)
+        let restored = VirtioMmioTransport(device: new.device, memory: old.memory, interruptLine: VirtioRecordingLine())
+        try restored.restoreState(saved)
+        #expect(new.device.isActive && new.device.negotiatedFeatures == features)
+        #expect(restored.captureState(externalBases: nil).queues.count == 3)
+        #expect(!new.device.requestAnnounce(), "a driver without GUEST_ANNOUNCE is not asked")
+
+        // Three saved queues do not fit a device with two.
+        let withControl = restored.captureState(externalBases: nil)
+        let older = VirtioMmioTransport(device: NetDevice(backend: try MemoryNetBackend(), mac: old.device.mac, controlQueue: false),
+                                        memory: old.memory, interruptLine: VirtioRecordingLine())
+        #expect(throws: VirtioError.self) { try older.restoreState(withControl) }
+
+        // The machine-level check agrees: fewer queues fit, more do not.
+        func shape(_ queues: Int) -> MachineShape {
+            let json = #"{"cpus": 1, "regions": [{"base": 0, "size": 268435456}], "devices": [{"id": "virtio0", "deviceID": 1, "queues": \#(queues)}], "cpuid": []}"#
+            return try! JSONDecoder().decode(MachineShape.self, from: Data(json.utf8))
+        }
+        #expect(shape(3).mismatch(shape(2)) == nil)
+        #expect(shape(2).mismatch(shape(3)) != nil)
+        #expect(shape(3).mismatch(shape(3)) == nil)
+    }
+
+    @Test func decodeChecksEveryByte() {
+        #expect(NetControlQueue.decode([3, 0], dataLength: 0) == .announceAck)
+        #expect(NetControlQueue.decode([3, 0], dataLength: 1) == .unsupported(commandClass: 3, command: 0, dataLength: 1))
+        #expect(NetControlQueue.decode([3], dataLength: 0) == nil)
+        #expect(NetControlQueue.decode([], dataLength: 0) == nil)
+        #expect(NetControlQueue.decode([4, 0], dataLength: 0) == .unsupported(commandClass: 4, command: 0, dataLength: 0))
+    }
+}
+
+/// The VMM's vhost-user frontend runs a net device's control queue and announce bit itself; the
+/// backend (an I/O domain's `NetDevice`) only ever sees the RX and TX rings.
+@Suite struct VhostUserNetControlQueueTests {
+    @Test func theFrontendRunsTheControlQueueAndAnnounces() throws {
+        let netBackend = try MemoryNetBackend()
+        let served = NetDevice(backend: netBackend, mac: MACAddress([0x52, 0x54, 0, 1, 2, 3])!)
+        let backend = VhostUserBackend(name: "test-net", device: served)
+        defer { backend.stop() }
+        let (backendEnd, frontendEnd) = try VhostUserChannel.pair()
+        _ = try backend.serve(backendEnd)
+        let memory = try GuestMemory.create(layout: [(base: 0, size: NetHarness.ramSize)], name: "vu-net-test")
+        let call = try EventFD()
+        let kicks = try (0..<2).map { _ in try EventFD() }
+        let asked = VULog()
+        let device = try VhostUserDevice(deviceID: VirtioDeviceType.network, notifiers: { queue in
+            asked.append("\(queue)")
+            return (kick: kicks[queue], call: call)
+        }, connect: { VhostUserFrontend(channel: frontendEnd) })
+        #expect(device.queueCount == 3 && device.backendQueueCount == 2 && device.runsNetControlQueue)
+        let offered = device.deviceFeatures
+        #expect(offered & NetF.controlQueue != 0 && offered & NetF.guestAnnounce != 0)
+        #expect(offered & (NetF.controlRx | NetF.controlVLAN | NetF.multiQueue) == 0)
+
+        let allocator = VirtioTestAllocator(memory: memory)
+        let rx = try VirtioTestDriver(size: 16, memory: memory, index: 0, base: 0x1000, allocator: allocator)
+        let tx = try VirtioTestDriver(size: 16, memory: memory, index: 1, base: 0x40000, allocator: allocator)
+        let ctrl = try VirtioTestDriver(size: 16, memory: memory, index: 2, base: 0x80000, allocator: allocator)
+        let features = VirtioFeature.version1 | NetF.mac | NetF.status | NetF.controlQueue | NetF.guestAnnounce
+        let interrupt = VirtioRecordingInterrupt()
+        try device.activate(memory: memory, queues: [try rx.makeQueue(features: features), try tx.makeQueue(features: features),
+                                                     try ctrl.makeQueue(features: features)],
+                            features: features, interrupt: interrupt)
+        // Eventfds only for the backend's rings; the backend negotiated neither control feature.
+        #expect(asked.all.sorted() == ["0", "1"])
+        #expect(served.negotiatedFeatures == features & ~(NetF.controlQueue | NetF.guestAnnounce))
+
+        func status() -> UInt16 {
+            var bytes = [UInt8](repeating: 0xAA, count: 2)
+            bytes.withUnsafeMutableBytes { device.readConfig(offset: 6, into: $0) }
+            return UInt16(bytes[0]) | UInt16(bytes[1]) << 8
+        }
+        #expect(status() == NetDevice.LinkStatus.up)
+        #expect(device.requestAnnounce() && interrupt.configSignals == 1)
+        #expect(status() == NetDevice.LinkStatus.up | NetDevice.LinkStatus.announce)
+
+        // A refused command, a malformed chain, then the ACK, all answered here.
+        func command(_ bytes: [UInt8], ackLength: Int = 1) throws -> (length: UInt32?, ack: UInt8) {
+            let ack = try allocator.allocate(max(ackLength, 1), fill: 0xEE)
+            var buffers = [VirtioTestBuffer(address: try allocator.place(bytes), length: UInt32(bytes.count), writable: false)]
+            if ackLength > 0 { buffers.append(VirtioTestBuffer(address: ack, length: UInt32(ackLength), writable: true)) }
+            try ctrl.publish(try ctrl.addChain(buffers))
+            device.queueNotified(NetControlQueue.queueIndex)
+            return (try ctrl.takeUsed().first?.length, try memory.load(UInt8.self, at: ack))
+        }
+        #expect(try command([0, 0, 1]) == (1, NetControlQueue.error))
+        #expect(try command([3, 0], ackLength: 0).length == 0)
+        #expect(device.isAnnouncing)
+        #expect(try command([3, 0]) == (1, NetControlQueue.ok))
+        #expect(!device.isAnnouncing && status() == NetDevice.LinkStatus.up)
+        let stats = device.controlQueueStatistics
+        #expect(stats.controlAnnounceAcks == 1 && stats.controlRefused == 1 && stats.controlMalformed == 1)
+
+        // Migration: the control queue's position comes from here, the rings' from the backend.
+        let bases = try #require(try device.suspendForMigration())
+        #expect(bases[2] == 3 && bases[0] == 0 && bases[1] == 0)
+        try device.resumeAfterSuspend()
+        device.reset()
+        #expect(!device.requestAnnounce())
+        #expect(backend.closedConnections.isEmpty)
     }
 }
