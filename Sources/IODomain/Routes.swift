@@ -353,10 +353,10 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                 // Mirrored: the replica's half runs beside the local one, so a write costs the slower of
                 // the two, not their sum. (Replaying it on the replica after a local failure repeats the
                 // same bytes at the same place: harmless.)
-                var remoteResult: Result<Void, Error>?
+                let remote = RemoteOutcome()
                 let group = DispatchGroup()
                 if route == .mirror, let replica {
-                    remoteQueue.async(group: group) { [self] in remoteResult = Result { try runRemote(operation, replica) } }
+                    remoteQueue.async(group: group) { [self] in remote.result = Result { try runRemote(operation, replica) } }
                 }
                 do {
                     try runLocal(operation)
@@ -369,11 +369,11 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                 if group.wait(timeout: .now() + (localTimeout ?? 30)) == .timedOut, let replica {
                     replica.abort()
                     group.wait()
-                    if case .success? = remoteResult {} else {
-                        remoteResult = .failure(IODomainError.system("the replica did not answer within \(Int((localTimeout ?? 30) * 1000)) ms"))
+                    if case .success? = remote.result {} else {
+                        remote.result = .failure(IODomainError.system("the replica did not answer within \(Int((localTimeout ?? 30) * 1000)) ms"))
                     }
                 }
-                if route == .mirror, let replica, case .failure(let error)? = remoteResult {
+                if route == .mirror, let replica, case .failure(let error)? = remote.result {
                     if let range = operation.written { state.withLock { bitmap.mark(offset: range.0, length: range.1) } }
                     replicaFailed(replica, error)
                 } else if route != .mirror, let range = operation.written {
@@ -466,6 +466,11 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         case let .writeZeroes(offset, length, mayUnmap): try replica.writeZeroes(at: offset, length: length, mayUnmap: mayUnmap, fua: false)
         }
     }
+}
+
+/// The replica half of a mirrored request, handed back across the dispatch group's wait.
+private final class RemoteOutcome: @unchecked Sendable {
+    var result: Result<Void, Error>?
 }
 
 /// The monotonic clock, in seconds.
