@@ -24,6 +24,8 @@ public struct GodwitEvent: Codable, Equatable, Sendable {
         public static let deviceFault: Kind = "device_fault"
         public static let routeChange: Kind = "route_change"
         public static let migrationProgress: Kind = "migration_progress"
+        /// The fence deadline lapsed and the VMM paused its guest by itself.
+        public static let fenced: Kind = "fenced"
         /// The subscriber fell behind and `details.count` events were dropped for it.
         public static let eventsDropped: Kind = "events_dropped"
     }

@@ -891,6 +891,32 @@ public struct MigrationReceiveParams: Codable, Equatable, Sendable {
     public func validate() throws { _ = try MigrationURL(receiverUrl, field: "receiver_url") }
 }
 
+/// `PUT /fence` (Godwit): a deadline the host agent keeps moving forward; when it lapses the VMM
+/// pauses its guest by itself, so that a hung or cut-off agent cannot leave a guest running that
+/// another host may take over.
+public struct FenceParams: Codable, Equatable, Sendable {
+    public static let deadlineRange = 0...3_600_000
+
+    /// Milliseconds from now (monotonic clock) until the guest is paused unless another `PUT /fence`
+    /// arrives first; 0 turns fencing off.
+    public var deadlineMs: Int
+
+    public init(deadlineMs: Int) { self.deadlineMs = deadlineMs }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case deadlineMs = "deadline_ms" }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.strictContainer(CodingKeys.self)
+        deadlineMs = try c.decode(Int.self, forKey: .deadlineMs)
+    }
+
+    public func validate() throws {
+        guard FenceParams.deadlineRange.contains(deadlineMs) else {
+            throw APIError.badRequest("deadline_ms must be 0 (off) to \(FenceParams.deadlineRange.upperBound), not \(deadlineMs)")
+        }
+    }
+}
+
 /// `PUT /migration/send`: migrates the running VM to a VMM waiting in `/migration/receive`.
 public struct MigrationSendParams: Codable, Equatable, Sendable {
     public static let downtimeRange = 1...60_000

@@ -58,6 +58,8 @@ public protocol VMMController: AnyObject {
     func sendMigration(_ params: MigrationSendParams) throws
     /// `GET /migration` (Godwit)
     func migrationStatus() throws -> MigrationStatus
+    /// `PUT /fence` (Godwit): pause the guest unless fenced again within the deadline (0: off).
+    func setFence(_ params: FenceParams) throws
 }
 
 /// One (method, path template) the router serves.
@@ -71,7 +73,7 @@ public struct APIRoute: Hashable, Sendable, CustomStringConvertible {
         case getFirecrackerVersion, patchVm, getExportVmConfig
         case createSnapshot, loadSnapshot
         // Godwit extensions
-        case getEvents, getPrometheusMetrics, receiveMigration, sendMigration, getMigration
+        case getEvents, getPrometheusMetrics, receiveMigration, sendMigration, getMigration, putFence
     }
 
     public let method: String
@@ -115,6 +117,7 @@ public enum APIRoutes {
         APIRoute("PUT", "/migration/receive", .receiveMigration, extension: true),
         APIRoute("PUT", "/migration/send", .sendMigration, extension: true),
         APIRoute("GET", "/migration", .getMigration, extension: true),
+        APIRoute("PUT", "/fence", .putFence, extension: true),
     ]
 
     /// The route for `method` and `segments` (the decoded path segments) and its path parameters;
@@ -349,6 +352,10 @@ public final class APIRouter: HTTPHandler, @unchecked Sendable {
             try serialized { try c.sendMigration(value) }
         case .getMigration:
             return .json(try serialized { try c.migrationStatus() })
+        case .putFence:
+            let value = try body(FenceParams.self)
+            try value.validate()
+            try c.setFence(value)
         case .getPrometheusMetrics:
             var text = try serialized { try c.prometheusMetrics() }
             if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }

@@ -199,6 +199,8 @@ public final class VMMService: VMMController, @unchecked Sendable {
     public var lockDownAfterStart: (() throws -> Void)?
     /// Set once `lockDownAfterStart` ran (a VMM whose incoming migration failed builds the next VM locked down).
     private var lockedDown = false
+    /// The fence deadline (`PUT /fence`) and its watcher.
+    let fence = FenceWatch()
 
     public func instanceStart() throws {
         let config: MachineConfig = try lock.withLock {

@@ -139,6 +139,43 @@ struct APITests {
         #expect(try api.serialLines().contains { $0.job == "ctrl-alt-del" })
     }
 
+    /// The fence: renewed in time the guest runs on; left to lapse, the VMM pauses it by itself and
+    /// says so; the agent can resume it.
+    @Test func aLapsedFencePausesTheGuest() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        try api.configure(jobs: "godwit.job=idle,seconds=60")
+        #expect(try api.call("PUT", "/fence", ["deadline_ms": -1]).status == 400)
+        #expect(try api.call("PUT", "/fence", ["deadline_ms": 500, "extra": 1]).status == 400)
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        func state() throws -> String {
+            let body = try api.call("GET", "/").body
+            return ((try? JSONSerialization.jsonObject(with: Data(body.utf8))) as? [String: Any])?["state"] as? String ?? ""
+        }
+        // Renewed every 100 ms against a 400 ms deadline for 2 s: still running.
+        for _ in 0..<20 {
+            #expect(try api.call("PUT", "/fence", ["deadline_ms": 400]).status == 204)
+            usleep(100_000)
+        }
+        #expect(try state() == "Running")
+        let events = try BackgroundProcess("/usr/bin/curl", ["-sN", "--unix-socket", api.socket, "http://localhost/events"])
+        defer { events.terminate() }
+        // No more renewals: the VMM pauses the guest itself.
+        var paused = false
+        for _ in 0..<100 where !paused {
+            paused = try state() == "Paused"
+            if !paused { usleep(50_000) }
+        }
+        #expect(paused, "the guest is paused once the fence lapsed")
+        #expect(events.waitForOutput(timeout: 10) { $0.contains("\"fenced\"") }, "\(events.stdoutSoFar.suffix(500))")
+        // 0 turns it off; the agent resumes the guest and it stays up.
+        #expect(try api.call("PUT", "/fence", ["deadline_ms": 0]).status == 204)
+        #expect(try api.call("PATCH", "/vm", ["state": "Resumed"]).status == 204)
+        usleep(800_000)
+        #expect(try state() == "Running")
+        _ = try api.call("PUT", "/actions", ["action_type": "SendCtrlAltDel"])
+    }
+
     @Test func badInputGetsClearErrorsAndTheVMMKeepsServing() throws {
         let api = try APIHarness()
         defer { api.stop() }

@@ -28,6 +28,7 @@ struct APIRouterTests {
         .receiveMigration: ("/migration/receive", #"{"receiver_url": "tcp:0.0.0.0:6000"}"#),
         .sendMigration: ("/migration/send", #"{"destination_url": "tcp:10.0.0.2:6000", "downtime_ms": 50, "timeout_s": 60, "max_bandwidth_mbps": 800}"#),
         .getMigration: ("/migration", nil),
+        .putFence: ("/fence", #"{"deadline_ms": 2500}"#),
     ]
 
     func handle(_ router: APIRouter, _ method: String, _ target: String, _ body: String? = nil) -> HTTPResponse {

@@ -142,6 +142,7 @@ final class APIFakeController: VMMController, @unchecked Sendable {
     func loadSnapshot(_ params: SnapshotLoadParams) throws { try record("loadSnapshot") }
     func receiveMigration(_ params: MigrationReceiveParams) throws { try record("receiveMigration") }
     func sendMigration(_ params: MigrationSendParams) throws { try record("sendMigration") }
+    func setFence(_ params: FenceParams) throws { try record("setFence") }
     func migrationStatus() throws -> MigrationStatus {
         try record("migrationStatus")
         return MigrationStatus(state: "none")
