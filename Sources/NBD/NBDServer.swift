@@ -94,6 +94,8 @@ public final class NBDServer: @unchecked Sendable {
     public let exports: [String: NBDStorage]
     public let options: Options
     private let lock = Lock()
+    /// Per export, the newest owner generation a client has connected with (see `lookup`).
+    private var generations: [String: UInt64] = [:]
     private var stats = NBDServerStatistics()
     private var connections: [ObjectIdentifier: NBDSocket] = [:]
     private var stopping = false
@@ -150,9 +152,9 @@ public final class NBDServer: @unchecked Sendable {
         _ = setsockopt(connection.rawValue, Int32(IPPROTO_TCP), TCP_NODELAY, &on, socklen_t(MemoryLayout<Int32>.size))
         do throws(NBDError) {
             socket.setReceiveTimeout(options.handshakeTimeout)
-            guard let (name, storage) = try handshake(socket) else { return nil }
+            guard let (name, storage, generation) = try handshake(socket) else { return nil }
             socket.setReceiveTimeout(nil)
-            try transmission(socket, export: name, storage: storage)
+            try transmission(socket, export: name, storage: storage, generation: generation)
             return nil
         } catch {
             if case .peerClosed = error { return nil }
@@ -160,6 +162,31 @@ public final class NBDServer: @unchecked Sendable {
             return error
         }
     }
+
+    // MARK: Owner generations
+
+    /// The export a client asks for, and the owner generation it claims. A name `NAME@N` is export
+    /// `NAME` written by owner generation `N` (the VM's owner record in etcd): the newest generation
+    /// seen wins, and from then on an older owner's writes are refused with EPERM. That is how a
+    /// replica refuses a stale owner that lost its VM to another host but still runs.
+    func lookup(_ requested: String) -> (name: String, storage: NBDStorage, generation: UInt64)? {
+        var name = requested, generation: UInt64 = 0
+        if let at = requested.lastIndex(of: "@"), let n = UInt64(requested[requested.index(after: at)...]) {
+            name = String(requested[..<at])
+            generation = n
+        }
+        guard let storage = exports[name] else { return nil }
+        lock.withLock { generations[name] = max(generations[name] ?? 0, generation) }
+        return (name, storage, generation)
+    }
+
+    /// Whether a client of `generation` may still write `export`.
+    func mayWrite(_ export: String, generation: UInt64) -> Bool {
+        lock.withLock { generation >= (generations[export] ?? 0) }
+    }
+
+    /// The newest owner generation seen on `export` (0: none).
+    public func generation(of export: String) -> UInt64 { lock.withLock { generations[export] ?? 0 } }
 
     // MARK: Handshake
 
@@ -173,7 +200,7 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     /// The option phase; returns the export to serve, or nil when the client aborted.
-    private func handshake(_ socket: NBDSocket) throws(NBDError) -> (String, NBDStorage)? {
+    private func handshake(_ socket: NBDSocket) throws(NBDError) -> (String, NBDStorage, UInt64)? {
         var greeting = [UInt8]()
         greeting.appendBE(NBDProtocol.initMagic)
         greeting.appendBE(NBDProtocol.optionMagic)
@@ -195,15 +222,15 @@ public final class NBDServer: @unchecked Sendable {
             let data = try socket.read(count: Int(length), operation: "reading option \(option)")
             switch option {
             case NBDProtocol.Option.exportName:
-                let name = String(decoding: data, as: UTF8.self)
+                let requested = String(decoding: data, as: UTF8.self)
                 // No error reply exists for EXPORT_NAME: an unknown name ends the connection.
-                guard let storage = exports[name] else { throw .unknownExport(name) }
+                guard let (name, storage, generation) = lookup(requested) else { throw .unknownExport(requested) }
                 var reply = [UInt8]()
                 reply.appendBE(storage.size)
                 reply.appendBE(transmissionFlags(storage))
                 if !noZeroes { reply += [UInt8](repeating: 0, count: 124) }
                 try socket.write(reply)
-                return (name, storage)
+                return (name, storage, generation)
             case NBDProtocol.Option.abort:
                 try? sendOptionReply(socket, option, NBDProtocol.Reply.ack)
                 return nil
@@ -225,9 +252,9 @@ public final class NBDServer: @unchecked Sendable {
                 guard data.count == 6 + nameLength + 2 * count else {
                     try sendOptionReply(socket, option, NBDProtocol.Reply.errInvalid, message: "request length"); continue
                 }
-                let name = String(decoding: data[4..<(4 + nameLength)], as: UTF8.self)
-                guard let storage = exports[name] else {
-                    try sendOptionReply(socket, option, NBDProtocol.Reply.errUnknown, message: "no export named '\(name)'"); continue
+                let requested = String(decoding: data[4..<(4 + nameLength)], as: UTF8.self)
+                guard let (name, storage, generation) = lookup(requested) else {
+                    try sendOptionReply(socket, option, NBDProtocol.Reply.errUnknown, message: "no export named '\(requested)'"); continue
                 }
                 var export = [UInt8]()
                 export.appendBE(NBDProtocol.Info.export)
@@ -241,7 +268,7 @@ public final class NBDServer: @unchecked Sendable {
                 block.appendBE(NBDProtocol.maxPayload)
                 try sendOptionReply(socket, option, NBDProtocol.Reply.info, block)
                 try sendOptionReply(socket, option, NBDProtocol.Reply.ack)
-                if option == NBDProtocol.Option.go { return (name, storage) }
+                if option == NBDProtocol.Option.go { return (name, storage, generation) }
             default:
                 // STARTTLS, STRUCTURED_REPLY, meta contexts and anything unknown: not offered.
                 try sendOptionReply(socket, option, NBDProtocol.Reply.errUnsupported, message: "option \(option) is not supported")
@@ -282,7 +309,7 @@ public final class NBDServer: @unchecked Sendable {
         var failure: NBDError?
     }
 
-    private func transmission(_ socket: NBDSocket, export: String, storage: NBDStorage) throws(NBDError) {
+    private func transmission(_ socket: NBDSocket, export: String, storage: NBDStorage, generation: UInt64) throws(NBDError) {
         let queue = RequestQueue()
         let condition = queue.condition
         for n in 0..<max(1, options.workers) {
@@ -293,7 +320,7 @@ public final class NBDServer: @unchecked Sendable {
                         return queue.pending.isEmpty ? nil : queue.pending.removeFirst()
                     }
                     guard let request = next else { return }
-                    do throws(NBDError) { try execute(request, socket: socket, storage: storage) } catch {
+                    do throws(NBDError) { try execute(request, socket: socket, export: export, storage: storage, generation: generation) } catch {
                         condition.withLock { if queue.failure == nil { queue.failure = error } }
                         socket.shutdown()
                     }
@@ -345,7 +372,7 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     /// Performs a request and sends its reply.
-    private func execute(_ request: Request, socket: NBDSocket, storage: NBDStorage) throws(NBDError) {
+    private func execute(_ request: Request, socket: NBDSocket, export: String, storage: NBDStorage, generation: UInt64) throws(NBDError) {
         var code: UInt32 = 0
         var readData: [UInt8] = []
         let length = UInt64(request.length)
@@ -353,8 +380,12 @@ public final class NBDServer: @unchecked Sendable {
         let fua = request.flags & NBDProtocol.CommandFlag.fua != 0
         let knownFlags = NBDProtocol.CommandFlag.fua | NBDProtocol.CommandFlag.noHole
         do {
+            let changes = [NBDProtocol.Command.write, NBDProtocol.Command.trim, NBDProtocol.Command.writeZeroes].contains(request.type)
             if request.flags & ~knownFlags != 0 {
                 code = NBDProtocol.Errno.invalid
+            } else if changes && !mayWrite(export, generation: generation) {
+                // A newer owner has connected: this one lost the VM (fencing).
+                code = NBDProtocol.Errno.perm
             } else {
                 switch request.type {
                 case NBDProtocol.Command.read:

@@ -282,6 +282,35 @@ struct NBDServerTests {
         #expect(client.serverResult != nil, "\(kind): reported as a violation")
     }
 
+    /// Fencing on the replica: `NAME@N` is export NAME written by owner generation N; once a newer
+    /// owner has connected, an older one's writes get EPERM (its reads still work).
+    @Test func anOlderOwnerGenerationCannotWrite() throws {
+        let storage = MemoryStorage(size: 65536)
+        let server = NBDServer(exports: ["disk": storage])
+        let old = try TestClient(server)
+        #expect(old.go("disk@1") != nil)
+        old.request(NBDProtocol.Command.write, cookie: 1, offset: 0, length: 4, data: [1, 1, 1, 1])
+        #expect(old.reply().map { $0 == (0, 1) } == true, "generation 1 writes while it is the newest")
+        let new = try TestClient(server)
+        #expect(new.go("disk@2") != nil)
+        #expect(server.generation(of: "disk") == 2)
+        old.request(NBDProtocol.Command.write, cookie: 2, offset: 0, length: 4, data: [6, 6, 6, 6])
+        #expect(old.reply().map { $0 == (NBDProtocol.Errno.perm, 2) } == true, "the stale owner is refused")
+        old.request(NBDProtocol.Command.writeZeroes, cookie: 3, offset: 0, length: 512)
+        #expect(old.reply().map { $0 == (NBDProtocol.Errno.perm, 3) } == true)
+        old.request(NBDProtocol.Command.read, cookie: 4, offset: 0, length: 4)
+        #expect(old.reply().map { $0 == (0, 4) } == true)
+        #expect(old.read(4) == [1, 1, 1, 1], "the stale write did not land")
+        new.request(NBDProtocol.Command.write, cookie: 5, offset: 0, length: 4, data: [2, 2, 2, 2])
+        #expect(new.reply().map { $0 == (0, 5) } == true)
+        // A client that names no generation counts as generation 0 once the export is fenced.
+        let anonymous = try TestClient(server)
+        #expect(anonymous.go("disk") != nil)
+        anonymous.request(NBDProtocol.Command.write, cookie: 6, offset: 0, length: 4, data: [3, 3, 3, 3])
+        #expect(anonymous.reply().map { $0 == (NBDProtocol.Errno.perm, 6) } == true)
+        #expect(storage.bytes[0..<4] == [2, 2, 2, 2])
+    }
+
     /// Random bytes after a good handshake, and as the handshake: the server never traps and always ends.
     @Test func fuzzedInputNeverTraps() throws {
         var generator = SystemRandomNumberGenerator()
