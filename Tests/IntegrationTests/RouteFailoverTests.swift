@@ -29,7 +29,7 @@ struct RouteFailoverTests {
         /// The replica's host: another network namespace, over a veth pair.
         let peer: PeerHost
 
-        init(size: UInt64 = 16 << 20, faultTimeoutMs: Int = 2000) throws {
+        init(size: UInt64 = 16 << 20, faultTimeoutMs: Int = 2000, slowReadsMs: Int? = nil) throws {
             RouteFailoverTests.nextPort += 1
             peer = try PeerHost(subnet: Int(RouteFailoverTests.nextPort % 200))
             dir = try TestEnvironment.temporaryDirectory()
@@ -41,8 +41,12 @@ struct RouteFailoverTests {
             try TestEnvironment.makeImage(at: local, size: size)
             try TestEnvironment.makeImage(at: replica, size: size)
             let nbdSocket = dir.appendingPathComponent("local-nbd.sock").path
-            nbdkit = try BackgroundProcess("/usr/bin/nbdkit", ["-U", nbdSocket, "-f", "--filter=error", "file", local.path,
-                                                               "error-rate=100%", "error-file=\(errorFlag.path)", "error=EIO"])
+            // The error filter (errors while the flag file exists), and optionally slow reads so that a
+            // replica's copy takes long enough to be interrupted.
+            let delay = slowReadsMs == nil ? [] : ["--filter=delay"]
+            let delayArguments = slowReadsMs.map { ["delay-read=\($0)ms"] } ?? []
+            nbdkit = try BackgroundProcess("/usr/bin/nbdkit", ["-U", nbdSocket, "-f", "--filter=error"] + delay + ["file", local.path,
+                                                               "error-rate=100%", "error-file=\(errorFlag.path)", "error=EIO"] + delayArguments)
             for _ in 0..<500 where !FileManager.default.fileExists(atPath: nbdSocket) { usleep(10_000) }
             nbdfuse = try BackgroundProcess("/usr/bin/nbdfuse", [mount.path, "--unix", nbdSocket])
             let device = mount.appendingPathComponent("nbd").path
@@ -124,13 +128,15 @@ struct RouteFailoverTests {
         #expect(rig.domain.isRunning)
     }
 
-    /// The local device fails while the replica is still being copied: the guest gets the error (as
-    /// from real hardware), nothing hangs, and the event says there was no replica in sync.
+    /// The local device fails while the replica is still being copied (reads slowed down so that the
+    /// copy is under way): the guest gets the error (as from real hardware), nothing hangs, the sync
+    /// stops, and the events say why.
     @Test func aFailureBeforeTheReplicaIsInSyncReachesTheGuest() throws {
-        let rig = try Rig(size: 64 << 20)
+        let rig = try Rig(size: 64 << 20, slowReadsMs: 5)  // 1024 chunks at >= 5 ms: the copy takes seconds
         defer { rig.stop() }
-        FileManager.default.createFile(atPath: rig.errorFlag.path, contents: Data())
-        _ = try rig.attachReplica()  // its copy fails at once on the local side
+        #expect(try rig.attachReplica().status == 0)
+        #expect(try rig.waitFor("sync="), "the copy is under way")
+        FileManager.default.createFile(atPath: rig.errorFlag.path, contents: Data())  // the local device fails mid-copy
         let r = try runGodwit(jobs: "godwit.job=blk-verify,size=1048576", disks: ["socket=\(rig.disk)"])
         #expect(r.status != 0, "the guest saw the error")
         #expect(r.stdout.contains("error") || r.stdout.contains("status=fail"), "\(r.stdout.suffix(1000))")
