@@ -56,40 +56,6 @@ static int name_is_valid(const char *name) {
     return length < IFNAMSIZ;
 }
 
-static int open_tap(const char *name, char *actual) {
-    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) return -1;
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-    memcpy(ifr.ifr_name, name, IFNAMSIZ);
-    if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
-    }
-    memcpy(actual, ifr.ifr_name, IFNAMSIZ);
-    actual[IFNAMSIZ - 1] = 0;
-    return fd;
-}
-
-static int set_link(const char *name, int up) {
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (s < 0) return errno;
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    memcpy(ifr.ifr_name, name, IFNAMSIZ);
-    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
-    if (rc == 0) {
-        if (up) ifr.ifr_flags |= IFF_UP; else ifr.ifr_flags &= ~IFF_UP;
-        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
-    }
-    int code = rc == 0 ? 0 : errno;
-    close(s);
-    return code;
-}
-
 __attribute__((noreturn)) static void broker_serve(int sock, pid_t parent) {
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     if (getppid() != parent) _exit(0);
@@ -140,7 +106,7 @@ __attribute__((noreturn)) static void broker_serve(int sock, pid_t parent) {
             else if (!name_is_valid(request.name)) reply.error = EINVAL;
             else if (tap_count == BROKER_MAX_TAPS) reply.error = EMFILE;
             else {
-                fd = open_tap(request.name, reply.name);
+                fd = godwit_tap_attach(request.name[0] ? request.name : NULL, reply.name);
                 if (fd < 0) reply.error = errno;
                 else memcpy(taps[tap_count++], reply.name, IFNAMSIZ);
             }
@@ -150,7 +116,7 @@ __attribute__((noreturn)) static void broker_serve(int sock, pid_t parent) {
                 for (int i = 0; i < tap_count && !known; i++) known = strncmp(taps[i], request.name, IFNAMSIZ) == 0;
             }
             if (sealed || !known) reply.error = EPERM;
-            else reply.error = set_link(request.name, request.a != 0);
+            else reply.error = godwit_interface_set_up_here(request.name, request.a != 0) == 0 ? 0 : errno;
         } else if (request.op == BROKER_SEAL) {
             sealed = 1;
         } else {

@@ -151,6 +151,10 @@ uint32_t godwit_run_system_event_type(const struct kvm_run *run) { return run->s
 
 int godwit_tap_open(const char *name, char *actual_name) {
     if (godwit_broker_available()) return godwit_broker_tap_open(name, actual_name);
+    return godwit_tap_attach(name, actual_name);
+}
+
+int godwit_tap_attach(const char *name, char *actual_name) {
     int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return -1;
     struct ifreq ifr;
@@ -193,6 +197,10 @@ int godwit_tap_set_vnet_header_size(int fd, int size) { return ioctl(fd, TUNSETV
 
 int godwit_interface_set_up(const char *name, int up) {
     if (godwit_broker_available()) return godwit_broker_set_link(name, up);
+    return godwit_interface_set_up_here(name, up);
+}
+
+int godwit_interface_set_up_here(const char *name, int up) {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s < 0) return -1;
     struct ifreq ifr;

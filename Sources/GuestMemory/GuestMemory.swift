@@ -54,6 +54,40 @@ public final class GuestRegion: @unchecked Sendable {
 public final class GuestMemory: @unchecked Sendable {
     public let regions: [GuestRegion]
 
+    /// The guest page numbers (4 KiB, guest-physical) that may hold data, as ranges: everything else
+    /// is a hole in the memfd that reads as zeros and was never touched (found with SEEK_DATA and
+    /// SEEK_HOLE, without faulting a page in). Nil when a region has no memfd or the file system
+    /// cannot tell.
+    /// lseek's SEEK_DATA and SEEK_HOLE (Linux; not exported by Swift's Glibc module).
+    static let seekData: Int32 = 3
+    static let seekHole: Int32 = 4
+
+    public func dataPageRanges() -> [Range<UInt64>]? {
+        var ranges: [Range<UInt64>] = []
+        for region in regions {
+            guard let fd = region.backing?.rawValue else { return nil }
+            let start = Int(region.backingOffset), end = Int(region.backingOffset + region.size)
+            var offset = start
+            while offset < end {
+                let data = lseek(fd, offset, GuestMemory.seekData)
+                if data < 0 {
+                    if errno == ENXIO { break }  // no data after `offset`
+                    return nil
+                }
+                if data >= end { break }
+                var hole = lseek(fd, data, GuestMemory.seekHole)
+                if hole < 0 { return nil }
+                hole = min(hole, end)
+                // Pages, rounded outwards, as guest page numbers.
+                let first = (region.guestBase + UInt64(data - start)) / 4096
+                let last = (region.guestBase + UInt64(hole - start) + 4095) / 4096
+                ranges.append(first..<last)
+                offset = hole
+            }
+        }
+        return ranges
+    }
+
     /// Creates RAM for `layout` (guest base, size) in one memfd, each region at its own offset.
     public static func create(layout: [(base: UInt64, size: UInt64)], name: String = "godwit-ram") throws -> GuestMemory {
         try validate(layout)

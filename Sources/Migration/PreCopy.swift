@@ -11,6 +11,9 @@ public protocol MigrationSourceVM: AnyObject {
     var pageCount: Int { get }
     /// The bytes of RAM page `number`; nil for a hole (not RAM).
     func page(_ number: UInt64) -> UnsafeRawBufferPointer?
+    /// Page ranges that may hold data; pages outside them read as zeros without being touched (nil:
+    /// unknown, every page is read).
+    func dataPageRanges() -> [Range<UInt64>]?
     /// JSON the target checks before any memory moves (vCPUs, memory layout, devices, CPUID).
     func configuration() throws -> [UInt8]
     /// Starts or stops logging the pages written (by the guest, the VMM's devices, I/O domains).
@@ -239,7 +242,22 @@ public final class PreCopySender {
             zeros.removeAll(keepingCapacity: true)
         }
         if all {
-            for number in 0..<UInt64(vm.pageCount) { try visit(number) }
+            // Pages in holes of guest memory are zeros: list them without reading them (reading would
+            // fault every untouched page in, on the source's CPU and memory).
+            // (`page` only translates the address: it touches nothing.)
+            let count = UInt64(vm.pageCount)
+            func hole(_ number: UInt64) throws {
+                guard vm.page(number) != nil else { return }  // not RAM
+                zeros.append(number)
+                if zeros.count == MigrationStream.maxZeroPagesPerSection { try flushZeros() }
+            }
+            var next: UInt64 = 0
+            for range in vm.dataPageRanges() ?? [0..<count] {
+                let lower = min(max(range.lowerBound, next), count), upper = min(range.upperBound, count)
+                while next < lower { try hole(next); next += 1 }
+                while next < upper { try visit(next); next += 1 }
+            }
+            while next < count { try hole(next); next += 1 }
         } else {
             for (w, word) in bitmap.enumerated() where word != 0 {
                 var bits = word

@@ -70,7 +70,7 @@ public final class NBDClient: @unchecked Sendable {
     /// error); every later call fails. Safe from any thread: it touches only the socket, not libnbd's
     /// handle, whose lock the blocked call holds.
     public func abort() {
-        _ = Glibc.shutdown(socket, Int32(SHUT_RDWR))
+        _ = Glibc.shutdown(socket, Int32(Glibc.SHUT_RDWR))
     }
 
     static func lastError(_ operation: String) -> NBDError {

@@ -62,7 +62,7 @@ final class NBDSocket: @unchecked Sendable {
         try result.get()
     }
 
-    func shutdown() { _ = Glibc.shutdown(descriptor.rawValue, Int32(SHUT_RDWR)) }
+    func shutdown() { _ = Glibc.shutdown(descriptor.rawValue, Int32(Glibc.SHUT_RDWR)) }
 }
 
 /// Counters of an NBD server, for statistics and tests.

@@ -11,6 +11,7 @@ final class MachineMigrationSource: MigrationSourceVM {
 
     var pageCount: Int { machine.pageCount }
     func page(_ number: UInt64) -> UnsafeRawBufferPointer? { machine.page(number).map(UnsafeRawBufferPointer.init) }
+    func dataPageRanges() -> [Range<UInt64>]? { machine.memory.dataPageRanges() }
     func configuration() throws -> [UInt8] { Array(try JSONEncoder().encode(machine.shape)) }
     func setDirtyLogging(_ on: Bool) throws { try machine.setDirtyLogging(on) }
     func takeDirtyBitmap() throws -> [UInt64] { try machine.takeDirtyBitmap() }

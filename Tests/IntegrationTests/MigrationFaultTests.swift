@@ -19,6 +19,27 @@ extension MigrationTests {
         return try status(api)
     }
 
+    /// A target, a relay with `fault` in front of it, and a source running `jobs` that starts migrating
+    /// through the relay once its guest beats; the caller stops all three.
+    func migrateThroughRelay(_ fault: MigrationProxy.Fault, jobs: String) throws -> (Target, MigrationProxy, APIHarness) {
+        let target = try Target()
+        let proxy = try MigrationProxy(targetPort: target.port, fault: fault)
+        let api = try source(jobs: jobs)
+        #expect(try api.waitForSerial { $0.contains("seq=50") })
+        let body: [String: Any] = ["destination_url": proxy.url, "downtime_ms": 100, "key": MigrationTests.key]
+        #expect(try api.call("PUT", "/migration/send", body).status == 204)
+        return (target, proxy, api)
+    }
+
+    /// What must hold when a migration failed before its commit point: the guest finished its job on
+    /// the source, and the target never ran it.
+    func expectGuestStayedOnSource(_ api: APIHarness, _ target: Target, _ label: String) throws {
+        let r = api.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(label): the guest finished on the source: \(r.stderr)")
+        #expect(try api.serialLines().last { $0.job == "done" }?["status"] == "pass")
+        #expect(target.lines().isEmpty, "\(label): the target never ran the guest")
+    }
+
     @Test(arguments: ["flipped byte", "truncated", "length beyond the limit", "length longer than the section"])
     func aDamagedStreamLeavesTheGuestOnTheSource(damage: String) throws {
         let fault: MigrationProxy.Fault
@@ -29,62 +50,37 @@ extension MigrationTests {
         case "length beyond the limit": fault = .growLength(section: 1, by: 1 << 40); expected = "exceeds its limit"
         default: fault = .growLength(section: 1, by: 4096); expected = "failed authentication"
         }
-        let target = try Target()
-        defer { target.stop() }
-        let proxy = try MigrationProxy(targetPort: target.port, fault: fault)
-        defer { proxy.stop() }
-        let api = try source(jobs: "godwit.job=idle,seconds=8")
-        defer { api.stop() }
-        #expect(try api.waitForSerial { $0.contains("seq=50") })
-        let body: [String: Any] = ["destination_url": proxy.url, "downtime_ms": 100, "key": MigrationTests.key]
-        #expect(try api.call("PUT", "/migration/send", body).status == 204)
+        let (target, proxy, api) = try migrateThroughRelay(fault, jobs: "godwit.job=idle,seconds=8")
+        defer { target.stop(); proxy.stop(); api.stop() }
         let final = try finalStatus(api)
         #expect(final["state"] as? String == "cancelled", "\(damage): \(final)")
         // The target says why it threw the half-built VM away, and is ready for the next attempt.
         #expect(target.process.waitForErrorOutput(timeout: 30) { $0.contains("VM discarded") && $0.contains(expected) },
                 "\(damage): \(target.process.stderrSoFar)")
         #expect(target.process.isRunning, "the target VMM survives a bad stream")
-        let r = api.process.wait(timeout: 60)
-        #expect(r.status == 0, "\(damage): the guest finished on the source: \(r.stderr)")
-        #expect(try api.serialLines().last { $0.job == "done" }?["status"] == "pass")
-        #expect(target.lines().isEmpty, "\(damage): the target never ran the guest")
+        try expectGuestStayedOnSource(api, target, damage)
     }
 
     /// The link dies before *ready* reaches the source (the target has restored everything and
     /// waits for *commit*): the source gives up after its ready time-out and resumes the guest; the
     /// target, without *commit*, never runs it.
     @Test func aLinkCutBeforeCommitLeavesTheGuestOnTheSource() throws {
-        let target = try Target()
-        defer { target.stop() }
-        let proxy = try MigrationProxy(targetPort: target.port, fault: .cutBefore(kind: MigrationProxy.Kind.ready, fromSource: false))
-        defer { proxy.stop() }
-        let api = try source(jobs: "godwit.job=idle,seconds=16")
-        defer { api.stop() }
-        #expect(try api.waitForSerial { $0.contains("seq=50") })
-        let body: [String: Any] = ["destination_url": proxy.url, "downtime_ms": 100, "key": MigrationTests.key]
-        #expect(try api.call("PUT", "/migration/send", body).status == 204)
+        let (target, proxy, api) = try migrateThroughRelay(.cutBefore(kind: MigrationProxy.Kind.ready, fromSource: false),
+                                                           jobs: "godwit.job=idle,seconds=16")
+        defer { target.stop(); proxy.stop(); api.stop() }
         let final = try finalStatus(api)
         #expect(proxy.hasCut)
         #expect(final["state"] as? String == "cancelled", "\(final)")
         #expect((final["error"] as? String ?? "").contains("ready"), "\(final)")
-        let r = api.process.wait(timeout: 60)
-        #expect(r.status == 0, "the guest finished on the source: \(r.stderr)")
-        #expect(try api.serialLines().last { $0.job == "done" }?["status"] == "pass")
-        #expect(target.lines().isEmpty, "the target never ran the guest")
+        try expectGuestStayedOnSource(api, target, "cut before ready")
     }
 
     /// The link dies right after *commit* reached the target: the target runs the guest; the source,
     /// never hearing *done*, does not resume it and exits. The guest's heartbeats never overlap.
     @Test func aLinkCutAfterCommitLeavesTheGuestOnTheTarget() throws {
-        let target = try Target()
-        defer { target.stop() }
-        let proxy = try MigrationProxy(targetPort: target.port, fault: .cutAfter(kind: MigrationProxy.Kind.commit, fromSource: true))
-        defer { proxy.stop() }
-        let api = try source(jobs: "godwit.job=idle,seconds=8")
-        defer { api.stop() }
-        #expect(try api.waitForSerial { $0.contains("seq=50") })
-        let body: [String: Any] = ["destination_url": proxy.url, "downtime_ms": 100, "key": MigrationTests.key]
-        #expect(try api.call("PUT", "/migration/send", body).status == 204)
+        let (target, proxy, api) = try migrateThroughRelay(.cutAfter(kind: MigrationProxy.Kind.commit, fromSource: true),
+                                                           jobs: "godwit.job=idle,seconds=8")
+        defer { target.stop(); proxy.stop(); api.stop() }
         let source = api.process.wait(timeout: 60)
         #expect(proxy.hasCut)
         #expect(source.status == 0, "the source ends: the guest is the target's after commit: \(source.stderr)")

@@ -113,7 +113,7 @@ struct RouteFailoverTests {
             "--cmdline", "godwit.job=ready godwit.job=blk-verify,size=4194304,seconds=12 godwit.job=blk-check,size=4194304"])
         #expect(vm.waitForOutput(timeout: 30) { $0.contains("job=ready") })
         usleep(4_000_000)  // blk-verify is in its passes (it reports at its end, 12 s in)
-        FileManager.default.createFile(atPath: rig.errorFlag.path, contents: Data())  // the local device fails from now on
+        _ = FileManager.default.createFile(atPath: rig.errorFlag.path, contents: Data())  // the local device fails from now on
         let r = vm.wait(timeout: 120)
         #expect(r.status == 0, "\(r.stdout.suffix(2000))\n\(r.stderr.suffix(2000))")
         #expect(r.lines(job: "blk-verify").first?["errors"] == "0", "\(r.stdout.suffix(1000))")
@@ -136,7 +136,7 @@ struct RouteFailoverTests {
         defer { rig.stop() }
         #expect(try rig.attachReplica().status == 0)
         #expect(try rig.waitFor("sync="), "the copy is under way")
-        FileManager.default.createFile(atPath: rig.errorFlag.path, contents: Data())  // the local device fails mid-copy
+        _ = FileManager.default.createFile(atPath: rig.errorFlag.path, contents: Data())  // the local device fails mid-copy
         let r = try runGodwit(jobs: "godwit.job=blk-verify,size=1048576", disks: ["socket=\(rig.disk)"])
         #expect(r.status != 0, "the guest saw the error")
         #expect(r.stdout.contains("error") || r.stdout.contains("status=fail"), "\(r.stdout.suffix(1000))")

@@ -187,6 +187,11 @@ int godwit_broker_tap_open(const char *name, char *actual_name);
 int godwit_broker_set_link(const char *name, int up);
 /// Tells the broker to hand out nothing but sockets from now on; 0 or -1 with errno.
 int godwit_broker_seal(void);
+/// The direct paths behind godwit_tap_open and godwit_interface_set_up (what the broker itself calls):
+/// attach the TAP `name` (NULL or "": a new one) in this process's network namespace, and bring an
+/// interface of this namespace up or down.
+int godwit_tap_attach(const char *name, char *actual_name);
+int godwit_interface_set_up_here(const char *name, int up);
 
 // Process sandbox (sandbox.c): namespaces entered by a constructor before Swift's main, then
 // no_new_privs, no capabilities and a libseccomp allow-list once set-up is done (GodwitSystem's Sandbox).
