@@ -110,6 +110,11 @@ public final class PreCopySender {
     /// The final phase's steps and when each ended, in seconds after the guest stopped.
     public private(set) var trace: [(String, Double)] = []
 
+    /// A rest this quick to send is not worth another pass.
+    static let negligibleDowntime = 0.002
+    /// At most this many passes in all while the rest already fits the limit.
+    static let maxExtraPasses = 30
+
     /// Set once `commit` has been sent: the guest belongs to the target from then on.
     public private(set) var committed = false
 
@@ -139,12 +144,18 @@ public final class PreCopySender {
             // The first pass: everything.
             var rate = try sendPass(all: true, bitmap: [])
             var bitmap = try vm.takeDirtyBitmap()
+            var previousDirty = Int.max
             while true {
                 let dirty = bitmap.reduce(0) { $0 + $1.nonzeroBitCount }
                 let expected = Double(dirty * (MigrationStream.pageEntryLength)) / max(rate, 1)
                 report(MigrationProgress(phase: "precopy", pass: pass, dirtyPages: dirty, bytesSent: channel.bytesSent,
                                          rate: rate, expectedDowntime: expected, elapsed: elapsed))
-                if expected <= parameters.downtime { break }
+                // Within the limit, another pass is still worth it while passes shrink the rest by a
+                // quarter or more: it costs the running guest nothing, and each one cuts the downtime.
+                let shrinking = Double(dirty) < Double(previousDirty) * 0.75
+                if expected <= parameters.downtime
+                    && (expected <= PreCopySender.negligibleDowntime || !shrinking || pass >= PreCopySender.maxExtraPasses) { break }
+                previousDirty = dirty
                 if elapsed > parameters.timeout {
                     throw MigrationError.timedOut(operation: "converging: \(dirty) pages still dirty after \(pass) passes, \(Int(expected * 1000)) ms at \(Int(rate * 8 / 1e6)) Mbit/s, limit \(Int(parameters.downtime * 1000)) ms")
                 }
