@@ -56,6 +56,10 @@ public final class Virtqueue: @unchecked Sendable {
     private var signalledUsed: UInt16?
     /// Inflight tracking (vhost-user INFLIGHT_SHMFD): every chain taken is marked there until returned.
     public var inflight: VirtqueueInflight?
+    /// Told of the guest ranges a device wrote after the chain was taken (asynchronous completions),
+    /// once the chain was returned: the vhost-user dirty log (which also marks the used ring).
+    /// Called from the completing thread.
+    public var writeObserver: (([DescriptorSegment]) -> Void)?
     /// Heads taken before a restart and not returned: handed out again, in order, before new chains.
     public private(set) var resubmissions: [UInt16] = []
 
@@ -210,6 +214,15 @@ public final class Virtqueue: @unchecked Sendable {
     private func parseChain(head: UInt16) throws(VirtioError) -> DescriptorChain {
         try DescriptorChain.parse(memory: memory, descriptorTable: descriptorTable, queueSize: size, head: head,
                                   indirectAllowed: indirectDescriptors, maxBytes: maxChainBytes)
+    }
+
+    /// Records, after returning a chain, that a device wrote `segments` of guest memory after taking
+    /// it (its data landed asynchronously) and the used ring: counted by the memory's write tracker
+    /// and `writeObserver`.
+    public func noteDeviceWrites(_ segments: [DescriptorSegment]) {
+        for segment in segments { memory.noteWrite(at: segment.address, length: UInt64(segment.length)) }
+        memory.noteWrite(at: deviceArea, length: 6 &+ 8 &* UInt64(size))
+        writeObserver?(segments)
     }
 
     /// Returns a chain to the driver: writes the used element, then (after a fence) the used idx.
