@@ -411,3 +411,14 @@ long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, 
     }
     return rc;
 }
+
+/// The kernel's completion ring header (fs/aio.c, the ABI libaio reads too).
+struct godwit_aio_ring {
+    unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length;
+};
+
+int godwit_aio_ring_has_events(uint64_t context) {
+    const struct godwit_aio_ring *ring = (const struct godwit_aio_ring *)(uintptr_t)context;
+    if (ring == NULL || __atomic_load_n(&ring->magic, __ATOMIC_RELAXED) != 0xa10a10a1) return 1;
+    return __atomic_load_n(&ring->head, __ATOMIC_ACQUIRE) != __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+}

@@ -67,9 +67,10 @@ public final class AsyncIOContext: @unchecked Sendable {
     private var slots: [Slot]
     private var freeSlots: [Int]
     private var closing = false
-    private var finished = false
     private var reaper: pthread_t?
-    private var reaperID: pthread_t?
+    /// Threads polling for completions (`beginPolling`): the reaper parks meanwhile, so that events
+    /// do not wake it as well.
+    private var pollers = 0
 
     /// Creates a context for `depth` requests in flight and starts its reaper thread.
     public init(depth: Int = 512) throws(SystemError) {
@@ -110,10 +111,7 @@ public final class AsyncIOContext: @unchecked Sendable {
             stopIOCB.deallocate()
             throw SystemError(operation: "pthread_create", errno: created, context: "AIO reaper")
         }
-        lock.withLock {
-            reaper = thread
-            reaperID = thread
-        }
+        lock.withLock { reaper = thread }
     }
 
     deinit {
@@ -180,6 +178,56 @@ public final class AsyncIOContext: @unchecked Sendable {
         }
     }
 
+    /// A thread starts polling (`pollCompletions`) and takes over from the reaper until `endPolling`.
+    public func beginPolling() { lock.withLock { pollers += 1 } }
+
+    public func endPolling() {
+        lock.withLock {
+            pollers -= 1
+            if pollers == 0 { lock.broadcast() }
+        }
+    }
+
+    /// Hands the completions that are ready to their handlers without waiting (on the calling
+    /// thread); returns how many there were.
+    public func pollCompletions() -> Int {
+        guard godwit_aio_ring_has_events(context) != 0 else { return 0 }
+        return withUnsafeTemporaryAllocation(of: UInt64.self, capacity: AsyncIOContext.batch) { datas in
+            withUnsafeTemporaryAllocation(of: Int64.self, capacity: AsyncIOContext.batch) { results in
+                // In bounds: both buffers hold `batch` entries, the most io_getevents is asked for.
+                let n = godwit_io_getevents(context, 0, AsyncIOContext.batch, datas.baseAddress, results.baseAddress, 0)
+                guard n > 0 else { return 0 }
+                dispatch(count: n, datas: UnsafeBufferPointer(datas), results: UnsafeBufferPointer(results))
+                return n
+            }
+        }
+    }
+
+    /// Frees the slots of `count` events and calls their handlers (outside the lock), then ends the
+    /// batch for each handler. Returns whether the context is closing with nothing in flight.
+    @discardableResult
+    private func dispatch(count: Int, datas: UnsafeBufferPointer<UInt64>, results: UnsafeBufferPointer<Int64>) -> Bool {
+        var completions: [(AsyncIOHandler, UInt64, Int)] = []
+        completions.reserveCapacity(count)
+        let done: Bool = lock.withLock {
+            for i in 0..<count {
+                let data = datas[i]
+                guard data < UInt64(depth), let handler = slots[Int(data)].handler else { continue }
+                completions.append((handler, slots[Int(data)].tag, Int(results[i])))
+                slots[Int(data)].handler = nil
+                freeSlots.append(Int(data))
+            }
+            return closing && freeSlots.count == depth
+        }
+        var batchHandlers: [AsyncIOHandler] = []
+        for (handler, tag, result) in completions {
+            handler.asyncIOCompleted(tag: tag, result: result)
+            if !batchHandlers.contains(where: { $0 === handler }) { batchHandlers.append(handler) }
+        }
+        for handler in batchHandlers { handler.asyncIOBatchEnded() }
+        return done
+    }
+
     /// Refuses new requests, waits until those in flight completed (their handlers were called),
     /// stops the reaper and destroys the context. Safe to call more than once, and from a handler.
     public func close() {
@@ -203,6 +251,7 @@ public final class AsyncIOContext: @unchecked Sendable {
         var datas = [UInt64](repeating: 0, count: AsyncIOContext.batch)
         var results = [Int64](repeating: 0, count: AsyncIOContext.batch)
         while true {
+            lock.withLock { lock.wait { pollers == 0 || closing } }
             let n = datas.withUnsafeMutableBufferPointer { d in
                 results.withUnsafeMutableBufferPointer { r in
                     // In bounds: both arrays hold `batch` entries, the most io_getevents is asked for.
@@ -214,32 +263,12 @@ public final class AsyncIOContext: @unchecked Sendable {
                 // Cannot happen with a valid context; stop rather than spin.
                 break
             }
-            var completions: [(AsyncIOHandler, UInt64, Int)] = []
-            let done: Bool = lock.withLock {
-                for i in 0..<max(n, 0) {
-                    let data = datas[i]
-                    guard data < UInt64(depth), let handler = slots[Int(data)].handler else { continue }
-                    completions.append((handler, slots[Int(data)].tag, Int(results[i])))
-                    slots[Int(data)].handler = nil
-                    freeSlots.append(Int(data))
-                }
-                return closing && freeSlots.count == depth
+            let done = datas.withUnsafeBufferPointer { d in
+                results.withUnsafeBufferPointer { r in dispatch(count: max(n, 0), datas: d, results: r) }
             }
-            var batchHandlers: [AsyncIOHandler] = []
-            for (handler, tag, result) in completions {
-                handler.asyncIOCompleted(tag: tag, result: result)
-                if !batchHandlers.contains(where: { $0 === handler }) { batchHandlers.append(handler) }
-            }
-            for handler in batchHandlers { handler.asyncIOBatchEnded() }
-            completions = []
-            batchHandlers = []
-            if done { break }
+            if done || (n <= 0 && lock.withLock({ closing && freeSlots.count == depth })) { break }
         }
         // Waits for anything still in flight (the kernel cancels or finishes it) and frees the context.
         _ = godwit_io_destroy(context)
-        lock.withLock {
-            finished = true
-            lock.broadcast()
-        }
     }
 }

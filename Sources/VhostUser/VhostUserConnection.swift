@@ -578,6 +578,32 @@ final class VhostUserConnection: @unchecked Sendable {
             return
         }
         process(index)
+        pollAfterBatch(index)
+    }
+
+    /// The longest a connection's thread polls without going back to its event loop (control messages
+    /// wait at most this long).
+    static let maxPollSeconds = 0.002
+
+    /// Adaptive polling after a kick: keeps processing ring `index` until nothing was ready for the
+    /// backend's poll window (or `maxPollSeconds` passed); not while the frontend logs dirty pages
+    /// (`process` does the logging of what completes synchronously).
+    private func pollAfterBatch(_ index: Int) {
+        guard let window = backend?.pollWindowSeconds, window > 0, active[index] != nil,
+              features & VhostUserFeature.logAll == 0 else { return }
+        device.pollingStarted(index)
+        let start = VhostUserSocket.now()
+        var lastWork = start
+        while !closing {
+            let now = VhostUserSocket.now()
+            if device.poll(index) {
+                lastWork = now
+            } else if now - lastWork > window {
+                break
+            }
+            if now - start > VhostUserConnection.maxPollSeconds { break }
+        }
+        device.pollingStopped(index)
     }
 
     /// Runs the device on queue `index`, logging the guest pages it writes when the frontend asked.

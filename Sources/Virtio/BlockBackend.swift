@@ -37,6 +37,11 @@ public protocol BlockBackend: AnyObject {
     /// front, were started. `handler` gets each started one's result (byte count or -errno), on
     /// another thread, possibly before this returns. The caller does the rest synchronously.
     func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int
+    /// Busy polling: while on, the calling thread reaps completions itself with `pollAsync` (the
+    /// engine's own completion thread stays asleep).
+    func setAsyncPolling(_ on: Bool)
+    /// Hands ready completions to their handlers on the calling thread; returns how many.
+    func pollAsync() -> Int
 }
 
 /// One read or write for `BlockBackend.submitAsync`.
@@ -59,6 +64,8 @@ extension BlockBackend {
     /// Backends without an asynchronous engine do every request synchronously.
     public func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool { false }
     public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int { 0 }
+    public func setAsyncPolling(_ on: Bool) {}
+    public func pollAsync() -> Int { 0 }
 }
 
 /// A `BlockBackend` over a raw image file or a host block device, optionally with O_DIRECT.
@@ -186,6 +193,12 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
             AsyncIORequest(fd: file.rawValue, isWrite: $0.isWrite, offset: $0.offset, buffers: $0.buffers, tag: $0.tag)
         }, handler: handler)
     }
+
+    public func setAsyncPolling(_ on: Bool) {
+        if on { asyncIO?.beginPolling() } else { asyncIO?.endPolling() }
+    }
+
+    public func pollAsync() -> Int { asyncIO?.pollCompletions() ?? 0 }
 
     public func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer]) throws {
         if direct && !alignedForDirect(buffers, at: offset) {

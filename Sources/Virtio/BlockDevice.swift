@@ -119,6 +119,8 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
     private var missedNotification = false
     /// The most requests in flight at once so far (for statistics and tests).
     private var inFlightPeak = 0
+    /// The backend put in polling mode by `pollingStarted` (the one to take out of it).
+    private var pollingBackend: BlockBackend?
 
     /// Creates a device for `backend`. `serial` is truncated to 20 bytes; `maxQueueSize` must be a
     /// power of two of at least 4 (seg_max is `maxQueueSize - 2`).
@@ -363,6 +365,41 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
         let notify: Bool
         do { notify = try queue.needsNotification() } catch { notify = true }
         if notify { interrupt.signalUsedBuffer(queue: 0) }
+    }
+
+    // MARK: Polling (an I/O domain's connection thread, between kicks)
+
+    public func pollingStarted(_ index: Int) {
+        let backend: BlockBackend? = lock.withLock {
+            guard index == 0, let queue, !broken, pollingBackend == nil else { return nil }
+            try? queue.suppressNotifications()
+            pollingBackend = self.backend
+            return self.backend
+        }
+        backend?.setAsyncPolling(true)
+    }
+
+    public func poll(_ index: Int) -> Bool {
+        let backend = lock.withLock { pollingBackend }
+        let reaped = backend?.pollAsync() ?? 0
+        let ready = lock.withLock { () -> Bool in
+            guard index == 0, let queue, !broken, quiescing == 0, !suspended else { return false }
+            // A ring that lies about its avail idx counts as ready: queueNotified stops the device.
+            return !queue.resubmissions.isEmpty || ((try? queue.pendingCount()) ?? 1) > 0
+        }
+        if ready { queueNotified(index) }
+        return reaped > 0 || ready
+    }
+
+    public func pollingStopped(_ index: Int) {
+        let (backend, again): (BlockBackend?, Bool) = lock.withLock {
+            let backend = pollingBackend
+            pollingBackend = nil
+            guard let queue else { return (backend, false) }
+            return (backend, (try? queue.enableNotifications()) ?? true)
+        }
+        backend?.setAsyncPolling(false)
+        if again { queueNotified(index) }
     }
 
     // MARK: AsyncIOHandler (the backend's completion thread)

@@ -42,6 +42,9 @@ public final class SliceBlockBackend: BlockBackend, @unchecked Sendable {
         !(isWrite && readOnly) && base.acceptsAsync(isWrite: isWrite, offset: offset + position, buffers: buffers)
     }
 
+    public func setAsyncPolling(_ on: Bool) { base.setAsyncPolling(on) }
+    public func pollAsync() -> Int { base.pollAsync() }
+
     public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
         // BlockDevice checked every range against this slice's capacity: the shift stays inside `base`.
         base.submitAsync(requests.map {

@@ -32,6 +32,8 @@ public struct VirtqueueState: Codable, Equatable, Sendable {
 public final class Virtqueue: @unchecked Sendable {
     /// VIRTQ_AVAIL_F_NO_INTERRUPT.
     static let availNoInterrupt: UInt16 = 1
+    /// VIRTQ_USED_F_NO_NOTIFY.
+    static let usedNoNotify: UInt16 = 1
 
     /// The queue's index in its device.
     public let index: Int
@@ -60,6 +62,10 @@ public final class Virtqueue: @unchecked Sendable {
     /// once the chain was returned: the vhost-user dirty log (which also marks the used ring).
     /// Called from the completing thread.
     public var writeObserver: (([DescriptorSegment]) -> Void)?
+    /// The device polls the avail ring: the driver is asked not to notify (avail_event is left behind,
+    /// or VIRTQ_USED_F_NO_NOTIFY without event-idx). Set with `suppressNotifications`, cleared with
+    /// `enableNotifications`.
+    public private(set) var notificationsSuppressed = false
     /// Heads taken before a restart and not returned: handed out again, in order, before new chains.
     public private(set) var resubmissions: [UInt16] = []
 
@@ -180,10 +186,26 @@ public final class Virtqueue: @unchecked Sendable {
     public func hasAvailable() throws(VirtioError) -> Bool {
         if !resubmissions.isEmpty { return true }
         if try pendingCount() > 0 { return true }
-        guard eventIndex else { return false }
+        guard eventIndex, !notificationsSuppressed else { return false }
         try store(nextAvail, availEventAddress)
         GuestMemory.fence()
         return try pendingCount() > 0
+    }
+
+    /// Asks the driver not to notify while the device polls the ring.
+    public func suppressNotifications() throws(VirtioError) {
+        guard !notificationsSuppressed else { return }
+        notificationsSuppressed = true
+        if !eventIndex { try store(UInt16(Virtqueue.usedNoNotify), deviceArea) }
+    }
+
+    /// Asks the driver to notify again; returns whether chains arrived that it did not notify about
+    /// (checked after the request is visible, so none is missed).
+    public func enableNotifications() throws(VirtioError) -> Bool {
+        notificationsSuppressed = false
+        if eventIndex { try store(nextAvail, availEventAddress) } else { try store(UInt16(0), deviceArea) }
+        GuestMemory.fence()
+        return try hasAvailable()
     }
 
     /// Like `popAvailable`, but a chain that fails validation does not throw: its head comes back with
@@ -206,7 +228,7 @@ public final class Virtqueue: @unchecked Sendable {
         let slot = UInt64(nextAvail % size)
         let head = try load16(driverArea &+ 4 &+ 2 &* slot)
         nextAvail &+= 1
-        if eventIndex { try store(nextAvail, availEventAddress) }
+        if eventIndex && !notificationsSuppressed { try store(nextAvail, availEventAddress) }
         inflight?.taken(head: head)
         return head
     }

@@ -51,6 +51,9 @@ long godwit_io_submit(uint64_t context, long count, void **iocbs);
 /// io_getevents: waits for at least `min` (at most `max`) completions, up to `timeout_ns` (< 0: for
 /// ever); writes each event's data and result to `datas` and `results`. Returns the count or -errno.
 long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, int64_t *results, int64_t timeout_ns);
+/// Whether the context's completion ring (mapped in user space at `context`) may hold events: a
+/// cheap check before io_getevents when polling. 1 when it cannot tell.
+int godwit_aio_ring_has_events(uint64_t context);
 
 // A full memory barrier (guest memory is shared with running vCPUs and other processes).
 void godwit_fence(void);
