@@ -128,10 +128,12 @@ public final class AsyncIOContext: @unchecked Sendable {
     /// caller's to do another way. `handler` may be called for a started request before this returns.
     public func submit(_ requests: [AsyncIORequest], handler: AsyncIOHandler) -> Int {
         guard !requests.isEmpty else { return 0 }
-        return lock.withLock { () -> Int in
-            guard !closing else { return 0 }
+        // Slots are reserved and their iocbs filled under the lock; io_submit runs without it, so that
+        // completions (which free slots) are not held up by a submission.
+        let prepared: (pointers: [UnsafeMutableRawPointer?], used: [Int])? = lock.withLock {
+            guard !closing else { return nil }
             let count = min(requests.count, freeSlots.count)
-            guard count > 0 else { return 0 }
+            guard count > 0 else { return nil }
             var pointers: [UnsafeMutableRawPointer?] = []
             pointers.reserveCapacity(count)
             var used: [Int] = []
@@ -159,23 +161,30 @@ public final class AsyncIOContext: @unchecked Sendable {
                                     Int32(request.buffers.count), UInt64(index))
                 pointers.append(iocb)
             }
-            var submitted = 0
-            while submitted < count {
-                let rc = pointers.withUnsafeMutableBufferPointer { all in
-                    // In bounds: submitted < count == all.count.
-                    godwit_io_submit(context, count - submitted, all.baseAddress! + submitted)
-                }
-                if rc == -Int(EINTR) { continue }
-                guard rc > 0 else { break }
-                submitted += rc
-            }
-            // Slots of requests the kernel did not take go back.
-            for index in used[submitted...] {
-                slots[index].handler = nil
-                freeSlots.append(index)
-            }
-            return submitted
+            return (pointers, used)
         }
+        guard var prepared else { return 0 }
+        let count = prepared.used.count
+        var submitted = 0
+        while submitted < count {
+            let rc = prepared.pointers.withUnsafeMutableBufferPointer { all in
+                // In bounds: submitted < count == all.count.
+                godwit_io_submit(context, count - submitted, all.baseAddress! + submitted)
+            }
+            if rc == -Int(EINTR) { continue }
+            guard rc > 0 else { break }
+            submitted += rc
+        }
+        if submitted < count {
+            // Slots of requests the kernel did not take go back (they were never in the kernel).
+            lock.withLock {
+                for index in prepared.used[submitted...] {
+                    slots[index].handler = nil
+                    freeSlots.append(index)
+                }
+            }
+        }
+        return submitted
     }
 
     /// A thread starts polling (`pollCompletions`) and takes over from the reaper until `endPolling`.
