@@ -29,7 +29,8 @@ public struct BlockDeviceStatistics: Equatable, Codable, Sendable {
 /// and completed, in whatever order they finish, from the backend's completion thread; the others
 /// (flush, discard, write-zeroes, GET_ID, unaligned or buffered I/O) are done at once. Used ring
 /// entries go out in completion order, each after its status byte, with one interrupt per batch when
-/// the driver asks for it. A chain it cannot answer stops the device until reset
+/// the driver asks for it. While requests are in flight the driver is asked not to notify: each
+/// completion batch takes what was added meanwhile. A chain it cannot answer stops the device until reset
 /// (DEVICE_NEEDS_RESET through `VirtioInterrupt.deviceNeedsReset`); requests already started still
 /// complete. `reset`, `suspendForMigration` and `replaceBackend` wait until nothing is in flight.
 public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendable {
@@ -282,36 +283,66 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
                 missedNotification = true
                 return
             }
-            guard !broken else { return }
-            var completed = false
-            var started: [(request: BlockIORequest, pending: InFlightRequest)] = []
-            while true {
-                let chain: DescriptorChain
-                do {
-                    guard let next = try queue.popAvailable() else { break }
-                    chain = next
-                } catch {
-                    stop(error, interrupt)
-                    break
-                }
-                do {
-                    switch try handle(chain, queue: queue, memory: memory) {
-                    case .done(let status):
-                        try complete(chain, status: status, queue: queue, memory: memory)
-                        completed = true
-                    case .async(let request, let pending):
-                        started.append((request, pending))
-                    }
-                } catch {
-                    stop(error, interrupt)
-                    break
-                }
-            }
-            // Chains taken before a malformed one still run: they must not be lost.
-            if !started.isEmpty && submitLocked(started, interrupt: interrupt) { completed = true }
-            guard completed else { return }
-            notifyLocked(queue, interrupt)
+            processLocked(queue, memory, interrupt)
         }
+    }
+
+    /// Takes every available request (starting or doing each), until the ring stays empty once the
+    /// driver's notifications are in the state `updateNotificationsLocked` wants; then decides on an
+    /// interrupt for what completed here. Called with the lock held.
+    private func processLocked(_ queue: Virtqueue, _ memory: GuestMemory, _ interrupt: VirtioInterrupt) {
+        var completed = false
+        repeat {
+            guard !broken else { break }
+            if takeAvailableLocked(queue, memory, interrupt) { completed = true }
+        } while updateNotificationsLocked(queue)
+        if completed { notifyLocked(queue, interrupt) }
+    }
+
+    /// The driver is asked not to notify while requests are in flight (each completion looks at the
+    /// ring: the guest mostly adds requests when it sees completions, and saves a VM exit per
+    /// notification) or a transport thread polls. Otherwise notifications are asked for again, and
+    /// this returns true when chains arrived meanwhile (they must be taken now). With the lock held.
+    private func updateNotificationsLocked(_ queue: Virtqueue) -> Bool {
+        if pollingBackend != nil || !inFlight.isEmpty {
+            if !queue.notificationsSuppressed { try? queue.suppressNotifications() }
+            return false
+        }
+        guard queue.notificationsSuppressed else { return false }
+        // A ring that cannot be read counts as busy: taking from it stops the device properly.
+        return (try? queue.enableNotifications()) ?? true
+    }
+
+    /// One pass over the avail ring: starts or does every request; returns whether any completed
+    /// synchronously. A malformed chain stops the device. With the lock held.
+    private func takeAvailableLocked(_ queue: Virtqueue, _ memory: GuestMemory, _ interrupt: VirtioInterrupt) -> Bool {
+        var completed = false
+        var started: [(request: BlockIORequest, pending: InFlightRequest)] = []
+        while true {
+            let chain: DescriptorChain
+            do {
+                guard let next = try queue.popAvailable() else { break }
+                chain = next
+            } catch {
+                stop(error, interrupt)
+                break
+            }
+            do {
+                switch try handle(chain, queue: queue, memory: memory) {
+                case .done(let status):
+                    try complete(chain, status: status, queue: queue, memory: memory)
+                    completed = true
+                case .async(let request, let pending):
+                    started.append((request, pending))
+                }
+            } catch {
+                stop(error, interrupt)
+                break
+            }
+        }
+        // Chains taken before a malformed one still run: they must not be lost.
+        if !started.isEmpty && submitLocked(started, interrupt: interrupt) { completed = true }
+        return completed
     }
 
     /// Starts `requests` on the backend; those it does not take run synchronously now. Returns whether
@@ -359,6 +390,9 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
     private func complete(_ chain: DescriptorChain, status: UInt8, queue: Virtqueue, memory: GuestMemory) throws(VirtioError) {
         try store(status: status, for: chain, memory: memory)
         try queue.addUsed(head: chain.head, length: UInt32(clamping: chain.writableLength))
+        // Data and status may have landed long after the chain was taken (or on the completion thread):
+        // migration's trackers must see them now.
+        queue.noteDeviceWrites(chain.writable)
     }
 
     private func notifyLocked(_ queue: Virtqueue, _ interrupt: VirtioInterrupt) {
@@ -372,8 +406,8 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
     public func pollingStarted(_ index: Int) {
         let backend: BlockBackend? = lock.withLock {
             guard index == 0, let queue, !broken, pollingBackend == nil else { return nil }
-            try? queue.suppressNotifications()
             pollingBackend = self.backend
+            _ = updateNotificationsLocked(queue)
             return self.backend
         }
         backend?.setAsyncPolling(true)
@@ -396,7 +430,7 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
             let backend = pollingBackend
             pollingBackend = nil
             guard let queue else { return (backend, false) }
-            return (backend, (try? queue.enableNotifications()) ?? true)
+            return (backend, updateNotificationsLocked(queue))
         }
         backend?.setAsyncPolling(false)
         if again { queueNotified(index) }
@@ -413,17 +447,22 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
             } catch {
                 if let interrupt { stop(error, interrupt) }
             }
-            // The data and status landed after the chain was taken: migration's trackers must see them now.
-            request.queue.noteDeviceWrites(request.chain.writable)
             completionsToSignal = true
         }
     }
 
     public func asyncIOBatchEnded() {
         lock.withLock {
-            guard completionsToSignal else { return }
+            if completionsToSignal, let queue, let interrupt { notifyLocked(queue, interrupt) }
             completionsToSignal = false
-            if let queue, let interrupt { notifyLocked(queue, interrupt) }
+            // Requests the driver added without notifying (see `updateNotificationsLocked`) are taken here.
+            if let queue, let memory, let interrupt {
+                if quiescing == 0 && !suspended {
+                    processLocked(queue, memory, interrupt)
+                } else if updateNotificationsLocked(queue) {
+                    missedNotification = true
+                }
+            }
             lock.broadcast()
         }
     }

@@ -192,11 +192,12 @@ public final class Virtqueue: @unchecked Sendable {
         return try pendingCount() > 0
     }
 
-    /// Asks the driver not to notify while the device polls the ring.
+    /// Asks the driver not to notify while the device looks at the ring by itself. With event-idx,
+    /// avail_event goes one behind `nextAvail` (an entry already taken), so no addition matches it.
     public func suppressNotifications() throws(VirtioError) {
         guard !notificationsSuppressed else { return }
         notificationsSuppressed = true
-        if !eventIndex { try store(UInt16(Virtqueue.usedNoNotify), deviceArea) }
+        if eventIndex { try store(nextAvail &- 1, availEventAddress) } else { try store(UInt16(Virtqueue.usedNoNotify), deviceArea) }
     }
 
     /// Asks the driver to notify again; returns whether chains arrived that it did not notify about
