@@ -14,6 +14,11 @@
 #include <net/if.h>
 #include <sys/socket.h>
 #include <sys/epoll.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <poll.h>
+#include <time.h>
+#include <linux/aio_abi.h>
 
 int godwit_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
@@ -358,4 +363,72 @@ int godwit_spawn(const char *path, char *const argv[], char *const envp[], const
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attributes);
     return rc == 0 ? (int)pid : -rc;
+}
+
+// MARK: Linux native AIO
+
+const size_t GODWIT_IOCB_SIZE = sizeof(struct iocb);
+
+int godwit_io_setup(unsigned int nr_events, uint64_t *context) {
+    aio_context_t ctx = 0;
+    long rc = syscall(SYS_io_setup, nr_events, &ctx);
+    if (rc < 0) return -errno;
+    *context = (uint64_t)ctx;
+    return 0;
+}
+
+int godwit_io_destroy(uint64_t context) {
+    long rc = syscall(SYS_io_destroy, (aio_context_t)context);
+    return rc < 0 ? -errno : 0;
+}
+
+void godwit_iocb_prep_rw(void *iocb, int fd, int is_write, uint64_t offset, const void *iovecs, int iovec_count,
+                         uint64_t data) {
+    struct iocb *cb = iocb;
+    memset(cb, 0, sizeof *cb);
+    cb->aio_data = data;
+    cb->aio_lio_opcode = is_write ? IOCB_CMD_PWRITEV : IOCB_CMD_PREADV;
+    cb->aio_fildes = (uint32_t)fd;
+    cb->aio_buf = (uint64_t)(uintptr_t)iovecs;
+    cb->aio_nbytes = (uint64_t)iovec_count;
+    cb->aio_offset = (int64_t)offset;
+}
+
+void godwit_iocb_prep_poll_in(void *iocb, int fd, uint64_t data) {
+    struct iocb *cb = iocb;
+    memset(cb, 0, sizeof *cb);
+    cb->aio_data = data;
+    cb->aio_lio_opcode = IOCB_CMD_POLL;
+    cb->aio_fildes = (uint32_t)fd;
+    cb->aio_buf = POLLIN;
+}
+
+long godwit_io_submit(uint64_t context, long count, void **iocbs) {
+    long rc = syscall(SYS_io_submit, (aio_context_t)context, count, (struct iocb **)iocbs);
+    return rc < 0 ? -errno : rc;
+}
+
+long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, int64_t *results, int64_t timeout_ns) {
+    struct io_event events[256];
+    if (max > 256) max = 256;
+    if (min > max) min = max;
+    struct timespec timeout = {timeout_ns / 1000000000, timeout_ns % 1000000000};
+    long rc = syscall(SYS_io_getevents, (aio_context_t)context, min, max, events, timeout_ns < 0 ? NULL : &timeout);
+    if (rc < 0) return -errno;
+    for (long i = 0; i < rc; i++) {
+        datas[i] = events[i].data;
+        results[i] = events[i].res;
+    }
+    return rc;
+}
+
+/// The kernel's completion ring header (fs/aio.c, the ABI libaio reads too).
+struct godwit_aio_ring {
+    unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length;
+};
+
+int godwit_aio_ring_has_events(uint64_t context) {
+    const struct godwit_aio_ring *ring = (const struct godwit_aio_ring *)(uintptr_t)context;
+    if (ring == NULL || __atomic_load_n(&ring->magic, __ATOMIC_RELAXED) != 0xa10a10a1) return 1;
+    return __atomic_load_n(&ring->head, __ATOMIC_ACQUIRE) != __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
 }

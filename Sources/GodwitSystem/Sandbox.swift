@@ -153,6 +153,8 @@ public enum Sandbox {
         // I/O on descriptors already open
         "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
         "lseek", "fsync", "fdatasync", "fallocate", "close", "fstat", "newfstatat", "statx", "fcntl",
+        // native AIO on the O_DIRECT disk (AsyncIOContext; a drive swapped in after lock-down sets up its own)
+        "io_setup", "io_submit", "io_getevents", "io_destroy",
         // sockets it holds: the vhost-user and control connections, the listening sockets
         "recvmsg", "sendmsg", "recvfrom", "sendto", "accept", "accept4", "shutdown", "getsockopt",
         // waiting

@@ -167,6 +167,12 @@ public final class GuestMemory: @unchecked Sendable {
         throw .outOfRange(address: address, length: UInt64(length))
     }
 
+    /// Counts a write to `[address, address + length)` made after its `buffer(at:)` was taken (a
+    /// device whose asynchronous read lands in guest RAM later): the migration must see it again.
+    public func noteWrite(at address: UInt64, length: UInt64) {
+        if writeTracker.isOn { writeTracker.mark(address: address, length: length) }
+    }
+
     /// Like `buffer(at:length:)`, but not counted by the write tracker: for the migration's own reads.
     public func untrackedBuffer(at address: UInt64, length: Int) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
         guard length >= 0 else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }

@@ -29,9 +29,13 @@ public final class IODomainService: @unchecked Sendable {
     private let lock = Lock()
     private var entries: [String: Entry] = [:]
 
-    public init(block: FileBlockBackend?, requireSealedMemory: Bool = true) {
+    /// Adaptive polling window of block devices' connection threads (`VhostUserBackend.pollMicroseconds`).
+    public let blockPollMicroseconds: Int
+
+    public init(block: FileBlockBackend?, requireSealedMemory: Bool = true, blockPollMicroseconds: Int = 0) {
         self.block = block
         self.requireSealedMemory = requireSealedMemory
+        self.blockPollMicroseconds = blockPollMicroseconds
     }
 
     /// Serves a slice [offset, offset + size) of the block device on `listener` (size nil: to the end).
@@ -49,6 +53,7 @@ public final class IODomainService: @unchecked Sendable {
         // A fresh device per connection: a reconnecting VMM gets a clean device, other VMs are untouched.
         let backend = VhostUserBackend(name: name) { BlockDevice(backend: route, serial: String(name.prefix(20))) }
         backend.requireSealedMemory = requireSealedMemory
+        backend.pollMicroseconds = blockPollMicroseconds
         try backend.listen(on: listener)
         insert(path, Entry(backend: backend, info: ControlDevice(socket: path, kind: "blk", offset: offset, size: slice.capacity,
                                                                   readonly: readOnly, mac: nil, connections: 0, closedWithError: 0),

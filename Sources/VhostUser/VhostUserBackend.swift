@@ -87,6 +87,18 @@ public final class VhostUserBackend: @unchecked Sendable {
         set { lock.withLock { requireSealed = newValue } }
     }
 
+    private var pollWindow: Double = 0
+
+    /// Adaptive polling (like QEMU's iothread poll-max-ns): after a kick, each connection's thread keeps
+    /// processing its ring without sleeping until nothing has been ready for this many microseconds
+    /// (the driver is asked not to notify meanwhile). 0, the default, sleeps on the kick at once.
+    public var pollMicroseconds: Int {
+        get { lock.withLock { Int(pollWindow * 1e6) } }
+        set { lock.withLock { pollWindow = Double(max(0, min(newValue, 10_000))) / 1e6 } }
+    }
+
+    var pollWindowSeconds: Double { lock.withLock { pollWindow } }
+
     /// Connections being served.
     public var connectionCount: Int { lock.withLock { connections.count } }
 

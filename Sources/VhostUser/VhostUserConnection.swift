@@ -56,6 +56,18 @@ final class VhostUserRingSignals: VirtioInterrupt, @unchecked Sendable {
     }
 }
 
+/// The dirty log as a device's completion thread sees it: set while the frontend asks for logging
+/// (VHOST_F_LOG_ALL with a log base), read by the queues' `writeObserver`s.
+final class VhostUserLogSink: @unchecked Sendable {
+    private let lock = Lock()
+    private var log: VhostUserDirtyLog?
+
+    var current: VhostUserDirtyLog? {
+        get { lock.withLock { log } }
+        set { lock.withLock { log = newValue } }
+    }
+}
+
 /// One frontend connection of a `VhostUserBackend`: the protocol state machine and the rings, on one
 /// thread with its own event loop.
 final class VhostUserConnection: @unchecked Sendable {
@@ -87,8 +99,10 @@ final class VhostUserConnection: @unchecked Sendable {
     private var rings: [Ring]
     /// The queues the device runs on (by index), empty while it is not activated.
     private var active: [Int: Virtqueue] = [:]
-    private var dirtyLog: VhostUserDirtyLog?
+    private var dirtyLog: VhostUserDirtyLog? { didSet { updateLogSink() } }
     private var logNotifier: FileDescriptor?
+    /// `dirtyLog` while logging is on, for writes a device completes on another thread.
+    private let logSink = VhostUserLogSink()
     /// The inflight-tracking region (GET/SET_INFLIGHT_FD) and the queue geometry it was made for.
     private var inflight: (mapping: MemoryMapping, queueCount: Int, queueSize: UInt16)?
     /// Why the connection is closing (nil: the peer closed it).
@@ -110,6 +124,10 @@ final class VhostUserConnection: @unchecked Sendable {
     }
 
     private func log(_ message: String) { backend?.log("connection \(id): \(message)") }
+
+    private func updateLogSink() {
+        logSink.current = features & VhostUserFeature.logAll != 0 ? dirtyLog : nil
+    }
 
     func start() throws {
         try vhostSystem { () throws(SystemError) in
@@ -215,6 +233,7 @@ final class VhostUserConnection: @unchecked Sendable {
             }
             let old = features
             features = value
+            updateLogSink()
             if value & VhostUserFeature.protocolFeatures == 0 {
                 // Without protocol features rings are enabled from the start.
                 for i in rings.indices { rings[i].enabled = true }
@@ -513,6 +532,16 @@ final class VhostUserConnection: @unchecked Sendable {
                 let queue = try Virtqueue(index: i, memory: memory, size: rings[i].size, descriptorTable: descriptor,
                                           driverArea: available, deviceArea: used, features: guestFeatures,
                                           maxSize: device.maxQueueSize, nextAvail: rings[i].base, nextUsed: usedIndex)
+                // Writes a device completes later (asynchronous I/O) reach the dirty log when they land.
+                let sink = logSink
+                let usedLog = address.flags & VhostUserVringAddress.flagLog != 0 ? address.log : nil
+                let usedBytes = 6 + 8 * UInt64(rings[i].size)
+                queue.writeObserver = { segments in
+                    guard let log = sink.current else { return }
+                    for segment in segments { log.mark(address: segment.address, length: UInt64(segment.length)) }
+                    if let usedLog { log.mark(address: usedLog, length: usedBytes) }
+                    log.notify()
+                }
                 if let inflight, i < inflight.queueCount, rings[i].size <= inflight.queueSize {
                     let stride = VirtqueueInflight.regionSize(queueSize: inflight.queueSize)
                     // In bounds: the mapping holds queueCount regions of `stride` bytes (checked when it was set).
@@ -549,6 +578,32 @@ final class VhostUserConnection: @unchecked Sendable {
             return
         }
         process(index)
+        pollAfterBatch(index)
+    }
+
+    /// The longest a connection's thread polls without going back to its event loop (control messages
+    /// wait at most this long).
+    static let maxPollSeconds = 0.002
+
+    /// Adaptive polling after a kick: keeps processing ring `index` until nothing was ready for the
+    /// backend's poll window (or `maxPollSeconds` passed); not while the frontend logs dirty pages
+    /// (`process` does the logging of what completes synchronously).
+    private func pollAfterBatch(_ index: Int) {
+        guard let window = backend?.pollWindowSeconds, window > 0, active[index] != nil,
+              features & VhostUserFeature.logAll == 0 else { return }
+        device.pollingStarted(index)
+        let start = VhostUserSocket.now()
+        var lastWork = start
+        while !closing {
+            let now = VhostUserSocket.now()
+            if device.poll(index) {
+                lastWork = now
+            } else if now - lastWork > window {
+                break
+            }
+            if now - start > VhostUserConnection.maxPollSeconds { break }
+        }
+        device.pollingStopped(index)
     }
 
     /// Runs the device on queue `index`, logging the guest pages it writes when the frontend asked.

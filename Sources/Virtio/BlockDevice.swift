@@ -24,11 +24,16 @@ public struct BlockDeviceStatistics: Equatable, Codable, Sendable {
 
 /// A virtio-blk device (device ID 2, virtio 1.2 §5.2) over a `BlockBackend`, with one request queue.
 ///
-/// Each notification drains the queue: every available request is validated and completed (with an
-/// error status when it is wrong but still has a status byte), then one interrupt is sent for the
-/// batch if the driver asked for it. A chain it cannot answer stops the device until reset
-/// (DEVICE_NEEDS_RESET through `VirtioInterrupt.deviceNeedsReset`).
-public final class BlockDevice: VirtioDevice, @unchecked Sendable {
+/// Each notification takes every available request. Reads and writes the backend can run
+/// asynchronously (`BlockBackend.submitAsync`: aligned O_DIRECT on native AIO) are started together
+/// and completed, in whatever order they finish, from the backend's completion thread; the others
+/// (flush, discard, write-zeroes, GET_ID, unaligned or buffered I/O) are done at once. Used ring
+/// entries go out in completion order, each after its status byte, with one interrupt per batch when
+/// the driver asks for it. While requests are in flight the driver is asked not to notify: each
+/// completion batch takes what was added meanwhile. A chain it cannot answer stops the device until reset
+/// (DEVICE_NEEDS_RESET through `VirtioInterrupt.deviceNeedsReset`); requests already started still
+/// complete. `reset`, `suspendForMigration` and `replaceBackend` wait until nothing is in flight.
+public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendable {
     /// virtio-blk feature bits.
     public enum Feature {
         public static let sizeMax: UInt64 = 1 << 1
@@ -85,13 +90,38 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     public let deviceFeatures: UInt64
     private var config: [UInt8]
 
-    private let lock = Lock()
+    /// Guards everything below; its condition wakes those waiting for requests in flight to drain.
+    private let lock = Condition()
     private var queue: Virtqueue?
     private var memory: GuestMemory?
     private var interrupt: VirtioInterrupt?
     private var features: UInt64 = 0
     private var broken = false
     private var stats = BlockDeviceStatistics()
+
+    /// A request started on the backend and not yet completed, by tag.
+    private struct InFlightRequest {
+        let chain: DescriptorChain
+        let queue: Virtqueue
+        let memory: GuestMemory
+        let isWrite: Bool
+        let length: UInt64
+    }
+
+    private var inFlight: [UInt64: InFlightRequest] = [:]
+    private var nextTag: UInt64 = 0
+    /// Completions added to the used ring since the last notification decision (the reaper's batch).
+    private var completionsToSignal = false
+    /// Callers waiting for the queue to drain (reset, backend swap): no new request starts meanwhile.
+    private var quiescing = 0
+    /// Between `suspendForMigration` and `resumeAfterSuspend`: no new request starts.
+    private var suspended = false
+    /// A notification arrived while quiescing or suspended: processed when that ends.
+    private var missedNotification = false
+    /// The most requests in flight at once so far (for statistics and tests).
+    private var inFlightPeak = 0
+    /// The backend put in polling mode by `pollingStarted` (the one to take out of it).
+    private var pollingBackend: BlockBackend?
 
     /// Creates a device for `backend`. `serial` is truncated to 20 bytes; `maxQueueSize` must be a
     /// power of two of at least 4 (seg_max is `maxQueueSize - 2`).
@@ -138,19 +168,49 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     /// Puts a new image behind the running device (Firecracker's `PATCH /drives`): later requests go
     /// to it, the capacity in config space follows it, and the driver gets a config-change interrupt.
     /// The new image must match the old one's read-only mode (the negotiated features cannot change).
+    /// Requests started before the swap finish on the old image first.
     public func replaceBackend(_ newBackend: BlockBackend) throws {
-        let interrupt: VirtioInterrupt? = try lock.withLock {
+        let (interrupt, missed): (VirtioInterrupt?, Bool) = try lock.withLock {
             guard newBackend.readOnly == backend.readOnly else {
                 throw VirtioError.backendMismatch(reason: newBackend.readOnly ? "the new image is read-only, the device is not"
                                                                                  : "the device is read-only, the new image is not")
             }
+            drainLocked()
             backend = newBackend
             withUnsafeBytes(of: (newBackend.capacity / BlockDevice.sectorSize).littleEndian) { bytes in
                 for (i, byte) in bytes.enumerated() { config[i] = byte }
             }
-            return self.interrupt
+            return (self.interrupt, takeMissedNotification())
         }
         interrupt?.signalConfigChange()
+        if missed { queueNotified(0) }
+    }
+
+    /// Requests started on the backend and not completed yet.
+    public var requestsInFlight: Int { lock.withLock { inFlight.count } }
+
+    /// The most requests that were in flight at once.
+    public var peakRequestsInFlight: Int { lock.withLock { inFlightPeak } }
+
+    /// Waits until no request is in flight and the last completions' interrupt decision was made
+    /// (requests keep starting meanwhile; for tests and statistics).
+    public func waitUntilIdle() {
+        lock.withLock { lock.wait { inFlight.isEmpty && !completionsToSignal } }
+    }
+
+    /// With the lock held: waits until every request in flight completed and its batch's notification
+    /// decision was made; no request starts meanwhile.
+    private func drainLocked() {
+        quiescing += 1
+        lock.wait { inFlight.isEmpty && !completionsToSignal }
+        quiescing -= 1
+    }
+
+    private func takeMissedNotification() -> Bool {
+        guard quiescing == 0, !suspended else { return false }
+        let missed = missedNotification
+        missedNotification = false
+        return missed && queue != nil
     }
 
     /// True when the device stopped on a malformed chain and waits for a reset.
@@ -185,44 +245,225 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
         }
     }
 
+    /// Waits for the requests in flight (their completions reach the used ring), then forgets the queue.
     public func reset() {
         lock.withLock {
+            drainLocked()
             queue = nil
             memory = nil
             interrupt = nil
             features = 0
             broken = false
+            missedNotification = false
         }
+    }
+
+    /// Stops taking requests and waits until those in flight completed (like vhost-user's
+    /// GET_VRING_BASE), so the queue's positions stand still; the transport's queue holds them.
+    public func suspendForMigration() throws -> [Int: UInt16]? {
+        lock.withLock {
+            suspended = true
+            drainLocked()
+        }
+        return nil
+    }
+
+    public func resumeAfterSuspend() throws {
+        let missed = lock.withLock { () -> Bool in
+            suspended = false
+            return takeMissedNotification()
+        }
+        if missed { queueNotified(0) }
     }
 
     public func queueNotified(_ index: Int) {
         lock.withLock {
-            guard index == 0, !broken, let queue, let memory, let interrupt else { return }
-            var completed = false
-            while true {
-                let chain: DescriptorChain
-                do {
-                    guard let next = try queue.popAvailable() else { break }
-                    chain = next
-                } catch {
-                    stop(error, interrupt)
-                    break
-                }
-                do {
-                    let status = try handle(chain, memory: memory)
-                    try store(status: status, for: chain, memory: memory)
-                    let used = UInt32(clamping: chain.writableLength)
-                    try queue.addUsed(head: chain.head, length: used)
+            guard index == 0, let queue, let memory, let interrupt else { return }
+            guard quiescing == 0, !suspended else {
+                missedNotification = true
+                return
+            }
+            processLocked(queue, memory, interrupt)
+        }
+    }
+
+    /// Takes every available request (starting or doing each), until the ring stays empty once the
+    /// driver's notifications are in the state `updateNotificationsLocked` wants; then decides on an
+    /// interrupt for what completed here. Called with the lock held.
+    private func processLocked(_ queue: Virtqueue, _ memory: GuestMemory, _ interrupt: VirtioInterrupt) {
+        var completed = false
+        repeat {
+            guard !broken else { break }
+            if takeAvailableLocked(queue, memory, interrupt) { completed = true }
+        } while updateNotificationsLocked(queue)
+        if completed { notifyLocked(queue, interrupt) }
+    }
+
+    /// The driver is asked not to notify while requests are in flight (each completion looks at the
+    /// ring: the guest mostly adds requests when it sees completions, and saves a VM exit per
+    /// notification) or a transport thread polls. Otherwise notifications are asked for again, and
+    /// this returns true when chains arrived meanwhile (they must be taken now). With the lock held.
+    private func updateNotificationsLocked(_ queue: Virtqueue) -> Bool {
+        if pollingBackend != nil || !inFlight.isEmpty {
+            if !queue.notificationsSuppressed { try? queue.suppressNotifications() }
+            return false
+        }
+        guard queue.notificationsSuppressed else { return false }
+        // A ring that cannot be read counts as busy: taking from it stops the device properly.
+        return (try? queue.enableNotifications()) ?? true
+    }
+
+    /// One pass over the avail ring: starts or does every request; returns whether any completed
+    /// synchronously. A malformed chain stops the device. With the lock held.
+    private func takeAvailableLocked(_ queue: Virtqueue, _ memory: GuestMemory, _ interrupt: VirtioInterrupt) -> Bool {
+        var completed = false
+        var started: [(request: BlockIORequest, pending: InFlightRequest)] = []
+        while true {
+            let chain: DescriptorChain
+            do {
+                guard let next = try queue.popAvailable() else { break }
+                chain = next
+            } catch {
+                stop(error, interrupt)
+                break
+            }
+            do {
+                switch try handle(chain, queue: queue, memory: memory) {
+                case .done(let status):
+                    try complete(chain, status: status, queue: queue, memory: memory)
                     completed = true
-                } catch {
-                    stop(error, interrupt)
-                    break
+                case .async(let request, let pending):
+                    started.append((request, pending))
+                }
+            } catch {
+                stop(error, interrupt)
+                break
+            }
+        }
+        // Chains taken before a malformed one still run: they must not be lost.
+        if !started.isEmpty && submitLocked(started, interrupt: interrupt) { completed = true }
+        return completed
+    }
+
+    /// Starts `requests` on the backend; those it does not take run synchronously now. Returns whether
+    /// any completed synchronously (the caller then decides on a notification). Called with the lock held.
+    private func submitLocked(_ requests: [(request: BlockIORequest, pending: InFlightRequest)],
+                              interrupt: VirtioInterrupt) -> Bool {
+        for item in requests { inFlight[item.request.tag] = item.pending }
+        inFlightPeak = max(inFlightPeak, inFlight.count)
+        // Completions of started requests wait for the lock, which is held until the caller returns.
+        let startedCount = backend.submitAsync(requests.map(\.request), handler: self)
+        var completed = false
+        for item in requests[startedCount...] {
+            inFlight[item.request.tag] = nil
+            let request = item.request
+            var status = Status.ok
+            do {
+                if request.isWrite {
+                    try backend.write(at: request.offset, from: request.buffers.map { UnsafeRawBufferPointer($0) })
+                } else {
+                    try backend.read(at: request.offset, into: request.buffers)
+                }
+            } catch {
+                status = Status.ioError
+            }
+            do {
+                try finish(item.pending, status: status)
+                completed = true
+            } catch {
+                stop(error, interrupt)
+            }
+        }
+        return completed
+    }
+
+    /// Writes the status of a completed request, counts it and returns its chain. With the lock held.
+    private func finish(_ request: InFlightRequest, status: UInt8) throws(VirtioError) {
+        if status == Status.ok {
+            if request.isWrite { stats.bytesWritten += request.length } else { stats.bytesRead += request.length }
+        }
+        try complete(request.chain, status: status, queue: request.queue, memory: request.memory)
+    }
+
+    /// Stores `status` in the chain's last writable byte and returns the chain (used length: every
+    /// writable byte). With the lock held.
+    private func complete(_ chain: DescriptorChain, status: UInt8, queue: Virtqueue, memory: GuestMemory) throws(VirtioError) {
+        try store(status: status, for: chain, memory: memory)
+        try queue.addUsed(head: chain.head, length: UInt32(clamping: chain.writableLength))
+        // Data and status may have landed long after the chain was taken (or on the completion thread):
+        // migration's trackers must see them now.
+        queue.noteDeviceWrites(chain.writable)
+    }
+
+    private func notifyLocked(_ queue: Virtqueue, _ interrupt: VirtioInterrupt) {
+        let notify: Bool
+        do { notify = try queue.needsNotification() } catch { notify = true }
+        if notify { interrupt.signalUsedBuffer(queue: 0) }
+    }
+
+    // MARK: Polling (an I/O domain's connection thread, between kicks)
+
+    public func pollingStarted(_ index: Int) {
+        let backend: BlockBackend? = lock.withLock {
+            guard index == 0, let queue, !broken, pollingBackend == nil else { return nil }
+            pollingBackend = self.backend
+            _ = updateNotificationsLocked(queue)
+            return self.backend
+        }
+        backend?.setAsyncPolling(true)
+    }
+
+    public func poll(_ index: Int) -> Bool {
+        let backend = lock.withLock { pollingBackend }
+        let reaped = backend?.pollAsync() ?? 0
+        let ready = lock.withLock { () -> Bool in
+            guard index == 0, let queue, !broken, quiescing == 0, !suspended else { return false }
+            // A ring that lies about its avail idx counts as ready: queueNotified stops the device.
+            return !queue.resubmissions.isEmpty || ((try? queue.pendingCount()) ?? 1) > 0
+        }
+        if ready { queueNotified(index) }
+        return reaped > 0 || ready
+    }
+
+    public func pollingStopped(_ index: Int) {
+        let (backend, again): (BlockBackend?, Bool) = lock.withLock {
+            let backend = pollingBackend
+            pollingBackend = nil
+            guard let queue else { return (backend, false) }
+            return (backend, updateNotificationsLocked(queue))
+        }
+        backend?.setAsyncPolling(false)
+        if again { queueNotified(index) }
+    }
+
+    // MARK: AsyncIOHandler (the backend's completion thread)
+
+    public func asyncIOCompleted(tag: UInt64, result: Int) {
+        lock.withLock {
+            guard let request = inFlight.removeValue(forKey: tag) else { return }
+            let ok = result >= 0 && UInt64(result) == request.length
+            do {
+                try finish(request, status: ok ? Status.ok : Status.ioError)
+            } catch {
+                if let interrupt { stop(error, interrupt) }
+            }
+            completionsToSignal = true
+        }
+    }
+
+    public func asyncIOBatchEnded() {
+        lock.withLock {
+            if completionsToSignal, let queue, let interrupt { notifyLocked(queue, interrupt) }
+            completionsToSignal = false
+            // Requests the driver added without notifying (see `updateNotificationsLocked`) are taken here.
+            if let queue, let memory, let interrupt {
+                if quiescing == 0 && !suspended {
+                    processLocked(queue, memory, interrupt)
+                } else if updateNotificationsLocked(queue) {
+                    missedNotification = true
                 }
             }
-            guard completed else { return }
-            let notify: Bool
-            do { notify = try queue.needsNotification() } catch { notify = true }
-            if notify { interrupt.signalUsedBuffer(queue: 0) }
+            lock.broadcast()
         }
     }
 
@@ -246,13 +487,21 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
         if status == Status.unsupported { stats.unsupported += 1 }
     }
 
-    /// Validates and performs one request; returns its status. Throws only when the request has no
-    /// status byte, or guest memory cannot be reached.
-    private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtioError) -> UInt8 {
+    /// What `handle` did with a request.
+    private enum Outcome {
+        /// Done synchronously with this status.
+        case done(UInt8)
+        /// To be started on the backend (by `submitLocked`), completed later.
+        case async(BlockIORequest, InFlightRequest)
+    }
+
+    /// Validates one request and performs it, or prepares it to start asynchronously. Throws only when
+    /// the request has no status byte, or guest memory cannot be reached.
+    private func handle(_ chain: DescriptorChain, queue: Virtqueue, memory: GuestMemory) throws(VirtioError) -> Outcome {
         guard !chain.writable.isEmpty else {
             throw .malformedRequest(head: chain.head, reason: "no writable status byte")
         }
-        guard chain.readableLength >= 16 else { return Status.ioError }
+        guard chain.readableLength >= 16 else { return .done(Status.ioError) }
         var header = [UInt8](repeating: 0, count: 16)
         try gather(chain.readable, skipping: 0, into: &header, memory: memory)
         // In bounds: header has 16 bytes; the loads cover bytes 0..<4 and 8..<16.
@@ -265,48 +514,65 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
         case RequestType.read:
             stats.reads += 1
             let length = BlockDevice.total(writableData)
-            guard let offset = checkedRange(sector: sector, length: length) else { return Status.ioError }
+            guard let offset = checkedRange(sector: sector, length: length) else { return .done(Status.ioError) }
             guard let buffers = try? writableData.map({ try memory.buffer(at: $0.address, length: Int($0.length)) }) else {
-                return Status.ioError
+                return .done(Status.ioError)
             }
-            do { try backend.read(at: offset, into: buffers) } catch { return Status.ioError }
+            if backend.acceptsAsync(isWrite: false, offset: offset, buffers: buffers) {
+                return asyncOutcome(chain, queue: queue, memory: memory, isWrite: false, offset: offset, length: length,
+                                    buffers: buffers)
+            }
+            do { try backend.read(at: offset, into: buffers) } catch { return .done(Status.ioError) }
             stats.bytesRead += length
-            return Status.ok
+            return .done(Status.ok)
 
         case RequestType.write:
             stats.writes += 1
-            guard !backend.readOnly else { return Status.ioError }
+            guard !backend.readOnly else { return .done(Status.ioError) }
             let length = BlockDevice.total(readableData)
-            guard let offset = checkedRange(sector: sector, length: length) else { return Status.ioError }
-            guard let buffers = try? readableData.map({
-                UnsafeRawBufferPointer(try memory.buffer(at: $0.address, length: Int($0.length)))
-            }) else {
-                return Status.ioError
+            guard let offset = checkedRange(sector: sector, length: length) else { return .done(Status.ioError) }
+            guard let buffers = try? readableData.map({ try memory.buffer(at: $0.address, length: Int($0.length)) }) else {
+                return .done(Status.ioError)
             }
-            do { try backend.write(at: offset, from: buffers) } catch { return Status.ioError }
+            if backend.acceptsAsync(isWrite: true, offset: offset, buffers: buffers) {
+                return asyncOutcome(chain, queue: queue, memory: memory, isWrite: true, offset: offset, length: length,
+                                    buffers: buffers)
+            }
+            do { try backend.write(at: offset, from: buffers.map { UnsafeRawBufferPointer($0) }) } catch {
+                return .done(Status.ioError)
+            }
             stats.bytesWritten += length
-            return Status.ok
+            return .done(Status.ok)
 
         case RequestType.flush:
+            // Every write completed before this request was taken is in the file: fdatasync covers it.
             stats.flushes += 1
-            do { try backend.flush() } catch { return Status.ioError }
-            return Status.ok
+            do { try backend.flush() } catch { return .done(Status.ioError) }
+            return .done(Status.ok)
 
         case RequestType.getID:
             guard let buffers = try? writableData.map({ try memory.buffer(at: $0.address, length: Int($0.length)) }) else {
-                return Status.ioError
+                return .done(Status.ioError)
             }
             var cursor = ScatterCursor(buffers: buffers)
             serial.withUnsafeBytes { cursor.copyIn(from: $0) }
-            return Status.ok
+            return .done(Status.ok)
 
         case RequestType.discard, RequestType.writeZeroes:
-            return try discardOrWriteZeroes(isDiscard: type == RequestType.discard, segments: readableData,
-                                            memory: memory)
+            return .done(try discardOrWriteZeroes(isDiscard: type == RequestType.discard, segments: readableData,
+                                                  memory: memory))
 
         default:
-            return Status.unsupported
+            return .done(Status.unsupported)
         }
+    }
+
+    private func asyncOutcome(_ chain: DescriptorChain, queue: Virtqueue, memory: GuestMemory, isWrite: Bool,
+                              offset: UInt64, length: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Outcome {
+        let tag = nextTag
+        nextTag &+= 1
+        return .async(BlockIORequest(isWrite: isWrite, offset: offset, buffers: buffers, tag: tag),
+                      InFlightRequest(chain: chain, queue: queue, memory: memory, isWrite: isWrite, length: length))
     }
 
     private func discardOrWriteZeroes(isDiscard: Bool, segments: [DescriptorSegment],

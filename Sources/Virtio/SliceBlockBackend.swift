@@ -1,3 +1,5 @@
+import GodwitSystem
+
 /// A window of another `BlockBackend`: `[offset, offset + size)` of it, seen as a disk of `size` bytes.
 ///
 /// This is how one I/O domain serves one physical device to many VMs, each on its own slice: a
@@ -35,6 +37,20 @@ public final class SliceBlockBackend: BlockBackend, @unchecked Sendable {
     }
 
     public func flush() throws { try base.flush() }
+
+    public func acceptsAsync(isWrite: Bool, offset position: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool {
+        !(isWrite && readOnly) && base.acceptsAsync(isWrite: isWrite, offset: offset + position, buffers: buffers)
+    }
+
+    public func setAsyncPolling(_ on: Bool) { base.setAsyncPolling(on) }
+    public func pollAsync() -> Int { base.pollAsync() }
+
+    public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
+        // BlockDevice checked every range against this slice's capacity: the shift stays inside `base`.
+        base.submitAsync(requests.map {
+            BlockIORequest(isWrite: $0.isWrite, offset: offset + $0.offset, buffers: $0.buffers, tag: $0.tag)
+        }, handler: handler)
+    }
 
     public func discard(at position: UInt64, length: UInt64) throws {
         guard !readOnly else { throw VirtioError.backendMismatch(reason: "discard on a read-only slice") }

@@ -45,12 +45,24 @@ public protocol VirtioDevice: AnyObject {
     /// `Virtqueue`s hold the positions. `resumeAfterSuspend` undoes it (the migration was cancelled).
     func suspendForMigration() throws -> [Int: UInt16]?
     func resumeAfterSuspend() throws
+    /// Busy polling by the transport's thread after a batch (an I/O domain's connection thread, for a
+    /// few tens of µs, instead of sleeping on the kick): `pollingStarted(index)` and `pollingStopped(index)`
+    /// bracket calls to `poll(index)`, which processes what is ready on queue `index` (new requests,
+    /// completions) and returns whether there was anything. While polling, the device may ask the
+    /// driver not to notify; `pollingStopped` asks again and processes what came meanwhile.
+    func pollingStarted(_ index: Int)
+    func poll(_ index: Int) -> Bool
+    func pollingStopped(_ index: Int)
 }
 
 extension VirtioDevice {
     /// In-process devices run only when notified; the VMM holds back their notifications itself.
     public func suspendForMigration() throws -> [Int: UInt16]? { nil }
     public func resumeAfterSuspend() throws {}
+    /// Devices that do not poll: nothing is ever ready.
+    public func pollingStarted(_ index: Int) {}
+    public func poll(_ index: Int) -> Bool { false }
+    public func pollingStopped(_ index: Int) {}
 }
 
 /// A device that can ask its driver to announce the guest on the network (virtio-net's

@@ -32,6 +32,8 @@ public struct VirtqueueState: Codable, Equatable, Sendable {
 public final class Virtqueue: @unchecked Sendable {
     /// VIRTQ_AVAIL_F_NO_INTERRUPT.
     static let availNoInterrupt: UInt16 = 1
+    /// VIRTQ_USED_F_NO_NOTIFY.
+    static let usedNoNotify: UInt16 = 1
 
     /// The queue's index in its device.
     public let index: Int
@@ -56,6 +58,14 @@ public final class Virtqueue: @unchecked Sendable {
     private var signalledUsed: UInt16?
     /// Inflight tracking (vhost-user INFLIGHT_SHMFD): every chain taken is marked there until returned.
     public var inflight: VirtqueueInflight?
+    /// Told of the guest ranges a device wrote after the chain was taken (asynchronous completions),
+    /// once the chain was returned: the vhost-user dirty log (which also marks the used ring).
+    /// Called from the completing thread.
+    public var writeObserver: (([DescriptorSegment]) -> Void)?
+    /// The device polls the avail ring: the driver is asked not to notify (avail_event is left behind,
+    /// or VIRTQ_USED_F_NO_NOTIFY without event-idx). Set with `suppressNotifications`, cleared with
+    /// `enableNotifications`.
+    public private(set) var notificationsSuppressed = false
     /// Heads taken before a restart and not returned: handed out again, in order, before new chains.
     public private(set) var resubmissions: [UInt16] = []
 
@@ -176,10 +186,27 @@ public final class Virtqueue: @unchecked Sendable {
     public func hasAvailable() throws(VirtioError) -> Bool {
         if !resubmissions.isEmpty { return true }
         if try pendingCount() > 0 { return true }
-        guard eventIndex else { return false }
+        guard eventIndex, !notificationsSuppressed else { return false }
         try store(nextAvail, availEventAddress)
         GuestMemory.fence()
         return try pendingCount() > 0
+    }
+
+    /// Asks the driver not to notify while the device looks at the ring by itself. With event-idx,
+    /// avail_event goes one behind `nextAvail` (an entry already taken), so no addition matches it.
+    public func suppressNotifications() throws(VirtioError) {
+        guard !notificationsSuppressed else { return }
+        notificationsSuppressed = true
+        if eventIndex { try store(nextAvail &- 1, availEventAddress) } else { try store(UInt16(Virtqueue.usedNoNotify), deviceArea) }
+    }
+
+    /// Asks the driver to notify again; returns whether chains arrived that it did not notify about
+    /// (checked after the request is visible, so none is missed).
+    public func enableNotifications() throws(VirtioError) -> Bool {
+        notificationsSuppressed = false
+        if eventIndex { try store(nextAvail, availEventAddress) } else { try store(UInt16(0), deviceArea) }
+        GuestMemory.fence()
+        return try hasAvailable()
     }
 
     /// Like `popAvailable`, but a chain that fails validation does not throw: its head comes back with
@@ -202,7 +229,7 @@ public final class Virtqueue: @unchecked Sendable {
         let slot = UInt64(nextAvail % size)
         let head = try load16(driverArea &+ 4 &+ 2 &* slot)
         nextAvail &+= 1
-        if eventIndex { try store(nextAvail, availEventAddress) }
+        if eventIndex && !notificationsSuppressed { try store(nextAvail, availEventAddress) }
         inflight?.taken(head: head)
         return head
     }
@@ -210,6 +237,15 @@ public final class Virtqueue: @unchecked Sendable {
     private func parseChain(head: UInt16) throws(VirtioError) -> DescriptorChain {
         try DescriptorChain.parse(memory: memory, descriptorTable: descriptorTable, queueSize: size, head: head,
                                   indirectAllowed: indirectDescriptors, maxBytes: maxChainBytes)
+    }
+
+    /// Records, after returning a chain, that a device wrote `segments` of guest memory after taking
+    /// it (its data landed asynchronously) and the used ring: counted by the memory's write tracker
+    /// and `writeObserver`.
+    public func noteDeviceWrites(_ segments: [DescriptorSegment]) {
+        for segment in segments { memory.noteWrite(at: segment.address, length: UInt64(segment.length)) }
+        memory.noteWrite(at: deviceArea, length: 6 &+ 8 &* UInt64(size))
+        writeObserver?(segments)
     }
 
     /// Returns a chain to the driver: writes the used element, then (after a fence) the used idx.

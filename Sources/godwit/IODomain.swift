@@ -37,6 +37,9 @@ struct IODomainCommand: ParsableCommand {
     @Flag(help: "Open the device with O_DIRECT.")
     var direct = false
 
+    @Option(name: .customLong("poll-us"), help: "After a request, keep polling the ring (and the disk's completions) this many microseconds before sleeping (0: sleep at once).")
+    var pollMicroseconds: Int = 0
+
     @Flag(help: "Accept guest memory that is not sealed against shrinking (a frontend that truncates it could then crash this domain with SIGBUS). Godwit's and QEMU's memfds are sealed.")
     var allowUnsealedMemory = false
 
@@ -61,7 +64,8 @@ struct IODomainCommand: ParsableCommand {
                 fail("\(blk): \(error)")
             }
         }
-        let service = IODomainService(block: block, requireSealedMemory: !allowUnsealedMemory)
+        let service = IODomainService(block: block, requireSealedMemory: !allowUnsealedMemory,
+                                      blockPollMicroseconds: pollMicroseconds)
         for spec in specs {
             do {
                 try service.addBlock(socket: spec.socket, listener: VhostUserListener(path: spec.socket), offset: spec.offset,

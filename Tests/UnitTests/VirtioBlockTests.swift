@@ -135,6 +135,7 @@ final class VirtioBlockHarness {
                                   outSplit: outSplit, inSplit: inSplit)
         try driver.publish(request.head)
         device.queueNotified(0)
+        device.waitUntilIdle()
         let used = try driver.takeUsed()
         #expect(used.count == 1)
         #expect(used.first.map { $0.id == UInt32(request.head) } ?? false)

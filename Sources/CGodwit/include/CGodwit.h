@@ -34,6 +34,27 @@ int godwit_errno(void);
 /// Names the calling thread (visible in ps/top); at most 15 characters are kept.
 void godwit_set_thread_name(const char *name);
 
+// Linux native AIO (<linux/aio_abi.h>) through raw syscalls: glibc has no wrappers and Swift
+// cannot call the variadic syscall(). Every function returns the result or -errno.
+/// The size of one struct iocb, for callers that allocate them.
+extern const size_t GODWIT_IOCB_SIZE;
+/// io_setup(nr_events): writes the new context to `context`.
+int godwit_io_setup(unsigned int nr_events, uint64_t *context);
+int godwit_io_destroy(uint64_t context);
+/// Fills the iocb at `iocb` for a vectored read (`is_write` 0) or write at `offset` of `fd`.
+void godwit_iocb_prep_rw(void *iocb, int fd, int is_write, uint64_t offset, const void *iovecs, int iovec_count,
+                         uint64_t data);
+/// Fills the iocb at `iocb` for IOCB_CMD_POLL (POLLIN) on `fd`: completes when `fd` becomes readable.
+void godwit_iocb_prep_poll_in(void *iocb, int fd, uint64_t data);
+/// io_submit of `count` iocbs (pointers in `iocbs`): how many were queued, or -errno.
+long godwit_io_submit(uint64_t context, long count, void **iocbs);
+/// io_getevents: waits for at least `min` (at most `max`) completions, up to `timeout_ns` (< 0: for
+/// ever); writes each event's data and result to `datas` and `results`. Returns the count or -errno.
+long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, int64_t *results, int64_t timeout_ns);
+/// Whether the context's completion ring (mapped in user space at `context`) may hold events: a
+/// cheap check before io_getevents when polling. 1 when it cannot tell.
+int godwit_aio_ring_has_events(uint64_t context);
+
 // A full memory barrier (guest memory is shared with running vCPUs and other processes).
 void godwit_fence(void);
 
