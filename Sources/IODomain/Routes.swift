@@ -180,6 +180,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             tracking = true
             syncTotal = max(bitmap.count, 1)
             syncing = true
+            waitForAsync()  // writes that went straight to the device land before the copy reads them
         }
         emit("sync-started", reason: resync ? "resync of the chunks written while the replica was away" : "full copy")
         let thread = Thread { [self] in runSync(replica) }
@@ -238,6 +239,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                     guard replica != nil, replicaInSync else { throw IODomainError.badRequest("remote needs a replica in sync") }
                 }
                 route = newRoute
+                waitForAsync()
             }
         }
         emit("route", reason: "set by hand")
@@ -312,6 +314,64 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         }
         if dropped { emit("replica-fault", reason: "\(error); the disk runs on the local device and remembers what the replica misses") }
     }
+
+    // MARK: Asynchronous pass-through
+
+    /// While the route is plain local (no replica, nothing to remember, no time-out, a healthy
+    /// device) reads and writes go straight to the local device's engine, many at a time; in every
+    /// other state they run one at a time through the route. Leaving plain local waits until what
+    /// went out that way has come back (`waitForAsync`), so that no write slips past a replica's copy.
+    private var plainLocal: Bool { route == .local && replica == nil && !tracking && localTimeout == nil && !localFailed }
+    private var asyncInFlight = 0
+    private var asyncHandlers: [ObjectIdentifier: CountingHandler] = [:]
+
+    /// Forwards completions and counts them back in.
+    private final class CountingHandler: AsyncIOHandler {
+        let inner: AsyncIOHandler
+        weak var route: RoutedBlockBackend?
+        init(_ inner: AsyncIOHandler, _ route: RoutedBlockBackend) {
+            self.inner = inner
+            self.route = route
+        }
+        func asyncIOCompleted(tag: UInt64, result: Int) {
+            inner.asyncIOCompleted(tag: tag, result: result)
+            route?.asyncReturned(1)
+        }
+        func asyncIOBatchEnded() { inner.asyncIOBatchEnded() }
+    }
+
+    fileprivate func asyncReturned(_ count: Int) {
+        state.withLock {
+            asyncInFlight -= count
+            if asyncInFlight == 0 { state.broadcast() }
+        }
+    }
+
+    /// With the state lock held: waits until no request that went straight to the device is out.
+    private func waitForAsync() { state.wait(until: { asyncInFlight == 0 }) }
+
+    public func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool {
+        state.withLock { plainLocal } && local.acceptsAsync(isWrite: isWrite, offset: offset, buffers: buffers)
+    }
+
+    public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
+        let counting: CountingHandler? = state.withLock {
+            guard plainLocal else { return nil }
+            asyncInFlight += requests.count
+            let key = ObjectIdentifier(handler)
+            if let existing = asyncHandlers[key], existing.inner === handler { return existing }
+            let made = CountingHandler(handler, self)
+            asyncHandlers[key] = made
+            return made
+        }
+        guard let counting else { return 0 }  // the caller runs them synchronously, through the route
+        let started = local.submitAsync(requests, handler: counting)
+        if started < requests.count { asyncReturned(requests.count - started) }
+        return started
+    }
+
+    public func setAsyncPolling(_ on: Bool) { local.setAsyncPolling(on) }
+    public func pollAsync() -> Int { local.pollAsync() }
 
     // MARK: Requests
 

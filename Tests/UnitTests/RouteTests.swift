@@ -245,6 +245,35 @@ struct RouteTests {
         #expect(mirroredRoute.status.route == .local && !mirroredRoute.status.replica)
     }
 
+    /// A plain local disk passes many requests straight to the device's engine; attaching a replica
+    /// waits for those to come back before the copy starts, and from then on requests go through the route.
+    @Test func plainLocalRequestsGoStraightToTheEngine() throws {
+        let held = VirtioHeldBackend(capacity: 1 << 20)
+        let route = RoutedBlockBackend(local: held)
+        final class Sink: AsyncIOHandler {
+            var completed: [UInt64] = []
+            func asyncIOCompleted(tag: UInt64, result: Int) { completed.append(tag) }
+            func asyncIOBatchEnded() {}
+        }
+        let sink = Sink()
+        let page = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { page.deallocate() }
+        #expect(route.acceptsAsync(isWrite: true, offset: 0, buffers: [page]))
+        let requests = (0..<3).map { BlockIORequest(isWrite: true, offset: UInt64($0) * 4096, buffers: [page], tag: UInt64($0)) }
+        #expect(route.submitAsync(requests, handler: sink) == 3)
+        #expect(held.heldTags.count == 3)
+        // Attaching waits for the three writes in flight.
+        let replica = FlakyDisk(size: 1 << 20)
+        let attached = VirtioBackgroundCall { try? route.attachReplica(replica) }
+        usleep(50_000)
+        #expect(!attached.hasReturned, "attach waits while writes that went straight to the device are out")
+        for tag in 0..<3 { held.complete(UInt64(tag)) }
+        attached.wait()
+        #expect(sink.completed.sorted() == [0, 1, 2])
+        #expect(!route.acceptsAsync(isWrite: true, offset: 0, buffers: [page]), "with a replica every request goes through the route")
+        #expect(route.submitAsync(requests, handler: sink) == 0)
+    }
+
     @Test func chunkBitmapCountsAndClips() {
         var bitmap = ChunkBitmap(capacity: 1000, chunkSize: 256)
         #expect(bitmap.chunks == 4)
