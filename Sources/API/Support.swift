@@ -71,11 +71,7 @@ final class ConditionLock: @unchecked Sendable {
 }
 
 /// Seconds on the monotonic clock.
-func monotonicNow() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
+func monotonicNow() -> Double { monotonicSeconds() }
 
 private final class ThreadBody {
     let name: String

@@ -21,7 +21,7 @@ public final class IODomainService: @unchecked Sendable {
     /// The last events of every device (at most `maxEvents`), oldest first.
     private var events: [ControlEvent] = []
     private static let maxEvents = 1000
-    private let started = BandwidthClock.now()
+    private let started = monotonicSeconds()
 
     /// The block device slices are cut from (`--blk`), if any.
     public let block: FileBlockBackend?
@@ -65,7 +65,7 @@ public final class IODomainService: @unchecked Sendable {
         fputs("godwit: iodomain: \(name): \(event.kind) (route \(event.route.rawValue))\(event.reason.map { ": \($0)" } ?? "")"
               + "\(event.held.map { ", \($0) held" } ?? "")\(event.milliseconds.map { String(format: ", %.1f ms", $0) } ?? "")\n", stderr)
         lock.withLock {
-            events.append(ControlEvent(socket: path, time: BandwidthClock.now() - started, event: event))
+            events.append(ControlEvent(socket: path, time: monotonicSeconds() - started, event: event))
             if events.count > Self.maxEvents { events.removeFirst(events.count - Self.maxEvents) }
         }
     }

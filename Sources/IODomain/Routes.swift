@@ -409,7 +409,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                 guard let replica else { throw IODomainError.system("route remote without a replica") }
                 try runRemote(operation, replica)
             case .local, .mirror:
-                let started = BandwidthClock.now()
+                let started = monotonicSeconds()
                 // Mirrored: the replica's half runs beside the local one, so a write costs the slower of
                 // the two, not their sum. (Replaying it on the replica after a local failure repeats the
                 // same bytes at the same place: harmless.)
@@ -447,7 +447,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     /// it and replay; else the error. The failover event's time runs from the failed request's start to
     /// the replayed one's completion (for a time-out, the time-out is part of it).
     private func failOver(_ operation: Operation, _ error: Error, requestStarted: Double) throws {
-        let started = BandwidthClock.now()
+        let started = monotonicSeconds()
         let replica: ReplicaStorage? = state.withLock {
             localFailed = true
             guard let replica = self.replica, replicaInSync else { return nil }
@@ -464,7 +464,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         defer { state.withLock { failoverStarted = nil } }
         try runRemote(operation, replica)
         let heldNow = state.withLock { held }
-        let now = BandwidthClock.now()
+        let now = monotonicSeconds()
         emit("failover", reason: String(format: "the disk runs on the replica (%.1f ms after the fault was seen)", (now - started) * 1000),
              held: heldNow, milliseconds: (now - requestStarted) * 1000)
     }
@@ -533,14 +533,6 @@ private final class RemoteOutcome: @unchecked Sendable {
     var result: Result<Void, Error>?
 }
 
-/// The monotonic clock, in seconds.
-enum BandwidthClock {
-    static func now() -> Double {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
-    }
-}
 
 /// One thread that runs local device calls so that the caller can stop waiting for them. Once a call
 /// overran its time-out the worker is considered lost (it may never return) and every later call fails.

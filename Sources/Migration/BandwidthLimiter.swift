@@ -74,11 +74,7 @@ public final class BandwidthLimiter: @unchecked Sendable {
         }
     }
 
-    public static func monotonicSeconds() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
+    public static func monotonicSeconds() -> Double { GodwitSystem.monotonicSeconds() }
 
     public static func sleepSeconds(_ seconds: Double) {
         guard seconds > 0 else { return }

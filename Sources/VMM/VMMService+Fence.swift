@@ -12,11 +12,7 @@ final class FenceWatch: @unchecked Sendable {
     var generation = 0
     var started = false
 
-    static func now() -> Double {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
-    }
+    static func now() -> Double { monotonicSeconds() }
 }
 
 extension VMMService {
