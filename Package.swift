@@ -29,18 +29,19 @@ let package = Package(
         .target(name: "Cluster", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "NBD", dependencies: ["CGodwit", "CNBD", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "VMM", dependencies: ["API", "Machine", "Migration", "Virtio", "GodwitSystem"], swiftSettings: swift5),
+        .target(name: "Agent", dependencies: ["API", "Cluster", "NBD", "IODomain", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
-            dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", "NBD", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", "NBD", "Agent", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swift5),
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
             name: "UnitTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "Cluster", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "Cluster", "Agent", "GodwitTestSupport"],
             swiftSettings: swift5),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "Cluster", "GodwitTestSupport"],
+            dependencies: ["GodwitSystem", "GuestMemory", "KVM", "Virtio", "VhostUser", "IODomain", "Machine", "API", "VMM", "Migration", "NBD", "Cluster", "Agent", "GodwitTestSupport"],
             swiftSettings: swift5),
     ]
 )

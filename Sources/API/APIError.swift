@@ -141,7 +141,7 @@ func fieldPath(_ path: [CodingKey], _ last: String? = nil) -> String {
 extension Decoder {
     /// The keyed container for `keys`, after checking that the object has no other field (unless the
     /// decoder is lenient). The error names the unknown field and the fields that are accepted.
-    func strictContainer<K: CodingKey & CaseIterable>(_ keys: K.Type) throws -> KeyedDecodingContainer<K> {
+    public func strictContainer<K: CodingKey & CaseIterable>(_ keys: K.Type) throws -> KeyedDecodingContainer<K> {
         if userInfo[.godwitLenientDecoding] as? Bool != true {
             let all = try container(keyedBy: AnyCodingKey.self)
             for key in all.allKeys.sorted(by: { $0.stringValue < $1.stringValue }) where K(stringValue: key.stringValue) == nil {

@@ -139,9 +139,21 @@ public final class APIClient: @unchecked Sendable {
     private let lock = Lock()
     private var reader: ConnectionReader?
 
+    /// Headers sent with every request (a host agent's peer token).
+    public var extraHeaders: [(String, String)] = []
+    private let connector: (() throws -> FileDescriptor)?
+
     public init(socketPath: String, timeout: Double = 120) {
         self.socketPath = socketPath
         self.timeout = timeout
+        self.connector = nil
+    }
+
+    /// A client whose connections `connect` makes (TCP to a peer agent); `name` appears in errors.
+    public init(name: String, timeout: Double = 120, connect: @escaping () throws -> FileDescriptor) {
+        self.socketPath = name
+        self.timeout = timeout
+        self.connector = connect
     }
 
     /// Closes the kept-alive connection (the next request opens a new one).
@@ -197,6 +209,8 @@ public final class APIClient: @unchecked Sendable {
     public func receiveMigration(_ value: MigrationReceiveParams) throws { try call("PUT", "/migration/receive", value) }
     public func sendMigration(_ value: MigrationSendParams) throws { try call("PUT", "/migration/send", value) }
     public func migrationStatus() throws -> MigrationStatus { try get("/migration") }
+    /// `PUT /fence` (Godwit): the deadline after which the VMM pauses its guest unless renewed.
+    public func setFence(_ value: FenceParams) throws { try call("PUT", "/fence", value) }
     public func resume() throws { try setVMState(.resumed) }
 
     /// `GET /metrics` (Godwit): Prometheus text.
@@ -215,6 +229,7 @@ public final class APIClient: @unchecked Sendable {
     /// Sends one request and returns the answer, whatever its status.
     public func request(_ method: String, _ path: String, body: [UInt8]? = nil) throws -> APIClientResponse {
         var message = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
+        for (name, value) in extraHeaders { message += "\(name): \(value)\r\n" }
         if let body {
             message += "Content-Type: application/json\r\nContent-Length: \(body.count)\r\n"
         }
@@ -253,7 +268,7 @@ public final class APIClient: @unchecked Sendable {
 
     private func connect() throws -> ConnectionReader {
         do {
-            let fd = try UnixSocket.connect(path: socketPath)
+            let fd = try connector?() ?? UnixSocket.connect(path: socketPath)
             UnixSocket.setSendTimeout(fd, seconds: timeout)
             return ConnectionReader(fd)
         } catch {
@@ -310,9 +325,16 @@ public final class APIClient: @unchecked Sendable {
         return .server(status: response.status, faultMessage: String(decoding: response.body.prefix(1024), as: UTF8.self))
     }
 
-    private func get<T: Decodable>(_ path: String) throws -> T {
+    /// `GET path`, the answer decoded as `T` (a refusal throws with its `fault_message`).
+    public func get<T: Decodable>(_ path: String) throws -> T {
         let response = try checked(request("GET", path))
         return try APIClient.decode(T.self, response.body)
+    }
+
+    /// `method path` with `value` as JSON, the answer decoded as `R`.
+    public func send<T: Encodable, R: Decodable>(_ method: String, _ path: String, _ value: T, answer: R.Type) throws -> R {
+        let response = try checked(request(method, path, body: encodeJSON(value)))
+        return try APIClient.decode(R.self, response.body)
     }
 
     static func decode<T: Decodable>(_ type: T.Type, _ body: [UInt8]) throws -> T {
@@ -327,7 +349,8 @@ public final class APIClient: @unchecked Sendable {
         }
     }
 
-    private func call<T: Encodable>(_ method: String, _ path: String, _ value: T) throws {
+    /// `method path` with `value` as JSON; any 2xx answer is success.
+    public func call<T: Encodable>(_ method: String, _ path: String, _ value: T) throws {
         _ = try checked(request(method, path, body: encodeJSON(value)))
     }
 

@@ -874,18 +874,24 @@ public struct MigrationReceiveParams: Codable, Equatable, Sendable {
     public var receiverUrl: String
     /// The shared key (hex, 16 to 64 bytes) or a file holding it; without either, the VMM's `--migration-key-file`.
     public var key: String?
+    /// Whether the guest runs as soon as the migration commits (default true). With false it waits
+    /// paused for `PATCH /vm` Resumed: the host agent first takes the VM's ownership in etcd, which
+    /// makes that transaction the migration's commit point.
+    public var resumeVm: Bool?
 
-    public init(receiverUrl: String, key: String? = nil) {
+    public init(receiverUrl: String, key: String? = nil, resumeVm: Bool? = nil) {
         self.receiverUrl = receiverUrl
         self.key = key
+        self.resumeVm = resumeVm
     }
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case receiverUrl = "receiver_url", key }
+    enum CodingKeys: String, CodingKey, CaseIterable { case receiverUrl = "receiver_url", key, resumeVm = "resume_vm" }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.strictContainer(CodingKeys.self)
         receiverUrl = try c.decode(String.self, forKey: .receiverUrl)
         key = try c.decodeIfPresent(String.self, forKey: .key)
+        resumeVm = try c.decodeIfPresent(Bool.self, forKey: .resumeVm)
     }
 
     public func validate() throws { _ = try MigrationURL(receiverUrl, field: "receiver_url") }

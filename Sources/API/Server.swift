@@ -28,8 +28,10 @@ public final class APIServer: @unchecked Sendable {
         public init() {}
     }
 
+    /// The Unix socket's path ("" for a server on a listening socket it was given, such as TCP).
     public let socketPath: String
     public let handler: HTTPHandler
+    private var given: FileDescriptor?
     public let options: Options
 
     private let state = ConditionLock()
@@ -52,6 +54,14 @@ public final class APIServer: @unchecked Sendable {
         self.options = options
     }
 
+    /// A server on a listening socket made by the caller (a host agent's TCP port for its peers).
+    public init(listening socket: FileDescriptor, handler: HTTPHandler, options: Options = Options()) {
+        self.socketPath = ""
+        self.given = socket
+        self.handler = handler
+        self.options = options
+    }
+
     /// A server whose handler is an `APIRouter` over `controller`.
     public convenience init(socketPath: String, controller: VMMController, options: Options = Options()) {
         self.init(socketPath: socketPath, handler: APIRouter(controller: controller), options: options)
@@ -66,7 +76,7 @@ public final class APIServer: @unchecked Sendable {
             if started || stopping { throw SystemError(operation: "APIServer.start", errno: EALREADY, context: socketPath) }
             started = true
         }
-        let listener = try UnixSocket.listen(path: socketPath)
+        let listener = try state.withLock { given } ?? UnixSocket.listen(path: socketPath)
         do {
             try listener.setNonBlocking(true)
             let wake = try EventFD(nonBlocking: true)
@@ -82,7 +92,7 @@ public final class APIServer: @unchecked Sendable {
                 self.wake = nil
             }
             listener.close()
-            _ = unlink(socketPath)
+            if !socketPath.isEmpty { _ = unlink(socketPath) }
             throw error
         }
     }
@@ -107,7 +117,7 @@ public final class APIServer: @unchecked Sendable {
         if let listener {
             // Remove the socket file, unless something other than a socket has taken its place.
             var onDisk = stat()
-            if lstat(socketPath, &onDisk) == 0, (onDisk.st_mode & S_IFMT) == S_IFSOCK { _ = unlink(socketPath) }
+            if !socketPath.isEmpty, lstat(socketPath, &onDisk) == 0, (onDisk.st_mode & S_IFMT) == S_IFSOCK { _ = unlink(socketPath) }
             listener.close()
         }
         let deadline = monotonicNow() + timeout

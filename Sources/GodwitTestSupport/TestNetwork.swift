@@ -137,3 +137,74 @@ public final class PeerHost: @unchecked Sendable {
         _ = try? runProcess("/usr/sbin/ip", ["netns", "del", namespace], timeout: 20)
     }
 }
+
+/// Hosts as network namespaces on one bridge (in a namespace of its own), plus a leg from the test's
+/// own namespace: host `i` is 10.91.S.(i+1), the test is 10.91.S.254. A host's link can be cut.
+public final class ClusterNetwork: @unchecked Sendable {
+    public let switchNamespace: String
+    public let namespaces: [String]
+    public let addresses: [String]
+    public let ourAddress: String
+    /// The switch-side end of each host's wire, and of ours.
+    let switchLinks: [String]
+    let ourLink: String
+
+    public init(hosts count: Int, subnet: Int) throws {
+        let tag = String(UInt32.random(in: 0..<0xffffff), radix: 16)
+        switchNamespace = "gwsw-\(tag)"
+        namespaces = (0..<count).map { "gwh\($0)-\(tag)" }
+        addresses = (0..<count).map { "10.91.\(subnet).\($0 + 1)" }
+        ourAddress = "10.91.\(subnet).254"
+        switchLinks = (0..<count).map { "gwc\(tag)\($0)b" }
+        ourLink = "gwc\(tag)ra"
+        var steps: [[String]] = [
+            ["netns", "add", switchNamespace],
+            ["-n", switchNamespace, "link", "add", "br0", "type", "bridge"],
+            ["-n", switchNamespace, "link", "set", "br0", "up"],
+            ["-n", switchNamespace, "link", "set", "lo", "up"],
+        ]
+        for i in 0..<count {
+            let inner = "gwc\(tag)\(i)a"
+            steps += [
+                ["netns", "add", namespaces[i]],
+                ["link", "add", inner, "type", "veth", "peer", "name", switchLinks[i]],
+                ["link", "set", inner, "netns", namespaces[i]],
+                ["link", "set", switchLinks[i], "netns", switchNamespace],
+                ["-n", namespaces[i], "addr", "add", "\(addresses[i])/24", "dev", inner],
+                ["-n", namespaces[i], "link", "set", inner, "up"],
+                ["-n", namespaces[i], "link", "set", "lo", "up"],
+                ["-n", switchNamespace, "link", "set", switchLinks[i], "master", "br0", "up"],
+            ]
+        }
+        steps += [
+            ["link", "add", ourLink, "type", "veth", "peer", "name", "gwc\(tag)rb"],
+            ["link", "set", "gwc\(tag)rb", "netns", switchNamespace],
+            ["-n", switchNamespace, "link", "set", "gwc\(tag)rb", "master", "br0", "up"],
+            ["addr", "add", "\(ourAddress)/24", "dev", ourLink],
+            ["link", "set", ourLink, "up"],
+        ]
+        for step in steps {
+            let r = try runProcess("/usr/sbin/ip", step, timeout: 20)
+            guard r.status == 0 else {
+                tearDown()
+                throw TestNetworkError(message: "ip \(step.joined(separator: " ")): \(r.stderr)")
+            }
+        }
+    }
+
+    /// Starts `program` inside host `i`'s namespace.
+    public func start(host i: Int, _ program: String, _ arguments: [String], environment: [String: String] = [:]) throws -> BackgroundProcess {
+        let env = environment.map { "\($0.key)=\($0.value)" }.sorted()
+        return try BackgroundProcess("/usr/sbin/ip", ["netns", "exec", namespaces[i], "/usr/bin/env"] + env + [program] + arguments)
+    }
+
+    /// Cuts host `i` off the switch (nothing passes, no reset is sent), or connects it again.
+    public func setLink(host i: Int, up: Bool) throws {
+        _ = try runProcess("/usr/sbin/ip", ["-n", switchNamespace, "link", "set", switchLinks[i], up ? "up" : "down"], timeout: 20)
+    }
+
+    public func tearDown() {
+        _ = try? runProcess("/usr/sbin/ip", ["link", "del", ourLink], timeout: 20)
+        for ns in namespaces + [switchNamespace] { _ = try? runProcess("/usr/sbin/ip", ["netns", "del", ns], timeout: 20) }
+    }
+}

@@ -91,9 +91,9 @@ public final class NBDServer: @unchecked Sendable {
         public init() {}
     }
 
-    public let exports: [String: NBDStorage]
     public let options: Options
     private let lock = Lock()
+    private var exports: [String: NBDStorage]
     /// Per export, the newest owner generation a client has connected with (see `lookup`).
     private var generations: [String: UInt64] = [:]
     private var stats = NBDServerStatistics()
@@ -107,6 +107,34 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     public var statistics: NBDServerStatistics { lock.withLock { stats } }
+
+    /// The names of the exports served now.
+    public var exportNames: [String] { lock.withLock { exports.keys.sorted() } }
+
+    /// Serves `storage` as `name` from now on (a replica a peer asked this host to keep).
+    public func addExport(_ name: String, storage: NBDStorage) throws(NBDError) {
+        guard !name.contains("@"), name.utf8.count <= 4096 else { throw .unknownExport(name) }
+        let added = lock.withLock { () -> Bool in
+            guard exports[name] == nil else { return false }
+            exports[name] = storage
+            return true
+        }
+        guard added else { throw .unknownExport("\(name) (already exported)") }
+    }
+
+    /// Stops offering `name` to new clients (connected ones keep their storage until they leave).
+    public func removeExport(_ name: String) {
+        lock.withLock {
+            exports[name] = nil
+            generations[name] = nil
+        }
+    }
+
+    /// Refuses writes from every owner generation older than `generation` on `name` from now on, as
+    /// if a client of that generation had connected: the new owner's agent fences the old one.
+    public func fence(_ name: String, generation: UInt64) {
+        lock.withLock { generations[name] = max(generations[name] ?? 0, generation) }
+    }
 
     /// Accepts connections on a listening socket until `stop()`, each served on its own thread.
     public func serve(listener: FileDescriptor) {
@@ -175,8 +203,12 @@ public final class NBDServer: @unchecked Sendable {
             name = String(requested[..<at])
             generation = n
         }
-        guard let storage = exports[name] else { return nil }
-        lock.withLock { generations[name] = max(generations[name] ?? 0, generation) }
+        let storage: NBDStorage? = lock.withLock {
+            guard let storage = exports[name] else { return nil }
+            generations[name] = max(generations[name] ?? 0, generation)
+            return storage
+        }
+        guard let storage else { return nil }
         return (name, storage, generation)
     }
 

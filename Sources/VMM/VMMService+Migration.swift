@@ -95,14 +95,15 @@ extension VMMService {
         }
         setMigration { $0 = MigrationStatus(state: "listening") }
         publish(.migrationProgress, ["state": .string("listening"), "url": .string(url.description)])
-        let thread = Thread { [self] in receive(on: listener, key: key, config: config) }
+        let paused = params.resumeVm == false
+        let thread = Thread { [self] in receive(on: listener, key: key, config: config, paused: paused) }
         thread.name = "migration-in"
         thread.start()
     }
 
     /// Accepts authenticated senders until one migration succeeds; a failed attempt discards the VM
     /// and waits for the next.
-    private func receive(on listener: MigrationListener, key: MigrationKey, config: MachineConfig) {
+    private func receive(on listener: MigrationListener, key: MigrationKey, config: MachineConfig, paused: Bool) {
         defer { listener.close() }
         while true {
             let channel: MigrationChannel
@@ -116,7 +117,7 @@ extension VMMService {
             var receiver: MigrationReceiver?
             do {
                 try lock.withLock { lifecycle = try lifecycle.applying(.start) }
-                try startMachine(config) { machine in
+                try startMachine(config, startsPaused: paused) { machine in
                     let r = MigrationReceiver(channel: channel, vm: MachineMigrationTarget(machine))
                     receiver = r
                     try r.run()

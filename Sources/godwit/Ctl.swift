@@ -9,7 +9,7 @@ struct CtlCommand: ParsableCommand {
         abstract: "Control a VMM through its API socket.",
         subcommands: [Info.self, Config.self, Version.self, BootSourceCommand.self, MachineConfigCommand.self, Drive.self,
                       Net.self, LoggerCommand.self, MetricsFile.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self,
-                      FlushMetrics.self, Metrics.self, Events.self, Snapshot.self, Migrate.self, CtlIODomainCommand.self])
+                      FlushMetrics.self, Metrics.self, Events.self, Snapshot.self, Migrate.self, CtlIODomainCommand.self, CtlAgentCommand.self])
 }
 
 /// Options every `ctl` subcommand takes.

@@ -16,12 +16,21 @@ struct Godwit: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "godwit",
         abstract: "A KVM virtual machine monitor whose device I/O runs in separate I/O domains.",
-        subcommands: [VMCommand.self, IODomainCommand.self, NBDServerCommand.self, CtlCommand.self, SandboxProbeCommand.self, SuperviseCommand.self])
+        subcommands: [VMCommand.self, IODomainCommand.self, NBDServerCommand.self, AgentCommand.self, CtlCommand.self, SandboxProbeCommand.self, SuperviseCommand.self])
 }
 
 /// Exit statuses of `godwit vm`, documented in the README.
 enum ExitStatus {
     static let setupError: Int32 = 2
+}
+
+/// Ends the process with `status` without running atexit handlers and library destructors: other
+/// threads (a migration thread finishing, a vCPU thread, a device thread) may still be running, and
+/// `exit` tearing the runtime down under them once killed a VMM with SIGSEGV right after a completed
+/// migration (a thread exiting with every signal blocked faulted in a destructor). Output is flushed first.
+func exitNow(_ status: Int32) -> Never {
+    fflush(nil)
+    _exit(status)
 }
 
 struct VMCommand: ParsableCommand {
@@ -112,13 +121,13 @@ struct VMCommand: ParsableCommand {
             if exit.processExitStatus != 0 {
                 fputs("godwit: \(exit)\n", stderr)
             }
-            Glibc.exit(exit.processExitStatus)
+            exitNow(exit.processExitStatus)
         } catch let error as ValidationError {
             throw error
         } catch {
             fputs("godwit: error: \(error)\n", stderr)
             supervisor?.stop()
-            Glibc.exit(ExitStatus.setupError)
+            exitNow(ExitStatus.setupError)
         }
     }
 
@@ -224,14 +233,14 @@ struct VMCommand: ParsableCommand {
         }
         // Before any other thread starts, so that every thread inherits the blocked stop signals.
         StopSignals.install {
-            if let machine = service.machineInstance { machine.requestExit(.stopped) } else { Glibc.exit(GuestExit.stopped.processExitStatus) }
+            if let machine = service.machineInstance { machine.requestExit(.stopped) } else { exitNow(GuestExit.stopped.processExitStatus) }
         }
         var server: APIServer?
         if let apiSock {
             server = APIServer(socketPath: apiSock, controller: service)
             do { try server?.start() } catch {
                 fputs("godwit: error: API socket \(apiSock): \(error)\n", stderr)
-                Glibc.exit(ExitStatus.setupError)
+                exitNow(ExitStatus.setupError)
             }
         }
         if let configFile {
@@ -240,7 +249,7 @@ struct VMCommand: ParsableCommand {
             } catch {
                 fputs("godwit: error: config file \(configFile): \(error)\n", stderr)
                 server?.stop()
-                Glibc.exit(ExitStatus.setupError)
+                exitNow(ExitStatus.setupError)
             }
         }
         if let incoming {
@@ -250,7 +259,7 @@ struct VMCommand: ParsableCommand {
             } catch {
                 fputs("godwit: error: --incoming \(incoming): \(error)\n", stderr)
                 server?.stop()
-                Glibc.exit(ExitStatus.setupError)
+                exitNow(ExitStatus.setupError)
             }
             fputs("godwit: waiting for a migration on \(incoming)\n", stderr)
         }
@@ -260,7 +269,7 @@ struct VMCommand: ParsableCommand {
         server?.stop(timeout: 1)
         let exit = exitBox.exit ?? .stopped
         if exit.processExitStatus != 0 { fputs("godwit: \(exit)\n", stderr) }
-        Glibc.exit(exit.processExitStatus)
+        exitNow(exit.processExitStatus)
     }
 
     /// `--incoming`: the VM the migration fills in, from the command line, through the API's calls.

@@ -118,6 +118,7 @@ struct IODomainCommand: ParsableCommand {
         while sigwait(&set, &received) != 0 {}
         service.stopAll()
         if noSandbox { for path in specs.map(\.socket) + netSpecs.map(\.socket) + [control].compactMap({ $0 }) { unlink(path) } }
+        exitNow(0)  // not exit(): the service's threads may still be winding down
     }
 
     func fail(_ message: String) -> Never {

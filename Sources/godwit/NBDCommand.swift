@@ -66,7 +66,7 @@ struct NBDServerCommand: ParsableCommand {
                 exports[e.name] = try NBDFileStorage(file: fd, offset: e.offset, size: e.size, readOnly: e.readOnly)
             } catch {
                 fputs("godwit: error: export '\(e.name)' (\(e.path)): \(error)\n", stderr)
-                Glibc.exit(ExitStatus.setupError)
+                exitNow(ExitStatus.setupError)
             }
         }
         var options = NBDServer.Options()
@@ -77,7 +77,7 @@ struct NBDServerCommand: ParsableCommand {
             listener = try NBDListener.open(tcp: listen, unix: unix)
         } catch {
             fputs("godwit: error: \(error)\n", stderr)
-            Glibc.exit(ExitStatus.setupError)
+            exitNow(ExitStatus.setupError)
         }
         fputs("godwit: nbd-server: serving \(exports.keys.sorted().map { "'\($0)'" }.joined(separator: ", ")) on \(listen ?? unix ?? "")\n", stderr)
         var stopSignals = sigset_t()
@@ -91,6 +91,6 @@ struct NBDServerCommand: ParsableCommand {
         _ = shutdown(listener.rawValue, Int32(SHUT_RDWR))
         server.stop()
         if let unix { unlink(unix) }
-        Glibc.exit(0)
+        exitNow(0)
     }
 }

@@ -106,7 +106,7 @@ struct APITests {
         let r = events.wait(timeout: 30)
         let kinds = r.stdout.split(separator: "\n").compactMap { $0.split(separator: " ").dropFirst(2).first.map(String.init) }
         #expect(kinds == ["booted", "paused", "resumed", "shutdown"], "\(r.stdout)")
-        #expect(api.process.wait(timeout: 30).status == 0)
+        do { let exited = api.process.wait(timeout: 30); #expect(exited.status == 0, "exit \(exited.status): \(exited.stderr.suffix(3000))") }
     }
 
     @Test func growingADiskIsSeenByTheGuest() throws {

@@ -10,16 +10,18 @@ final class EtcdServer {
     let endpoint: String
     static var nextPort: UInt16 = 23790
 
-    init() throws {
+    /// On loopback, or on `address` in a namespace `spawn` starts programs in.
+    init(address: String = "127.0.0.1", spawn: ((String, [String]) throws -> BackgroundProcess)? = nil) throws {
         dir = try TestEnvironment.temporaryDirectory()
         EtcdServer.nextPort += 2
         let client = EtcdServer.nextPort, peer = EtcdServer.nextPort + 1
-        endpoint = "http://127.0.0.1:\(client)"
-        process = try BackgroundProcess("/usr/bin/etcd", [
+        endpoint = "http://\(address):\(client)"
+        let arguments = [
             "--name", "test", "--data-dir", dir.appendingPathComponent("data").path,
             "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
-            "--listen-peer-urls", "http://127.0.0.1:\(peer)", "--initial-advertise-peer-urls", "http://127.0.0.1:\(peer)",
-            "--initial-cluster", "test=http://127.0.0.1:\(peer)", "--log-level", "error"])
+            "--listen-peer-urls", "http://\(address):\(peer)", "--initial-advertise-peer-urls", "http://\(address):\(peer)",
+            "--initial-cluster", "test=http://\(address):\(peer)", "--log-level", "error"]
+        process = try spawn?("/usr/bin/etcd", arguments) ?? BackgroundProcess("/usr/bin/etcd", arguments)
         let etcd = try EtcdClient(endpoint: endpoint, timeout: 2)
         for _ in 0..<300 {
             if (try? etcd.get("/probe")) != nil || (try? etcd.put("/probe", "1")) != nil { return }

@@ -153,7 +153,7 @@ extension MigrationTests {
 
         // The same target still takes a real guest.
         #expect(try migrate(api, to: target).status == 204)
-        #expect(api.process.wait(timeout: 60).status == 0)
+        do { let exited = api.process.wait(timeout: 60); #expect(exited.status == 0, "exit \(exited.status): \(exited.stderr.suffix(3000))") }
         let r = target.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr.suffix(2000))")
         #expect(target.lines().last { $0.job == "done" }?["status"] == "pass")
@@ -177,7 +177,7 @@ extension MigrationTests {
         let mbps = 80
         let body: [String: Any] = ["destination_url": proxy.url, "downtime_ms": 100, "key": MigrationTests.key, "max_bandwidth_mbps": mbps]
         #expect(try api.call("PUT", "/migration/send", body).status == 204)
-        #expect(api.process.wait(timeout: 60).status == 0)
+        do { let exited = api.process.wait(timeout: 60); #expect(exited.status == 0, "exit \(exited.status): \(exited.stderr.suffix(3000))") }
         let r = target.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr)")
         #expect(target.lines().last { $0.job == "done" }?["status"] == "pass")

@@ -108,7 +108,7 @@ struct MigrationTests {
         #expect(try api.waitForSerial { $0.contains("phase=start") })
         usleep(1_000_000)
         #expect(try migrate(api, to: target).status == 204)
-        #expect(api.process.wait(timeout: 60).status == 0)
+        do { let exited = api.process.wait(timeout: 60); #expect(exited.status == 0, "exit \(exited.status): \(exited.stderr.suffix(3000))") }
         let r = target.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr)")
         let dirty = try #require(target.lines().last { $0.job == "dirty" && $0["verified"] != nil }, "\(target.lines().suffix(5))")
@@ -133,7 +133,7 @@ struct MigrationTests {
         usleep(2_000_000)
         let reply = try migrate(api, to: target)
         #expect(reply.status == 204, "\(reply.body)")
-        #expect(api.process.wait(timeout: 60).status == 0)
+        do { let exited = api.process.wait(timeout: 60); #expect(exited.status == 0, "exit \(exited.status): \(exited.stderr.suffix(3000))") }
         let r = target.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr)")
         let lines = target.lines()
@@ -152,7 +152,7 @@ struct MigrationTests {
         defer { api.stop() }
         #expect(try api.waitForSerial { $0.contains("seq=50") })
         #expect(try migrate(api, to: b).status == 204)
-        #expect(api.process.wait(timeout: 30).status == 0)
+        do { let exited = api.process.wait(timeout: 30); #expect(exited.status == 0, "exit \(exited.status): \(exited.stderr.suffix(3000))") }
         // B runs it now; send it on from B's API.
         var running = false
         for _ in 0..<200 where !running {
@@ -164,7 +164,7 @@ struct MigrationTests {
                                                     "http://localhost/migration/send", "-d",
                                                     #"{"destination_url": "\#(back.url)", "downtime_ms": 100, "key": "\#(MigrationTests.key)"}"#], timeout: 10)
         #expect(send.stdout.hasSuffix("204"), "\(send.stdout)")
-        #expect(b.process.wait(timeout: 30).status == 0)
+        do { let exited = b.process.wait(timeout: 30); #expect(exited.status == 0, "exit \(exited.status): \(exited.stderr.suffix(3000))") }
         let r = back.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr)")
         let lines = back.lines()

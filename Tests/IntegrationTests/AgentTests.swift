@@ -1,0 +1,226 @@
+import Agent
+import API
+import Cluster
+import Foundation
+import GodwitSystem
+import GodwitTestSupport
+import NBD
+import Testing
+
+/// Hosts for the agent tests: network namespaces on one bridge, etcd on host 0, an agent on each other
+/// host. Host 1's device is an image served by nbdkit's error filter and mounted by nbdfuse, so that it
+/// fails for real when the test creates the flag file; the other hosts' devices are plain images.
+final class AgentCluster {
+    let dir: URL
+    let net: ClusterNetwork
+    let etcd: EtcdServer
+    var agents: [BackgroundProcess?]
+    let configs: [AgentConfig]
+    let devices: [String]
+    let errorFlag: URL
+    let mount: URL
+    let nbdkit: BackgroundProcess, nbdfuse: BackgroundProcess
+    static var nextSubnet = 10
+
+    /// `hosts` agents (host names a, b, c...), each device `deviceMiB` MiB.
+    init(hosts: Int = 2, deviceMiB: UInt64 = 256, leaseTtlS: Int = 4) throws {
+        AgentCluster.nextSubnet += 1
+        dir = try TestEnvironment.temporaryDirectory()
+        net = try ClusterNetwork(hosts: hosts + 1, subnet: AgentCluster.nextSubnet)
+        let network = net
+        etcd = try EtcdServer(address: net.addresses[0]) { try network.start(host: 0, $0, $1) }
+        let token = dir.appendingPathComponent("token")
+        try Data("test-token-0123456789abcdef".utf8).write(to: token)
+        let key = dir.appendingPathComponent("migration.key")
+        try Data(MigrationTests.key.utf8).write(to: key)
+        // Host a's device fails on demand.
+        errorFlag = dir.appendingPathComponent("fail-now")
+        mount = dir.appendingPathComponent("mnt")
+        try FileManager.default.createDirectory(at: mount, withIntermediateDirectories: true)
+        let localImage = dir.appendingPathComponent("a.img")
+        try TestEnvironment.makeImage(at: localImage, size: deviceMiB << 20)
+        let nbdSocket = dir.appendingPathComponent("a-nbd.sock").path
+        nbdkit = try BackgroundProcess("/usr/bin/nbdkit", ["-U", nbdSocket, "-f", "--filter=error", "file", localImage.path,
+                                                           "error-rate=100%", "error-file=\(errorFlag.path)", "error=EIO"])
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: nbdSocket) { usleep(10_000) }
+        nbdfuse = try BackgroundProcess("/usr/bin/nbdfuse", [mount.path, "--unix", nbdSocket])
+        let failable = mount.appendingPathComponent("nbd").path
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: failable) { usleep(10_000) }
+        var devices = [failable]
+        for i in 1..<hosts {
+            let image = dir.appendingPathComponent("\(AgentCluster.name(i)).img")
+            try TestEnvironment.makeImage(at: image, size: deviceMiB << 20)
+            devices.append(image.path)
+        }
+        self.devices = devices
+        let names = (0..<hosts).map(AgentCluster.name)
+        var configs: [AgentConfig] = []
+        for i in 0..<hosts {
+            let address = net.addresses[i + 1]
+            let state = dir.appendingPathComponent("state-\(names[i])").path
+            let peers = (0..<hosts).filter { $0 != i }.map { AgentConfig.Peer(host: names[$0], address: "\(network.addresses[$0 + 1]):7400") }
+            configs.append(AgentConfig(host: names[i], listen: "\(address):7400", socket: dir.appendingPathComponent("\(names[i]).sock").path,
+                                       stateDir: state, tokenFile: token.path, etcd: etcd.endpoint, leaseTtlS: leaseTtlS, device: devices[i],
+                                       direct: i == 0, nbdListen: "\(address):10809", migrationAddress: address,
+                                       migrationKeyFile: key.path, faultTimeoutMs: 50, peers: peers, godwit: TestEnvironment.godwitPath))
+        }
+        self.configs = configs
+        agents = Array(repeating: nil, count: hosts)
+        for i in 0..<hosts { try startAgent(i) }
+    }
+
+    static func name(_ i: Int) -> String { String(UnicodeScalar(UInt8(ascii: "a") + UInt8(i))) }
+
+    func startAgent(_ i: Int) throws {
+        let path = dir.appendingPathComponent("agent-\(configs[i].host).json").path
+        try JSONEncoder().encode(configs[i]).write(to: URL(fileURLWithPath: path))
+        unlink(configs[i].socket)
+        agents[i] = try net.start(host: i + 1, TestEnvironment.godwitPath, ["agent", "--config", path])
+        for _ in 0..<1000 where !FileManager.default.fileExists(atPath: configs[i].socket) { usleep(10_000) }
+        guard FileManager.default.fileExists(atPath: configs[i].socket) else {
+            throw TestFailure("agent \(configs[i].host) did not start: \(agents[i]?.stderrSoFar.suffix(2000) ?? "")")
+        }
+    }
+
+    func client(_ i: Int) -> APIClient { APIClient(socketPath: configs[i].socket, timeout: 60) }
+
+    func status(_ i: Int) throws -> HostStatus { try client(i).get("/host") }
+
+    func events(_ i: Int) throws -> [AgentEvent] { try client(i).get("/events?since=0") }
+
+    /// Waits until host `i`'s stream has `step` for `vm`.
+    func waitForEvent(_ i: Int, _ step: String, vm: String? = nil, seconds: Double = 60) -> AgentEvent? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if let e = (try? events(i))?.first(where: { $0.step == step && (vm == nil || $0.vm == vm) }) { return e }
+            usleep(50_000)
+        }
+        return nil
+    }
+
+    /// The guest's `@godwit` lines on host `i`'s serial file for `vm`.
+    func serial(_ i: Int, _ vm: String) -> [GuestLine] {
+        let path = configs[i].stateDir + "/vms/\(vm).serial"
+        let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap { GuestLine(String($0)) }
+    }
+
+    func agentLog(_ i: Int) -> String { agents[i]?.stderrSoFar ?? "" }
+
+    func stop() {
+        for agent in agents { agent?.terminate(); _ = agent?.wait(timeout: 10) }
+        // The VMMs and I/O domains outlive their agent by design: end them here.
+        for config in configs {
+            for file in ["state.json"] {
+                guard let data = FileManager.default.contents(atPath: config.stateDir + "/" + file),
+                      let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { continue }
+                var pids: [Int32] = []
+                if let p = json["iodomainPid"] as? Int { pids.append(Int32(p)) }
+                for case let vm as [String: Any] in (json["vms"] as? [String: Any])?.values.map({ $0 }) ?? [] {
+                    if let p = vm["vmmPid"] as? Int { pids.append(Int32(p)) }
+                }
+                for pid in pids where pid > 0 { kill(pid, SIGKILL) }
+            }
+        }
+        usleep(200_000)
+        etcd.stop()
+        _ = try? runProcess("/usr/bin/fusermount3", ["-u", mount.path], timeout: 10)
+        _ = nbdfuse.wait(timeout: 10)
+        nbdkit.terminate()
+        _ = nbdkit.wait(timeout: 10)
+        net.tearDown()
+        try? FileManager.default.removeItem(at: dir)
+    }
+}
+
+/// The host agent end to end: hosts are network namespaces, etcd runs on one of them, the local disk
+/// fails for real (nbdkit's error filter under nbdfuse), and the agents move the VM, live, to the host
+/// that holds its replica.
+@Suite("Multi-host: the host agent (failover with live migration, ownership in etcd)", .serialized,
+       .enabled(if: TestNetwork.isAvailable, "needs /dev/kvm, the test guest and root (network namespaces)"),
+       .enabled(if: FailureTools.missing.isEmpty && FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd"),
+                "needs nbdkit, nbdfuse, fusermount3, /dev/fuse and etcd (scripts/install-deps.sh): missing \(FailureTools.missing)"))
+struct AgentTests {
+    /// The issue's test: a guest on host a with a mirrored disk (replica on b) runs blk-verify; a's disk
+    /// fails; the guest sees no I/O error; the agents migrate it to b, where it finishes with its disk
+    /// local; b's image verifies end to end; etcd names b as the owner; both streams show every step.
+    @Test func aVMWhoseDiskFailsMovesLiveToItsReplicaHost() throws {
+        let cluster = try AgentCluster()
+        defer { cluster.stop() }
+        let jobs = "godwit.job=ready godwit.job=blk-verify,size=4194304,seconds=120 godwit.job=blk-check,size=4194304"
+        let spec = VMSpec(id: "vm1", kernel: TestEnvironment.guestPath, cmdline: jobs, vcpus: 1, memoryMib: 128, diskMib: 16, replica: "b")
+        let created = try cluster.client(0).send("POST", "/vms", spec, answer: VMRecord.self)
+        #expect(created.state == "running" && created.owner?.host == "a", "\(created)")
+        #expect(cluster.waitForEvent(0, "route-in-sync", vm: "vm1") != nil, "the replica gets in sync: \(cluster.agentLog(0).suffix(3000))")
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline && !cluster.serial(0, "vm1").contains(where: { $0.job == "ready" }) { usleep(100_000) }
+        usleep(5_000_000)  // blk-verify is writing its passes
+        _ = FileManager.default.createFile(atPath: cluster.errorFlag.path, contents: Data())  // a's device fails from now on
+
+        let done = cluster.waitForEvent(0, "failover-done", vm: "vm1", seconds: 90)
+        #expect(done != nil, "a: \(cluster.agentLog(0).suffix(4000))\nb: \(cluster.agentLog(1).suffix(3000))")
+        // Every step is on both streams, each with its duration.
+        let steps = ["fault", "replica-confirmed", "route-remote", "bandwidth-reserved", "target-prepared", "migrated", "owner-moved", "source-cleaned"]
+        for i in 0..<2 {
+            let events = try cluster.events(i)
+            for step in steps {
+                #expect(events.contains { $0.step == step && $0.vm == "vm1" && $0.host == "a" && ($0.durationMs != nil || step == "fault") },
+                        "host \(i) lacks a's \(step): \(events.map(\.step))")
+            }
+            for step in ["state-received", "ownership-taken", "resumed", "disk-local"] {
+                #expect(events.contains { $0.step == step && $0.vm == "vm1" && $0.host == "b" }, "host \(i) lacks b's \(step)")
+            }
+        }
+        // b runs it, owns it in etcd, and a has let it go.
+        let b = try cluster.status(1)
+        let moved = b.vms.first { $0.spec.id == "vm1" }
+        #expect(moved?.state == "running" && moved?.owner?.host == "b" && moved?.owner?.generation == 2, "\(String(describing: moved))")
+        #expect(b.replicas.isEmpty, "the replica became the disk")
+        #expect(try cluster.status(0).vms.isEmpty)
+        let owner = try OwnershipRegistry(etcd: try EtcdClient(endpoint: cluster.etcd.endpoint)).owner(of: "vm1")
+        #expect(owner == OwnerRecord(host: "b", generation: 2))
+
+        // The job finishes on b without an I/O error, and b's disk holds the guest's last pass.
+        let end = Date().addingTimeInterval(150)
+        while Date() < end && !cluster.serial(1, "vm1").contains(where: { $0.job == "done" }) { usleep(200_000) }
+        let lines = cluster.serial(1, "vm1")
+        #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(lines.suffix(5))")
+        #expect(lines.first { $0.job == "blk-check" }?["errors"] == "0", "\(lines.suffix(5))")
+        #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(lines.suffix(5))")
+        #expect(!cluster.serial(0, "vm1").contains { $0.job == "blk-verify" && $0["errors"] != "0" })
+        let offset = try #require(moved?.offset)
+        let report = try BlockPattern.verify(imagePath: cluster.devices[1], offset: offset, size: 4 << 20)
+        #expect(report.bad.isEmpty, "\(report.bad.count) bad sectors on b, first \(report.bad.prefix(3))")
+    }
+
+    /// Peers must present the token: a request without it, with a wrong one, or with a malformed body is
+    /// refused (and logged), and nothing changes.
+    @Test func peersWithoutTheTokenAreRefused() throws {
+        let cluster = try AgentCluster(hosts: 1)
+        defer { cluster.stop() }
+        let address = cluster.configs[0].listen
+        func peer(_ token: String?) -> APIClient {
+            let client = APIClient(name: "test", timeout: 10) { try NBDConnectorForTests.connect(address) }
+            if let token { client.extraHeaders = [("Authorization", "Bearer \(token)")] }
+            return client
+        }
+        for token in [nil, "wrong-token-0123456789", "test-token-0123456789abcdeF"] {
+            let r = try peer(token).request("POST", "/replicas", body: Array("{\"vm\":\"x\",\"size\":1048576,\"from_host\":\"a\"}".utf8))
+            #expect(r.status == 401, "token \(token ?? "none"): \(r.status)")
+        }
+        let good = peer("test-token-0123456789abcdef")
+        #expect(try good.request("GET", "/host").status == 200)
+        #expect(try good.request("POST", "/replicas", body: Array("{\"vm\":\"x\",\"size\":1048576,\"from_host\":\"a\",\"evil\":1}".utf8)).status == 400)
+        #expect(try good.request("POST", "/replicas", body: Array("{\"vm\":\"../x\",\"size\":1048576,\"from_host\":\"a\"}".utf8)).status == 400)
+        #expect(try good.request("POST", "/replicas", body: Array("not json".utf8)).status == 400)
+        #expect(try cluster.status(0).replicas.isEmpty)
+        #expect(cluster.agentLog(0).contains("refused POST /replicas"))
+    }
+}
+
+/// A TCP connection for the tests' peer client.
+enum NBDConnectorForTests {
+    static func connect(_ address: String) throws -> FileDescriptor {
+        try NBDConnector.connect("tcp:" + address, timeout: 5)
+    }
+}
