@@ -88,25 +88,7 @@ extension Agent {
                 throw AgentError.failed("the migration did not end within 90 s")
             }
             _ = outcome
-            _ = try step(id, "owner-moved", peer: target, detail: { (o: OwnerRecord) in "etcd: \(o.host) generation \(o.generation)" }) { () -> OwnerRecord in
-                let deadline = monotonicSeconds() + 20
-                while monotonicSeconds() < deadline {
-                    if let now = try? registry.owner(of: id), now.host == target { return now }
-                    usleep(20_000)
-                }
-                throw AgentError.failed("\(target) did not take \(id) over in etcd within 20 s")
-            }
-            try step(id, "source-cleaned", peer: target) { () -> Void in
-                for _ in 0..<300 where lock.withLock({ vmms[id]?.isRunning }) == true { usleep(10_000) }
-                stopVMM(id)
-                _ = try? control(ControlRequest(op: .remove, socket: record.diskSocket))
-                lock.withLock {
-                    state.vms[id] = nil
-                    vmms[id] = nil
-                }
-                save()
-            }
-            event(id, "failover-done", ms: (monotonicSeconds() - t0) * 1000, detail: "\(id) runs on \(target) with its disk local", forwardTo: target)
+            try finishSource(id, record, target: target, since: t0)
         } catch {
             // Before the commit point the guest keeps running here on the replica (route remote).
             lock.withLock { if state.vms[id]?.state == "migrating" { state.vms[id]?.state = "running" } }
@@ -114,6 +96,92 @@ extension Agent {
             _ = try? peerClient(target).request("DELETE", "/incoming/\(id)")
             event(id, "failover-stopped", ms: (monotonicSeconds() - t0) * 1000,
                   detail: "\(error); the guest keeps running here on its replica", forwardTo: target)
+        }
+    }
+
+    /// After the migration: the target owns the VM in etcd, the source's VMM has ended, its disk goes.
+    func finishSource(_ id: String, _ record: VMRecord, target: String, since t0: Double) throws {
+        _ = try step(id, "owner-moved", peer: target, detail: { (o: OwnerRecord) in "etcd: \(o.host) generation \(o.generation)" }) { () -> OwnerRecord in
+            let deadline = monotonicSeconds() + 20
+            while monotonicSeconds() < deadline {
+                if let now = try? registry.owner(of: id), now.host == target { return now }
+                usleep(20_000)
+            }
+            throw AgentError.failed("\(target) did not take \(id) over in etcd within 20 s")
+        }
+        try step(id, "source-cleaned", peer: target) { () -> Void in
+            for _ in 0..<300 where lock.withLock({ vmms[id]?.isRunning }) == true { usleep(10_000) }
+            stopVMM(id)
+            _ = try? control(ControlRequest(op: .remove, socket: record.diskSocket))
+            lock.withLock {
+                state.vms[id] = nil
+                vmms[id] = nil
+            }
+            save()
+        }
+        event(id, "failover-done", ms: (monotonicSeconds() - t0) * 1000, detail: "\(id) runs on \(target) with its disk local", forwardTo: target)
+    }
+
+    // MARK: Taking over from a replica
+
+    /// For each replica kept here: when its VM has had no owner in etcd for two lease periods in a row
+    /// (the owner's lease lapsed: its host is cut off or dead, and its VMM paused itself at half the
+    /// lease), this host takes the VM and boots it from the replica.
+    func watchReplicas() {
+        for replica in lock.withLock({ Array(state.replicas.values) }) where replica.spec != nil {
+            guard !lock.withLock({ busy.contains(replica.vm) }) else { continue }
+            let owner: OwnerRecord??
+            do { owner = .some(try registry.owner(of: replica.vm)) } catch { owner = nil }
+            guard let present = owner else { continue }  // etcd did not answer: decide nothing
+            let absences: Int = lock.withLock {
+                ownerAbsences[replica.vm] = present == nil ? (ownerAbsences[replica.vm] ?? 0) + 1 : 0
+                return ownerAbsences[replica.vm] ?? 0
+            }
+            if absences >= 2 { takeOver(replica) }
+        }
+    }
+
+    func takeOver(_ replica: ReplicaRecord) {
+        let id = replica.vm
+        guard let spec = replica.spec, lock.withLock({ busy.insert(id).inserted }) else { return }
+        defer { lock.withLock { _ = busy.remove(id) } }
+        let t0 = monotonicSeconds()
+        event(id, "owner-vanished", detail: "\(replica.fromHost)'s lease lapsed; starting \(id) from its replica here")
+        let previous = OwnerRecord(host: replica.fromHost, generation: max(replica.generation ?? 0, Int64(nbd.generation(of: id))))
+        let owner: OwnerRecord
+        do { owner = try registry.claim(id, host: config.host, lease: lease, after: previous) } catch {
+            event(id, "take-over-refused", detail: "\(error)")
+            return
+        }
+        // The old owner's connection (generation `previous`) can no longer write the replica.
+        nbd.fence(id, generation: UInt64(owner.generation))
+        nbd.removeExport(id)
+        let dir = config.stateDir + "/vms/"
+        var record = VMRecord(spec: spec, state: "starting", owner: owner, vmmPid: 0, apiSocket: dir + id + ".api", diskSocket: dir + id + ".disk",
+                              offset: replica.offset, size: replica.size, replicaHost: nil, error: nil)
+        lock.withLock {
+            state.replicas[id] = nil
+            state.vms[id] = record
+            ownerAbsences[id] = nil
+        }
+        save()
+        do {
+            try addDisk(record)
+            _ = try startVMM(&record)
+            let client = vmmClient(record)
+            try client.putBootSource(BootSource(kernelImagePath: spec.kernel, bootArgs: spec.cmdline))
+            try client.putMachineConfig(MachineConfiguration(vcpuCount: spec.vcpus, memSizeMib: spec.memoryMib))
+            try client.putDrive(Drive(driveId: "disk", isRootDevice: true, socket: record.diskSocket))
+            try client.setFence(FenceParams(deadlineMs: config.leaseTtlS * 500))
+            try client.instanceStart()
+            record.state = "running"
+            lock.withLock { state.vms[id] = record }
+            save()
+            event(id, "taken-over", ms: (monotonicSeconds() - t0) * 1000, detail: "owner generation \(owner.generation); the guest boots from the replica")
+        } catch {
+            lock.withLock { state.vms[id]?.state = "failed"; state.vms[id]?.error = "\(error)" }
+            save()
+            event(id, "take-over-failed", detail: "\(error)")
         }
     }
 
@@ -127,6 +195,11 @@ extension Agent {
         let id = request.spec.id
         _ = try peer(request.fromHost)
         guard let replica = lock.withLock({ state.replicas[id] }) else { throw AgentError.notFound("no replica of \(id) here") }
+        // The same source asking again (its agent restarted mid-sequence): the first attempt is discarded.
+        if lock.withLock({ state.vms[id].map { $0.state == "incoming" } ?? false }) {
+            try? cancelIncoming(id)
+            for _ in 0..<1000 where lock.withLock({ busy.contains(id) }) { usleep(10_000) }
+        }
         let claimed: Bool = lock.withLock {
             if busy.contains(id) || state.vms[id].map({ $0.state != "gone" }) == true { return false }
             busy.insert(id)
@@ -234,14 +307,34 @@ extension Agent {
         let id = record.spec.id
         let status = try? vmmClient(record).migrationStatus()
         let info = try? vmmClient(record).instanceInfo()
-        if record.state == "migrating" {
-            // The source: if its VMM still runs the guest, the migration never committed.
-            if info?.state == .running || info?.state == .paused {
+        if record.state == "migrating", let target = record.replicaHost {
+            if status?.state == "sending" || status?.state == "completed" {
+                // The VMM carries on by itself: finish the source's half once it has.
+                lock.withLock { _ = busy.insert(id) }
+                let thread = Thread { [self] in
+                    defer { lock.withLock { _ = busy.remove(id) } }
+                    event(id, "sequence-resumed", detail: "the agent restarted mid-failover; the migration is \(status?.state ?? "?")", forwardTo: target)
+                    for _ in 0..<9000 where lock.withLock({ vmms[id]?.isRunning }) == true { usleep(10_000) }
+                    do { try finishSource(id, record, target: target, since: monotonicSeconds()) } catch {
+                        lock.withLock { state.vms[id]?.state = "failed" }
+                        save()
+                    }
+                }
+                thread.name = "agent-failover"
+                thread.start()
+            } else if info?.state == .running || info?.state == .paused {
+                // The migration never started or was cancelled: the guest runs here on its replica; start again.
                 lock.withLock { state.vms[id]?.state = "running" }
-                event(id, "sequence-abandoned", detail: "the agent restarted mid-failover; the guest runs here (migration \(status?.state ?? "?"))")
+                event(id, "sequence-restarted", detail: "the agent restarted mid-failover (migration \(status?.state ?? "none")); failing over again", forwardTo: target)
+                startFailover(id, reason: "resumed after an agent restart")
             }
         } else if record.state == "incoming", let previous = record.owner {
-            let thread = Thread { [self] in completeIncoming(id, from: "?", previous: previous) }
+            lock.withLock { _ = busy.insert(id) }
+            let thread = Thread { [self] in
+                defer { lock.withLock { _ = busy.remove(id) } }
+                completeIncoming(id, from: "?", previous: previous)
+            }
+            thread.name = "agent-incoming"
             thread.start()
         }
     }

@@ -67,6 +67,8 @@ public final class Agent: @unchecked Sendable {
     var stopping = false
     var lastLeaseRenewal: Double = 0
     var linkMbps: [String: Double] = [:]
+    /// Per replica, how many lease periods in a row its VM had no owner in etcd.
+    var ownerAbsences: [String: Int] = [:]
 
     let etcd: EtcdClient
     let registry: OwnershipRegistry
@@ -208,6 +210,7 @@ public final class Agent: @unchecked Sendable {
             if let ttl = try? etcd.keepAlive(lease) {
                 if ttl > 0 {
                     lock.withLock { lastLeaseRenewal = monotonicSeconds() }
+                    watchReplicas()
                 } else {
                     event(nil, "lease-lapsed", detail: "lease \(lease) expired; reclaiming the VMs nobody took")
                     reclaimAfterLapse()
@@ -340,6 +343,11 @@ public final class Agent: @unchecked Sendable {
                     // The sequence this agent ran died with it: the VMM's own state says where it stands.
                     resumeInterruptedSequence(record)
                 }
+            } else if record.state == "migrating", let target = record.replicaHost, (try? registry.owner(of: record.spec.id))??.host == target {
+                // The migration committed while the agent was away: finish the source's half.
+                do { try finishSource(record.spec.id, record, target: target, since: monotonicSeconds()) } catch {
+                    event(record.spec.id, "cleanup-failed", detail: "\(error)")
+                }
             } else if record.state != "gone" {
                 lock.withLock { state.vms[record.spec.id]?.state = "gone" }
                 event(record.spec.id, "vmm-gone", detail: "its VMM (pid \(record.vmmPid)) ended while the agent was away")
@@ -445,7 +453,12 @@ public final class Agent: @unchecked Sendable {
         }
         guard lock.withLock({ state.vms[request.vm] == nil }) else { throw AgentError.conflict("\(request.vm) runs here") }
         let offset = try allocate(request.size)
-        let record = ReplicaRecord(vm: request.vm, fromHost: request.fromHost, offset: offset, size: request.size, nbd: "tcp:\(config.nbdListen)")
+        if let spec = request.spec {
+            try spec.validate()
+            guard spec.id == request.vm, UInt64(spec.diskMib) << 20 == request.size else { throw AgentError.badRequest("the spec is not the replica's VM") }
+        }
+        let record = ReplicaRecord(vm: request.vm, fromHost: request.fromHost, offset: offset, size: request.size, nbd: "tcp:\(config.nbdListen)",
+                                   spec: request.spec, generation: request.generation)
         try exportReplica(record)
         lock.withLock { state.replicas[request.vm] = record }
         save()
@@ -503,8 +516,8 @@ public final class Agent: @unchecked Sendable {
     /// Attaches `record`'s disk to a replica on `host`: the peer makes the replica, this agent dials its
     /// NBD server (the I/O domain never dials out) and hands the connection over.
     func attachReplica(_ record: VMRecord, on host: String) throws {
-        let replica = try peerClient(host).send("POST", "/replicas", ReplicaRequest(vm: record.spec.id, size: record.size, fromHost: config.host),
-                                                answer: ReplicaRecord.self)
+        let request = ReplicaRequest(vm: record.spec.id, size: record.size, fromHost: config.host, spec: record.spec, generation: record.owner?.generation)
+        let replica = try peerClient(host).send("POST", "/replicas", request, answer: ReplicaRecord.self)
         let connection: FileDescriptor
         do { connection = try NBDConnector.connect(replica.nbd) } catch { throw AgentError.failed("NBD \(replica.nbd): \(error)") }
         defer { connection.close() }
@@ -596,8 +609,9 @@ public final class Agent: @unchecked Sendable {
         guard let record = lock.withLock({ state.vms[id] }) else { throw AgentError.notFound("no VM \(id) here") }
         stopVMM(id)
         _ = try? control(ControlRequest(op: .remove, socket: record.diskSocket))
-        if let owner = record.owner { _ = try? registry.release(id, owner: owner) }
+        // The replica goes first: its host would take over a VM whose owner vanished while it still had one.
         if let replica = record.replicaHost { _ = try? peerClient(replica).request("DELETE", "/replicas/\(id)") }
+        if let owner = record.owner { _ = try? registry.release(id, owner: owner) }
         lock.withLock {
             state.vms[id] = nil
             vmms[id] = nil

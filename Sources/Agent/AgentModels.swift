@@ -76,6 +76,10 @@ public struct ReplicaRecord: Codable, Equatable, Sendable {
     public var size: UInt64
     /// `tcp:ADDRESS:PORT` of this host's NBD server; the export is the VM's id.
     public var nbd: String
+    /// The VM, so that this host can start it from the replica if its owner vanishes from etcd.
+    public var spec: VMSpec?
+    /// The owner generation that asked for the replica.
+    public var generation: Int64?
 }
 
 /// A peer's request for a replica.
@@ -83,13 +87,17 @@ public struct ReplicaRequest: Codable, Equatable, Sendable {
     public var vm: String
     public var size: UInt64
     public var fromHost: String
+    public var spec: VMSpec?
+    public var generation: Int64?
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case vm, size, fromHost = "from_host" }
+    enum CodingKeys: String, CodingKey, CaseIterable { case vm, size, fromHost = "from_host", spec, generation }
 
-    public init(vm: String, size: UInt64, fromHost: String) {
+    public init(vm: String, size: UInt64, fromHost: String, spec: VMSpec? = nil, generation: Int64? = nil) {
         self.vm = vm
         self.size = size
         self.fromHost = fromHost
+        self.spec = spec
+        self.generation = generation
     }
 
     public init(from decoder: Decoder) throws {
@@ -97,6 +105,8 @@ public struct ReplicaRequest: Codable, Equatable, Sendable {
         vm = try c.decode(String.self, forKey: .vm)
         size = try c.decode(UInt64.self, forKey: .size)
         fromHost = try c.decode(String.self, forKey: .fromHost)
+        spec = try c.decodeIfPresent(VMSpec.self, forKey: .spec)
+        generation = try c.decodeIfPresent(Int64.self, forKey: .generation)
     }
 }
 

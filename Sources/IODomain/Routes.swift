@@ -426,7 +426,9 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                     return
                 }
                 // A replica that does not answer within the fault time-out (or 30 s) is cut off and counts as failed.
-                if group.wait(timeout: .now() + (localTimeout ?? 30)) == .timedOut, let replica {
+                var replicaLimit = localTimeout ?? 30
+                if case .flush = operation { replicaLimit *= 20 }
+                if group.wait(timeout: .now() + replicaLimit) == .timedOut, let replica {
                     replica.abort()
                     group.wait()
                     if case .success? = remote.result {} else {
@@ -470,14 +472,19 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     }
 
     private func runLocal(_ operation: Operation) throws {
-        guard let timeout = localTimeout else { return try runLocalDirectly(operation) }
+        guard var timeout = localTimeout else { return try runLocalDirectly(operation) }
+        // A slow device is only a failed one when a replica in sync can take over: without one the
+        // guest waits, as with a slow disk, rather than get an error. A FLUSH may legitimately take
+        // far longer than a write on a busy host (fdatasync), so its limit is twenty times longer.
+        let noFallback = { [self] in state.withLock { replica == nil || !replicaInSync } }
+        if case .flush = operation { timeout *= 20 }
         // With a time-out the device is driven from a worker; reads land in a bounce buffer first, so
         // that an answer coming after we gave up cannot write into guest memory the guest reuses.
         switch operation {
         case let .read(offset, buffers):
             let total = buffers.reduce(0) { $0 + $1.count }
             let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 4096)
-            let finished = try localWorker.run(timeout: timeout) { [local] in
+            let finished = try localWorker.run(timeout: timeout, keepWaiting: noFallback) { [local] in
                 try local.read(at: offset, into: [UnsafeMutableRawBufferPointer(rebasing: bounce[0..<total])])
             }
             guard finished else {
@@ -492,7 +499,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             }
             bounce.deallocate()
         default:
-            let finished = try localWorker.run(timeout: timeout) { [self] in try runLocalDirectly(operation) }
+            let finished = try localWorker.run(timeout: timeout, keepWaiting: noFallback) { [self] in try runLocalDirectly(operation) }
             guard finished else { throw IODomainError.system("the local device did not answer within \(Int(timeout * 1000)) ms") }
         }
     }
@@ -544,8 +551,9 @@ final class LocalWorker: @unchecked Sendable {
     private var lost = false
     private var started = false
 
-    /// Runs `body` on the worker; false when it did not finish within `timeout` seconds.
-    func run(timeout: Double, _ body: @escaping () throws -> Void) throws -> Bool {
+    /// Runs `body` on the worker; false when it did not finish within `timeout` seconds. While
+    /// `keepWaiting` says so (nothing could take over from a slow device), it waits on, a time-out at a time.
+    func run(timeout: Double, keepWaiting: () -> Bool = { false }, _ body: @escaping () throws -> Void) throws -> Bool {
         let mine: Int = try condition.withLock {
             guard !lost else { throw IODomainError.system("the local device is not answering (an earlier request never returned)") }
             if !started {
@@ -561,7 +569,8 @@ final class LocalWorker: @unchecked Sendable {
             return generation
         }
         let finished: Bool = condition.withLock {
-            let done = condition.wait(until: { generation == mine && result != nil }, timeout: timeout)
+            var done = condition.wait(until: { generation == mine && result != nil }, timeout: timeout)
+            while !done && keepWaiting() { done = condition.wait(until: { generation == mine && result != nil }, timeout: timeout) }
             if !done { lost = true }
             return done
         }

@@ -122,12 +122,10 @@ public final class NBDServer: @unchecked Sendable {
         guard added else { throw .unknownExport("\(name) (already exported)") }
     }
 
-    /// Stops offering `name` to new clients (connected ones keep their storage until they leave).
+    /// Stops offering `name` to new clients (connected ones keep their storage until they leave, and
+    /// the export's fence stays: an old generation still connected cannot write).
     public func removeExport(_ name: String) {
-        lock.withLock {
-            exports[name] = nil
-            generations[name] = nil
-        }
+        lock.withLock { exports[name] = nil }
     }
 
     /// Refuses writes from every owner generation older than `generation` on `name` from now on, as

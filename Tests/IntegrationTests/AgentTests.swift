@@ -193,6 +193,86 @@ struct AgentTests {
         #expect(report.bad.isEmpty, "\(report.bad.count) bad sectors on b, first \(report.bad.prefix(3))")
     }
 
+    /// The source's agent is killed (SIGKILL) in the middle of the sequence and started again: it adopts
+    /// its VMM and I/O domain and finishes the failover; the guest ends on b without an I/O error.
+    @Test func anAgentKilledMidFailoverFinishesItAfterItsRestart() throws {
+        let cluster = try AgentCluster()
+        defer { cluster.stop() }
+        // 192 MiB of written memory make the migration take a few seconds: the kill lands in the middle.
+        let jobs = "godwit.job=dirty,mib=192,rate=0,seconds=1 godwit.job=ready godwit.job=blk-verify,size=4194304,seconds=40 godwit.job=blk-check,size=4194304"
+        let spec = VMSpec(id: "vm2", kernel: TestEnvironment.guestPath, cmdline: jobs, vcpus: 1, memoryMib: 384, diskMib: 16, replica: "b")
+        _ = try cluster.client(0).send("POST", "/vms", spec, answer: VMRecord.self)
+        #expect(cluster.waitForEvent(0, "route-in-sync", vm: "vm2") != nil)
+        let ready = Date().addingTimeInterval(30)
+        while Date() < ready && !cluster.serial(0, "vm2").contains(where: { $0.job == "ready" }) { usleep(100_000) }
+        usleep(3_000_000)
+        _ = FileManager.default.createFile(atPath: cluster.errorFlag.path, contents: Data())
+        #expect(cluster.waitForEvent(0, "target-prepared", vm: "vm2", seconds: 30) != nil, "\(cluster.agentLog(0).suffix(3000))")
+        let killed = cluster.agents[0]
+        if let pid = killed?.pid { kill(pid, SIGKILL) }
+        _ = killed?.wait(timeout: 10)
+        try cluster.startAgent(0)
+        // Whichever point it was killed at, the restarted agent gets the VM to b.
+        let done = cluster.waitForEvent(0, "failover-done", vm: "vm2", seconds: 90)
+        #expect(done != nil, "a: \(cluster.agentLog(0).suffix(4000))\nb: \(cluster.agentLog(1).suffix(3000))")
+        #expect(try cluster.status(0).vms.isEmpty)
+        let moved = try cluster.status(1).vms.first { $0.spec.id == "vm2" }
+        #expect(moved?.state == "running" && moved?.owner?.host == "b", "\(String(describing: moved))")
+        let end = Date().addingTimeInterval(90)
+        while Date() < end && !cluster.serial(1, "vm2").contains(where: { $0.job == "done" }) { usleep(200_000) }
+        let lines = cluster.serial(1, "vm2")
+        #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(lines.suffix(5))")
+        #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(lines.suffix(5))")
+    }
+
+    /// Host a is cut off from etcd (and from b): its guest pauses by itself within the lease time; b
+    /// sees the owner record vanish, takes the VM (generation 2) and boots it from its replica; a writer
+    /// of the old generation is refused by b's export; when a comes back it finds the VM gone and
+    /// stops its stale copy.
+    @Test func aHostCutOffFromEtcdPausesAndItsReplicaHostTakesOver() throws {
+        let cluster = try AgentCluster(leaseTtlS: 4)
+        defer { cluster.stop() }
+        let spec = VMSpec(id: "vm3", kernel: TestEnvironment.guestPath, cmdline: "godwit.job=ready godwit.job=idle,seconds=20",
+                          vcpus: 1, memoryMib: 64, diskMib: 8, replica: "b")
+        let created = try cluster.client(0).send("POST", "/vms", spec, answer: VMRecord.self)
+        #expect(cluster.waitForEvent(0, "route-in-sync", vm: "vm3") != nil)
+        // A writer that holds generation 1 on b's export, as a's I/O domain does.
+        let stale = try NBDClient(socket: try NBDConnector.connect("tcp:\(cluster.net.addresses[2]):10809"), export: "vm3@1")
+        var block = [UInt8](repeating: 0x5a, count: 4096)
+        try block.withUnsafeBytes { try stale.write(at: 0, from: $0) }
+        let vmm = APIClient(socketPath: created.apiSocket, timeout: 5)
+        #expect(try vmm.instanceInfo().state == .running)
+
+        try cluster.net.setLink(host: 1, up: false)  // a loses etcd and b
+        let cut = Date()
+        var pausedAfter: Double?
+        while Date().timeIntervalSince(cut) < 15 {
+            if (try? vmm.instanceInfo().state) == .paused { pausedAfter = Date().timeIntervalSince(cut); break }
+            usleep(50_000)
+        }
+        let paused = try #require(pausedAfter, "a's guest never paused: \(cluster.agentLog(0).suffix(2000))")
+        #expect(paused <= 4.5, "paused \(paused) s after the cut; the lease is 4 s")
+        let taken = cluster.waitForEvent(1, "taken-over", vm: "vm3", seconds: 30)
+        #expect(taken != nil, "b: \(cluster.agentLog(1).suffix(3000))")
+        #expect(Date().timeIntervalSince(cut) > 4, "b waited for the lease to lapse")
+        let owner = try OwnershipRegistry(etcd: try EtcdClient(endpoint: cluster.etcd.endpoint)).owner(of: "vm3")
+        #expect(owner == OwnerRecord(host: "b", generation: 2))
+        let booted = Date().addingTimeInterval(30)
+        while Date() < booted && !cluster.serial(1, "vm3").contains(where: { $0.job == "ready" }) { usleep(100_000) }
+        #expect(cluster.serial(1, "vm3").contains { $0.job == "ready" }, "the guest boots on b from the replica")
+        // Generation 1 may not write any more.
+        block = [UInt8](repeating: 0xa5, count: 4096)
+        #expect(throws: (any Error).self) { try block.withUnsafeBytes { try stale.write(at: 0, from: $0) } }
+        stale.abort()
+
+        try cluster.net.setLink(host: 1, up: true)  // a is back: the VM is b's, a stops its copy
+        #expect(cluster.waitForEvent(0, "lost", vm: "vm3", seconds: 30) != nil, "a: \(cluster.agentLog(0).suffix(3000))")
+        let gone = Date().addingTimeInterval(10)
+        while Date() < gone && (try? vmm.instanceInfo()) != nil { usleep(50_000) }
+        #expect((try? vmm.instanceInfo()) == nil, "a's stale VMM is gone")
+        #expect(try OwnershipRegistry(etcd: try EtcdClient(endpoint: cluster.etcd.endpoint)).owner(of: "vm3")?.host == "b")
+    }
+
     /// Peers must present the token: a request without it, with a wrong one, or with a malformed body is
     /// refused (and logged), and nothing changes.
     @Test func peersWithoutTheTokenAreRefused() throws {
