@@ -78,7 +78,11 @@ extension Agent {
                         // The VMM ends right after a completed migration (its API socket goes first): its
                         // last answer is lost. The owner record in etcd says next whether it committed.
                         for _ in 0..<500 where lock.withLock({ vmms[id]?.isRunning }) == true { usleep(10_000) }
-                        if lock.withLock({ vmms[id]?.isRunning }) != true { return MigrationStatus(state: "completed") }
+                        if lock.withLock({ vmms[id]?.isRunning }) != true {
+                            var final = MigrationStatus(state: "completed")
+                            final.downtimeMs = lastReportedDowntime(id)
+                            return final
+                        }
                         throw error
                     }
                     if status.state == "completed" { return status }
@@ -97,6 +101,15 @@ extension Agent {
             event(id, "failover-stopped", ms: (monotonicSeconds() - t0) * 1000,
                   detail: "\(error); the guest keeps running here on its replica", forwardTo: target)
         }
+    }
+
+    /// The downtime the VMM printed when its migration completed (its log is the last word of a VMM that
+    /// ended before its status could be read).
+    func lastReportedDowntime(_ id: String) -> Double? {
+        guard let text = try? String(contentsOfFile: config.stateDir + "/vms/\(id).log", encoding: .utf8),
+              let line = text.split(separator: "\n").last(where: { $0.contains("migration: to ") && $0.contains("completed: downtime ") }),
+              let range = line.range(of: "completed: downtime ") else { return nil }
+        return Double(line[range.upperBound...].prefix { $0.isNumber || $0 == "." })
     }
 
     /// After the migration: the target owns the VM in etcd, the source's VMM has ended, its disk goes.
