@@ -11,7 +11,7 @@ import Glibc
 /// of its own when the I/O domain reports that a disk failed over to its replica; the target's half
 /// runs when the source asks it to prepare an incoming VMM.
 extension Agent {
-    func startFailover(_ id: String, reason: String) {
+    func startFailover(_ id: String, reason: String, attempt: Int = 1) {
         let started: Bool = lock.withLock {
             guard !busy.contains(id), state.vms[id]?.state == "running" else { return false }
             busy.insert(id)
@@ -21,8 +21,16 @@ extension Agent {
         guard started else { return }
         save()
         let thread = Thread { [self] in
-            defer { lock.withLock { _ = busy.remove(id) } }
-            failover(id, reason: reason)
+            let moved: Bool
+            do {
+                defer { lock.withLock { _ = busy.remove(id) } }
+                moved = failover(id, reason: reason)
+            }
+            // The local disk is still dead: try again, a little later each time, while the guest runs here.
+            if !moved && attempt < 5 && !isStopping && lock.withLock({ state.vms[id]?.state == "running" && vmms[id]?.isRunning == true }) {
+                usleep(useconds_t(500_000 * attempt))
+                startFailover(id, reason: "retry \(attempt + 1) after: \(reason)", attempt: attempt + 1)
+            }
         }
         thread.name = "agent-failover"
         thread.start()
@@ -41,9 +49,11 @@ extension Agent {
         }
     }
 
-    func failover(_ id: String, reason: String) {
+    /// The source's half; true when the VM runs on the target now.
+    @discardableResult
+    func failover(_ id: String, reason: String) -> Bool {
         let t0 = monotonicSeconds()
-        guard let record = lock.withLock({ state.vms[id] }), let target = record.replicaHost, let owner = record.owner else { return }
+        guard let record = lock.withLock({ state.vms[id] }), let target = record.replicaHost, let owner = record.owner else { return false }
         event(id, "fault", detail: reason, forwardTo: target)
         do {
             let client = try peerClient(target)
@@ -93,6 +103,7 @@ extension Agent {
             }
             _ = outcome
             try finishSource(id, record, target: target, since: t0)
+            return true
         } catch {
             // Before the commit point the guest keeps running here on the replica (route remote).
             lock.withLock { if state.vms[id]?.state == "migrating" { state.vms[id]?.state = "running" } }
@@ -100,6 +111,7 @@ extension Agent {
             _ = try? peerClient(target).request("DELETE", "/incoming/\(id)")
             event(id, "failover-stopped", ms: (monotonicSeconds() - t0) * 1000,
                   detail: "\(error); the guest keeps running here on its replica", forwardTo: target)
+            return false
         }
     }
 

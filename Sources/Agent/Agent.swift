@@ -597,10 +597,17 @@ public final class Agent: @unchecked Sendable {
                             log: base + ".log")
         record.vmmPid = vmm.pid
         lock.withLock { vmms[record.spec.id] = vmm }
-        guard waitForFile(record.apiSocket, seconds: 10) else {
-            vmm.signal(SIGKILL)
-            throw AgentError.failed("the VMM for \(record.spec.id) did not open its API socket; see \(base).log")
+        // The socket file appears at bind, a moment before the VMM listens: wait for an answer.
+        let deadline = monotonicSeconds() + 10
+        let probe = APIClient(socketPath: record.apiSocket, timeout: 2)
+        while (try? probe.instanceInfo()) == nil {
+            guard monotonicSeconds() < deadline, vmm.isRunning else {
+                vmm.signal(SIGKILL)
+                throw AgentError.failed("the VMM for \(record.spec.id) did not answer on its API socket; see \(base).log")
+            }
+            usleep(10_000)
         }
+        probe.close()
         return vmm
     }
 

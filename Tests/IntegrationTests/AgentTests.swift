@@ -8,8 +8,8 @@ import NBD
 import Testing
 
 /// Hosts for the agent tests: network namespaces on one bridge, etcd on host 0, an agent on each other
-/// host. Host 1's device is an image served by nbdkit's error filter and mounted by nbdfuse, so that it
-/// fails for real when the test creates the flag file; the other hosts' devices are plain images.
+/// host. The first hosts' devices are images served by nbdkit's error filter and mounted by nbdfuse, so
+/// that they fail for real when the test creates their flag files; the others are plain images.
 final class AgentCluster {
     let dir: URL
     let net: ClusterNetwork
@@ -17,13 +17,16 @@ final class AgentCluster {
     var agents: [BackgroundProcess?]
     let configs: [AgentConfig]
     let devices: [String]
-    let errorFlag: URL
-    let mount: URL
-    let nbdkit: BackgroundProcess, nbdfuse: BackgroundProcess
+    /// Per failable host, the file whose existence makes its device fail.
+    let errorFlags: [URL]
+    var errorFlag: URL { errorFlags[0] }
+    var mounts: [URL] = []
+    var tools: [BackgroundProcess] = []
     static var nextSubnet = 10
 
-    /// `hosts` agents (host names a, b, c...), each device `deviceMiB` MiB.
-    init(hosts: Int = 2, deviceMiB: UInt64 = 256, leaseTtlS: Int = 4) throws {
+    /// `hosts` agents (host names a, b, c...), each device `deviceMiB` MiB; the first `failable` hosts'
+    /// devices fail on demand.
+    init(hosts: Int = 2, failable: Int = 1, deviceMiB: UInt64 = 256, leaseTtlS: Int = 4) throws {
         AgentCluster.nextSubnet += 1
         dir = try TestEnvironment.temporaryDirectory()
         net = try ClusterNetwork(hosts: hosts + 1, subnet: AgentCluster.nextSubnet)
@@ -33,25 +36,30 @@ final class AgentCluster {
         try Data("test-token-0123456789abcdef".utf8).write(to: token)
         let key = dir.appendingPathComponent("migration.key")
         try Data(MigrationTests.key.utf8).write(to: key)
-        // Host a's device fails on demand.
-        errorFlag = dir.appendingPathComponent("fail-now")
-        mount = dir.appendingPathComponent("mnt")
-        try FileManager.default.createDirectory(at: mount, withIntermediateDirectories: true)
-        let localImage = dir.appendingPathComponent("a.img")
-        try TestEnvironment.makeImage(at: localImage, size: deviceMiB << 20)
-        let nbdSocket = dir.appendingPathComponent("a-nbd.sock").path
-        nbdkit = try BackgroundProcess("/usr/bin/nbdkit", ["-U", nbdSocket, "-f", "--filter=error", "file", localImage.path,
-                                                           "error-rate=100%", "error-file=\(errorFlag.path)", "error=EIO"])
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: nbdSocket) { usleep(10_000) }
-        nbdfuse = try BackgroundProcess("/usr/bin/nbdfuse", [mount.path, "--unix", nbdSocket])
-        let failable = mount.appendingPathComponent("nbd").path
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: failable) { usleep(10_000) }
-        var devices = [failable]
-        for i in 1..<hosts {
-            let image = dir.appendingPathComponent("\(AgentCluster.name(i)).img")
+        var devices: [String] = [], flags: [URL] = []
+        for i in 0..<hosts {
+            let name = AgentCluster.name(i)
+            let image = dir.appendingPathComponent("\(name).img")
             try TestEnvironment.makeImage(at: image, size: deviceMiB << 20)
-            devices.append(image.path)
+            guard i < failable else {
+                devices.append(image.path)
+                continue
+            }
+            let flag = dir.appendingPathComponent("fail-\(name)")
+            let mount = dir.appendingPathComponent("mnt-\(name)")
+            try FileManager.default.createDirectory(at: mount, withIntermediateDirectories: true)
+            let nbdSocket = dir.appendingPathComponent("\(name)-nbd.sock").path
+            tools.append(try BackgroundProcess("/usr/bin/nbdkit", ["-U", nbdSocket, "-f", "--filter=error", "file", image.path,
+                                                                   "error-rate=100%", "error-file=\(flag.path)", "error=EIO"]))
+            for _ in 0..<500 where !FileManager.default.fileExists(atPath: nbdSocket) { usleep(10_000) }
+            tools.append(try BackgroundProcess("/usr/bin/nbdfuse", [mount.path, "--unix", nbdSocket]))
+            let failable = mount.appendingPathComponent("nbd").path
+            for _ in 0..<500 where !FileManager.default.fileExists(atPath: failable) { usleep(10_000) }
+            devices.append(failable)
+            flags.append(flag)
+            mounts.append(mount)
         }
+        errorFlags = flags
         self.devices = devices
         let names = (0..<hosts).map(AgentCluster.name)
         var configs: [AgentConfig] = []
@@ -61,7 +69,7 @@ final class AgentCluster {
             let peers = (0..<hosts).filter { $0 != i }.map { AgentConfig.Peer(host: names[$0], address: "\(network.addresses[$0 + 1]):7400") }
             configs.append(AgentConfig(host: names[i], listen: "\(address):7400", socket: dir.appendingPathComponent("\(names[i]).sock").path,
                                        stateDir: state, tokenFile: token.path, etcd: etcd.endpoint, leaseTtlS: leaseTtlS, device: devices[i],
-                                       direct: i == 0, nbdListen: "\(address):10809", migrationAddress: address,
+                                       direct: i < failable, nbdListen: "\(address):10809", migrationAddress: address,
                                        migrationKeyFile: key.path, faultTimeoutMs: 50, peers: peers, godwit: TestEnvironment.godwitPath))
         }
         self.configs = configs
@@ -124,10 +132,11 @@ final class AgentCluster {
         }
         usleep(200_000)
         etcd.stop()
-        _ = try? runProcess("/usr/bin/fusermount3", ["-u", mount.path], timeout: 10)
-        _ = nbdfuse.wait(timeout: 10)
-        nbdkit.terminate()
-        _ = nbdkit.wait(timeout: 10)
+        for mount in mounts { _ = try? runProcess("/usr/bin/fusermount3", ["-u", mount.path], timeout: 10) }
+        for tool in tools.reversed() {
+            tool.terminate()
+            _ = tool.wait(timeout: 10)
+        }
         net.tearDown()
         try? FileManager.default.removeItem(at: dir)
     }
@@ -182,7 +191,7 @@ struct AgentTests {
 
         // The job finishes on b without an I/O error, and b's disk holds the guest's last pass.
         let end = Date().addingTimeInterval(150)
-        while Date() < end && !cluster.serial(1, "vm1").contains(where: { $0.job == "done" }) { usleep(200_000) }
+        while Date() < end && !cluster.serial(1, "vm1").contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
         let lines = cluster.serial(1, "vm1")
         #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(lines.suffix(5))")
         #expect(lines.first { $0.job == "blk-check" }?["errors"] == "0", "\(lines.suffix(5))")
@@ -219,7 +228,7 @@ struct AgentTests {
         let moved = try cluster.status(1).vms.first { $0.spec.id == "vm2" }
         #expect(moved?.state == "running" && moved?.owner?.host == "b", "\(String(describing: moved))")
         let end = Date().addingTimeInterval(90)
-        while Date() < end && !cluster.serial(1, "vm2").contains(where: { $0.job == "done" }) { usleep(200_000) }
+        while Date() < end && !cluster.serial(1, "vm2").contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
         let lines = cluster.serial(1, "vm2")
         #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(lines.suffix(5))")
         #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(lines.suffix(5))")
@@ -271,6 +280,44 @@ struct AgentTests {
         while Date() < gone && (try? vmm.instanceInfo()) != nil { usleep(50_000) }
         #expect((try? vmm.instanceInfo()) == nil, "a's stale VMM is gone")
         #expect(try OwnershipRegistry(etcd: try EtcdClient(endpoint: cluster.etcd.endpoint)).owner(of: "vm3")?.host == "b")
+    }
+
+    /// Three hosts, four VMs, two faults at once: a and b each run two VMs mirrored to c; both devices
+    /// fail together; every VM ends on c, owned once (generation 2), and finishes its job without error.
+    @Test func twoFaultsAtOnceMoveFourVMsToTheHealthyHost() throws {
+        let cluster = try AgentCluster(hosts: 3, failable: 2)
+        defer { cluster.stop() }
+        let jobs = "godwit.job=ready godwit.job=blk-verify,size=1048576,seconds=25 godwit.job=blk-check,size=1048576"
+        let placement = [("vm1", 0), ("vm2", 0), ("vm3", 1), ("vm4", 1)]
+        for (id, host) in placement {
+            let spec = VMSpec(id: id, kernel: TestEnvironment.guestPath, cmdline: jobs, vcpus: 1, memoryMib: 64, diskMib: 4, replica: "c")
+            _ = try cluster.client(host).send("POST", "/vms", spec, answer: VMRecord.self)
+        }
+        for (id, host) in placement {
+            #expect(cluster.waitForEvent(host, "route-in-sync", vm: id) != nil, "\(id)")
+        }
+        let ready = Date().addingTimeInterval(30)
+        while Date() < ready && !placement.allSatisfy({ cluster.serial($0.1, $0.0).contains { $0.job == "ready" } }) { usleep(100_000) }
+        usleep(2_000_000)
+        for flag in cluster.errorFlags { _ = FileManager.default.createFile(atPath: flag.path, contents: Data()) }
+        for (id, host) in placement {
+            #expect(cluster.waitForEvent(host, "failover-done", vm: id, seconds: 120) != nil,
+                    "\(id): \(cluster.agentLog(host).suffix(2500))\nc: \(cluster.agentLog(2).suffix(2500))")
+        }
+        let registry = OwnershipRegistry(etcd: try EtcdClient(endpoint: cluster.etcd.endpoint))
+        let c = try cluster.status(2)
+        for (id, _) in placement {
+            #expect(c.vms.first { $0.spec.id == id }?.owner == OwnerRecord(host: "c", generation: 2), "\(id) on c")
+            #expect(try registry.owner(of: id) == OwnerRecord(host: "c", generation: 2))
+        }
+        #expect(try cluster.status(0).vms.isEmpty && cluster.status(1).vms.isEmpty, "a and b keep no copy")
+        for (id, _) in placement {
+            let end = Date().addingTimeInterval(90)
+            while Date() < end && !cluster.serial(2, id).contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
+            let lines = cluster.serial(2, id)
+            #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(id): \(lines.suffix(4))")
+            #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(id): \(lines.suffix(4))")
+        }
     }
 
     /// Peers must present the token: a request without it, with a wrong one, or with a malformed body is
