@@ -118,7 +118,7 @@ struct CtlAgentCommand: ParsableCommand {
         @Option(help: "The VM's id.") var id: String
         func run() throws {
             try ctl {
-                let r = try options.client.request("POST", "/vms/\(id)/failover")
+                let r = try options.client.request("POST", "/vms/\(id)/failover", body: [])
                 guard (200..<300).contains(r.status) else { throw AgentError.failed(String(decoding: r.body, as: UTF8.self)) }
             }
         }

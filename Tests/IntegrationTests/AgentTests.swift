@@ -320,6 +320,84 @@ struct AgentTests {
         }
     }
 
+    /// The fault comes while the VM is already being moved (an operator's `failover`): the route is
+    /// remote by then or switches by itself; the move completes and the guest sees no error.
+    @Test func aFaultDuringTheMigrationChangesNothingForTheGuest() throws {
+        let cluster = try AgentCluster()
+        defer { cluster.stop() }
+        let jobs = "godwit.job=dirty,mib=96,rate=0,seconds=1 godwit.job=ready godwit.job=blk-verify,size=1048576,seconds=20 godwit.job=blk-check,size=1048576"
+        let spec = VMSpec(id: "vm5", kernel: TestEnvironment.guestPath, cmdline: jobs, vcpus: 1, memoryMib: 192, diskMib: 4, replica: "b")
+        _ = try cluster.client(0).send("POST", "/vms", spec, answer: VMRecord.self)
+        #expect(cluster.waitForEvent(0, "route-in-sync", vm: "vm5") != nil)
+        let ready = Date().addingTimeInterval(30)
+        while Date() < ready && !cluster.serial(0, "vm5").contains(where: { $0.job == "ready" }) { usleep(100_000) }
+        usleep(1_000_000)
+        let asked = try cluster.client(0).request("POST", "/vms/vm5/failover", body: [])
+        #expect(asked.status == 204, "\(String(decoding: asked.body, as: UTF8.self))")
+        #expect(cluster.waitForEvent(0, "target-prepared", vm: "vm5", seconds: 30) != nil)
+        _ = FileManager.default.createFile(atPath: cluster.errorFlag.path, contents: Data())  // mid-migration
+        #expect(cluster.waitForEvent(0, "failover-done", vm: "vm5", seconds: 60) != nil, "\(cluster.agentLog(0).suffix(3000))")
+        #expect(try cluster.status(1).vms.first { $0.spec.id == "vm5" }?.owner == OwnerRecord(host: "b", generation: 2))
+        let end = Date().addingTimeInterval(60)
+        while Date() < end && !cluster.serial(1, "vm5").contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
+        let lines = cluster.serial(1, "vm5")
+        #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(lines.suffix(4))")
+        #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(lines.suffix(4))")
+    }
+
+    /// The agent restarts the host's I/O domain when it dies (kill -9) and gives it back the disk and
+    /// its replica; the VMM reconnects and the guest's job passes.
+    @Test func theAgentRestartsADeadIODomain() throws {
+        let cluster = try AgentCluster()
+        defer { cluster.stop() }
+        let jobs = "godwit.job=ready godwit.job=blk-verify,size=1048576,seconds=15 godwit.job=blk-check,size=1048576"
+        let spec = VMSpec(id: "vm6", kernel: TestEnvironment.guestPath, cmdline: jobs, vcpus: 1, memoryMib: 64, diskMib: 4, replica: "b")
+        _ = try cluster.client(0).send("POST", "/vms", spec, answer: VMRecord.self)
+        #expect(cluster.waitForEvent(0, "route-in-sync", vm: "vm6") != nil)
+        let ready = Date().addingTimeInterval(30)
+        while Date() < ready && !cluster.serial(0, "vm6").contains(where: { $0.job == "ready" }) { usleep(100_000) }
+        usleep(2_000_000)
+        let pid = try #require(try cluster.status(0).iodomainPid)
+        kill(pid, SIGKILL)
+        #expect(cluster.waitForEvent(0, "iodomain-restarted", seconds: 30) != nil, "\(cluster.agentLog(0).suffix(3000))")
+        #expect(try cluster.status(0).iodomainPid != pid)
+        // The replica comes back in sync (a fresh copy: the new domain has no bitmap).
+        let synced = Date().addingTimeInterval(60)
+        func syncs() -> Int { ((try? cluster.events(0)) ?? []).filter { $0.step == "route-in-sync" && $0.vm == "vm6" }.count }
+        while Date() < synced && syncs() < 2 { usleep(100_000) }
+        #expect(syncs() >= 2, "the replica is in sync again")
+        let end = Date().addingTimeInterval(60)
+        while Date() < end && !cluster.serial(0, "vm6").contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
+        let lines = cluster.serial(0, "vm6")
+        #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(lines.suffix(4))")
+        #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(lines.suffix(4))")
+    }
+
+    /// Host b (the replica's host) is down when a's disk fails: the route had already dropped the
+    /// silent replica, so the guest gets the I/O error as from real hardware, nothing hangs, the VM is
+    /// not moved, and the events say why.
+    @Test func withTheReplicaHostDownAFaultReachesTheGuest() throws {
+        let cluster = try AgentCluster()
+        defer { cluster.stop() }
+        let jobs = "godwit.job=ready godwit.job=blk-verify,size=1048576,seconds=15"
+        let spec = VMSpec(id: "vm7", kernel: TestEnvironment.guestPath, cmdline: jobs, vcpus: 1, memoryMib: 64, diskMib: 4, replica: "b")
+        _ = try cluster.client(0).send("POST", "/vms", spec, answer: VMRecord.self)
+        #expect(cluster.waitForEvent(0, "route-in-sync", vm: "vm7") != nil)
+        let ready = Date().addingTimeInterval(30)
+        while Date() < ready && !cluster.serial(0, "vm7").contains(where: { $0.job == "ready" }) { usleep(100_000) }
+        try cluster.net.setLink(host: 2, up: false)  // b is gone, silently
+        #expect(cluster.waitForEvent(0, "route-replica-fault", vm: "vm7", seconds: 30) != nil, "\(cluster.agentLog(0).suffix(2000))")
+        _ = FileManager.default.createFile(atPath: cluster.errorFlag.path, contents: Data())
+        let fault = cluster.waitForEvent(0, "route-local-fault", vm: "vm7", seconds: 30)
+        #expect(fault?.detail?.contains("no replica in sync") == true, "\(String(describing: fault))")
+        let end = Date().addingTimeInterval(60)
+        while Date() < end && !cluster.serial(0, "vm7").contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
+        let lines = cluster.serial(0, "vm7")
+        #expect(lines.last { $0.job == "done" }?["status"] == "fail", "the guest saw the error: \(lines.suffix(3))")
+        let attempted = try cluster.events(0).contains { $0.step == "fault" }
+        #expect(!attempted, "no move was attempted")
+    }
+
     /// Peers must present the token: a request without it, with a wrong one, or with a malformed body is
     /// refused (and logged), and nothing changes.
     @Test func peersWithoutTheTokenAreRefused() throws {
