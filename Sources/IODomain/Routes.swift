@@ -426,7 +426,9 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                     return
                 }
                 // A replica that does not answer within the fault time-out (or 30 s) is cut off and counts as failed.
-                var replicaLimit = localTimeout ?? 30
+                // The replica is across a network and another host's page cache: it gets twenty times the
+                // local time-out, at least a second (a 50 ms limit dropped healthy replicas on a busy host).
+                var replicaLimit = localTimeout.map { max(1, $0 * 20) } ?? 30
                 if case .flush = operation { replicaLimit *= 20 }
                 if group.wait(timeout: .now() + replicaLimit) == .timedOut, let replica {
                     replica.abort()
