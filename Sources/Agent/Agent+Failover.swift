@@ -66,11 +66,16 @@ extension Agent {
                     try control(ControlRequest(op: .route, socket: record.diskSocket, route: .remote))
                 }
             }
-            // The migration gets three quarters of the link; the guest's remote I/O keeps the rest.
+            // The migrations to one host share three quarters of the link; the guests' remote I/O keeps the rest.
+            lock.withLock { migrationsTo[target, default: 0] += 1 }
+            defer { lock.withLock { migrationsTo[target, default: 1] -= 1 } }
             let cap: Int = try step(id, "bandwidth-reserved", peer: target, detail: { (cap: Int) in "migration capped at \(cap) Mbit/s" }) {
                 let measured = lock.withLock { linkMbps[target] } ?? measureLink(to: target)
-                lock.withLock { linkMbps[target] = measured }
-                return max(8, Int(measured * 0.75))
+                let sharing = lock.withLock { () -> Int in
+                    linkMbps[target] = measured
+                    return max(1, migrationsTo[target] ?? 1)
+                }
+                return max(8, Int(measured * 0.75) / sharing)
             }
             let incoming = try step(id, "target-prepared", peer: target, detail: { (a: IncomingAnswer) in "incoming VMM on \(a.url), disk local there" }) {
                 try peerClient(target, timeout: 60).send("POST", "/incoming", IncomingRequest(spec: record.spec, owner: owner, fromHost: config.host),

@@ -69,6 +69,8 @@ public final class Agent: @unchecked Sendable {
     var linkMbps: [String: Double] = [:]
     /// Per replica, how many lease periods in a row its VM had no owner in etcd.
     var ownerAbsences: [String: Int] = [:]
+    /// Migrations under way to each peer (they share the bandwidth reserved for migrations).
+    var migrationsTo: [String: Int] = [:]
     /// VMs whose replica is being brought back.
     var resyncing: Set<String> = []
 
