@@ -16,12 +16,13 @@ enum RouteOperation {
     case read(UInt64, [UnsafeMutableRawBufferPointer])
     case write(UInt64, [UnsafeRawBufferPointer])
     case flush
-    case discard(UInt64, UInt64)
-    case writeZeroes(UInt64, UInt64, Bool)
+    case discard([BlockRange])
+    case writeZeroes([BlockRange])
 
     var isRead: Bool { if case .read = self { return true } else { return false } }
+    var isFlush: Bool { if case .flush = self { return true } else { return false } }
 
-    /// Bytes read or written (a device's completion reports them).
+    /// Bytes read or written (a device's completion reports them; 0 for a command).
     var byteCount: Int {
         switch self {
         case let .read(_, buffers): return buffers.reduce(0) { $0 + $1.count }
@@ -30,18 +31,18 @@ enum RouteOperation {
         }
     }
 
-    /// The range it changes, if any.
-    var written: (offset: UInt64, length: UInt64)? {
+    /// The ranges it changes (none for a read or FLUSH).
+    var written: [(offset: UInt64, length: UInt64)] {
         switch self {
-        case let .write(offset, _): return (offset, UInt64(byteCount))
-        case let .discard(offset, length), let .writeZeroes(offset, length, _): return (offset, length)
-        default: return nil
+        case let .write(offset, _): return [(offset, UInt64(byteCount))]
+        case let .discard(ranges), let .writeZeroes(ranges): return ranges.map { ($0.offset, $0.length) }
+        default: return []
         }
     }
 
-    /// The range it reads or changes (nil: FLUSH).
-    var touched: (offset: UInt64, length: UInt64)? {
-        if case let .read(offset, _) = self { return (offset, UInt64(byteCount)) }
+    /// The ranges it reads or changes (none for FLUSH).
+    var touched: [(offset: UInt64, length: UInt64)] {
+        if case let .read(offset, _) = self { return [(offset, UInt64(byteCount))] }
         return written
     }
 
@@ -50,13 +51,17 @@ enum RouteOperation {
     /// writes (so both sides see writes to a block in the same order). Writes after a FLUSH need not
     /// wait for it.
     func mustWait(for earlier: RouteOperation) -> Bool {
-        if case .flush = self { return earlier.written != nil }
-        guard let mine = touched, let theirs = earlier.touched, written != nil || earlier.written != nil else { return false }
-        return mine.length > 0 && theirs.length > 0
-            && mine.offset < theirs.offset &+ theirs.length && theirs.offset < mine.offset &+ mine.length
+        if isFlush { return !earlier.written.isEmpty }
+        guard !written.isEmpty || !earlier.written.isEmpty else { return false }
+        return touched.contains { mine in
+            earlier.touched.contains { theirs in
+                mine.length > 0 && theirs.length > 0
+                    && mine.offset < theirs.offset &+ theirs.length && theirs.offset < mine.offset &+ mine.length
+            }
+        }
     }
 
-    /// Its replica half: one command per buffer of a read or write.
+    /// Its replica half: one command per buffer of a read or write, per range of a discard or write-zeroes.
     var replicaRequests: [ReplicaRequest] {
         switch self {
         case let .read(offset, buffers):
@@ -72,8 +77,9 @@ enum RouteOperation {
                 return .write(offset: position, from: buffer, fua: false)
             }
         case .flush: return [.flush]
-        case let .discard(offset, length): return [.trim(offset: offset, length: length)]
-        case let .writeZeroes(offset, length, mayUnmap): return [.writeZeroes(offset: offset, length: length, mayUnmap: mayUnmap, fua: false)]
+        case let .discard(ranges): return ranges.map { .trim(offset: $0.offset, length: $0.length) }
+        case let .writeZeroes(ranges):
+            return ranges.map { .writeZeroes(offset: $0.offset, length: $0.length, mayUnmap: $0.mayUnmap, fua: false) }
         }
     }
 }
@@ -261,7 +267,7 @@ extension RoutedBlockBackend {
             guard let request = unfinished.first(where: { $0.id == tag }), request.onEngine else { return }
             var error: Error?
             if result != request.operation.byteCount {
-                let offset = request.operation.touched?.offset ?? 0
+                let offset = request.operation.touched.first?.offset ?? 0
                 error = SystemError(operation: request.operation.isRead ? "read" : "write", errno: result < 0 ? Int32(-result) : EIO,
                                     context: "the local device at \(offset)\(result >= 0 ? ": \(result) bytes" : "")")
             }
@@ -334,8 +340,8 @@ extension RoutedBlockBackend {
         }
         guard !request.local.isRunning, !request.remote.isRunning else { return }
         if case .failed(let error) = request.local { return finishLocked(request, error) }
-        if let range = request.operation.written, tracking, !request.remote.hasSucceeded {
-            bitmap.mark(offset: range.offset, length: range.length)
+        if tracking, !request.remote.hasSucceeded {
+            for range in request.operation.written { bitmap.mark(offset: range.offset, length: range.length) }
         }
         finishLocked(request, nil)
     }
@@ -410,7 +416,7 @@ extension RoutedBlockBackend {
         if route != .local && !localFailed { route = .local }
         eventLocked("replica-fault", reason: "\(error); the disk runs on the local device and remembers what the replica misses")
         for request in unfinished where request.remoteReplica === failed && request.remote.isRunning && !request.replicaOnly {
-            if let range = request.operation.written { bitmap.mark(offset: range.offset, length: range.length) }
+            for range in request.operation.written { bitmap.mark(offset: range.offset, length: range.length) }
             request.remote = .idle
             request.remoteReplica = nil
         }
@@ -471,13 +477,13 @@ extension RoutedBlockBackend {
 
     // MARK: Doing it (without the lock)
 
-    func apply(_ effects: RouteEffects) {
+    func apply(_ effects: RouteEffects, answering: Answering) {
         for replica in effects.cutOff { replica.abort() }
         for item in effects.remote { startRemote(item.request, item.commands, item.replica, item.queue, round: item.round) }
         if !effects.local.isEmpty { startLocal(effects.local) }
         for event in effects.events { onEvent?(event) }
         if effects.startWatchdog { startWatchdog() }
-        if !effects.answers.isEmpty { answer(effects.answers) }
+        if !effects.answers.isEmpty { answer(effects.answers, answering) }
     }
 
     private func startLocal(_ requests: [RouteRequest]) {
@@ -540,17 +546,25 @@ extension RoutedBlockBackend {
         }
     }
 
-    /// Hands finished requests to their devices (through the delivery thread) and waiting callers.
-    private func answer(_ requests: [RouteRequest]) {
+    /// Hands finished requests to their devices (one batch end per device) and to waiting callers.
+    private func answer(_ requests: [RouteRequest], _ answering: Answering) {
         var callers = false
+        var handlers: [AsyncIOHandler] = []
         for request in requests {
             switch request.reply {
             case let .device(handler, tag):
-                delivery.post(handler, tag: tag, result: request.error == nil ? request.operation.byteCount : -Int(EIO))
+                let result = request.error == nil ? request.operation.byteCount : -Int(EIO)
+                guard answering == .now else {
+                    delivery.post(handler, tag: tag, result: result)
+                    continue
+                }
+                handler.asyncIOCompleted(tag: tag, result: result)
+                if !handlers.contains(where: { $0 === handler }) { handlers.append(handler) }
             case .caller:
                 callers = true
             }
         }
+        for handler in handlers { handler.asyncIOBatchEnded() }
         guard callers else { return }
         state.withLock {
             for request in requests { request.answered = true }

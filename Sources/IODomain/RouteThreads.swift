@@ -53,10 +53,9 @@ final class LocalWorkers: @unchecked Sendable {
     }
 }
 
-/// Hands a route's finished requests to their devices' handlers from a thread of its own (or from a
-/// polling thread, `drain`). The threads that finish requests (the engine's reaper, the NBD client's
-/// poller, workers) never call a device: a device may wait for the route with its own lock held (a
-/// FLUSH), and a thread blocked on that lock must not be one the route needs to make progress.
+/// Hands a route's finished requests to their devices' handlers from a thread of its own, for answers
+/// that come up while a device is calling the route (and holds its lock), or from a polling thread
+/// (`drain`). Every other answer goes to the device directly from the thread that finished it.
 final class CompletionDelivery: @unchecked Sendable {
     private let condition = Condition()
     private var pending: [(handler: AsyncIOHandler, tag: UInt64, result: Int)] = []

@@ -210,15 +210,20 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         effects.events.append(RouteEvent(kind: kind, route: route, reason: reason, held: held, milliseconds: milliseconds))
     }
 
+    /// How `locked` hands finished requests to their devices: `.now` from this thread (one of the
+    /// route's own: the engine's reaper, the NBD poller, a worker, the watchdog, a caller), `.later`
+    /// through the delivery thread (this thread was called by a device, which holds its lock).
+    enum Answering { case now, later }
+
     /// Runs `body` with the lock held, then carries out what it left in `effects` (events, I/O to
     /// start, replicas to cut off, answers) after releasing it.
-    func locked<T>(_ body: () -> T) -> T {
+    func locked<T>(answering: Answering = .now, _ body: () -> T) -> T {
         let (result, taken): (T, RouteEffects) = state.withLock {
             let result = body()
             defer { effects = RouteEffects() }
             return (result, effects)
         }
-        apply(taken)
+        apply(taken, answering: answering)
         return result
     }
 
@@ -422,14 +427,19 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         }
     }
 
-    public func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool {
-        // Through the route every read and write can be in flight; plain local needs the engine's consent.
-        state.withLock { !plainLocal } || local.acceptsAsync(isWrite: isWrite, offset: offset, buffers: buffers)
-    }
+    /// Every read and write can be started asynchronously, and FLUSH, DISCARD and WRITE_ZEROES too
+    /// (`acceptsAsyncCommands`): plain local sends what the device's engine takes straight to it and
+    /// the rest through the route. So a device never waits for the route with its lock held, and the
+    /// route's threads may hand answers to the device directly.
+    public func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool { true }
+    public var acceptsAsyncCommands: Bool { true }
 
     public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
         let counting: CountingHandler? = state.withLock {
-            guard plainLocal, requests.allSatisfy({ local.acceptsAsync(isWrite: $0.isWrite, offset: $0.offset, buffers: $0.buffers) }) else {
+            guard plainLocal, requests.allSatisfy({ request in
+                guard case .transfer = request.command else { return false }
+                return local.acceptsAsync(isWrite: request.isWrite, offset: request.offset, buffers: request.buffers)
+            }) else {
                 return nil
             }
             asyncInFlight += requests.count
@@ -439,21 +449,34 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             asyncHandlers[key] = made
             return made
         }
-        guard let counting else {
-            // Through the route: every request is taken, and answered through `handler` later.
-            locked {
-                for request in requests {
-                    let operation: RouteOperation = request.isWrite
-                        ? .write(request.offset, request.buffers.map { UnsafeRawBufferPointer($0) })
-                        : .read(request.offset, request.buffers)
-                    _ = arriveLocked(operation, reply: .device(handler, tag: request.tag))
-                }
-            }
-            return requests.count
+        if let counting {
+            let started = local.submitAsync(requests, handler: counting)
+            if started < requests.count { asyncReturned(requests.count - started) }
+            if started == requests.count { return started }
+            // The engine is full: the rest go through the route.
+            return started + submitThroughRoute(requests[started...], handler: handler)
         }
-        let started = local.submitAsync(requests, handler: counting)
-        if started < requests.count { asyncReturned(requests.count - started) }
-        return started
+        return submitThroughRoute(requests[...], handler: handler)
+    }
+
+    /// Takes every request into the route; each is answered through `handler` later (never inside this
+    /// call: the device holds its lock while it submits).
+    private func submitThroughRoute(_ requests: ArraySlice<BlockIORequest>, handler: AsyncIOHandler) -> Int {
+        locked(answering: .later) {
+            for request in requests {
+                let operation: RouteOperation
+                switch request.command {
+                case .transfer:
+                    operation = request.isWrite ? .write(request.offset, request.buffers.map { UnsafeRawBufferPointer($0) })
+                                                : .read(request.offset, request.buffers)
+                case .flush: operation = .flush
+                case .discard(let ranges): operation = .discard(ranges)
+                case .writeZeroes(let ranges): operation = .writeZeroes(ranges)
+                }
+                _ = arriveLocked(operation, reply: .device(handler, tag: request.tag))
+            }
+        }
+        return requests.count
     }
 
     public func setAsyncPolling(_ on: Bool) { local.setAsyncPolling(on) }
@@ -467,8 +490,10 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     public func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer]) throws { try perform(.read(offset, buffers)) }
     public func write(at offset: UInt64, from buffers: [UnsafeRawBufferPointer]) throws { try perform(.write(offset, buffers)) }
     public func flush() throws { try perform(.flush) }
-    public func discard(at offset: UInt64, length: UInt64) throws { try perform(.discard(offset, length)) }
-    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws { try perform(.writeZeroes(offset, length, mayUnmap)) }
+    public func discard(at offset: UInt64, length: UInt64) throws { try perform(.discard([BlockRange(offset: offset, length: length)])) }
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws {
+        try perform(.writeZeroes([BlockRange(offset: offset, length: length, mayUnmap: mayUnmap)]))
+    }
 
     /// Plain local: straight to the device. Otherwise the request joins the others in flight and this
     /// waits for its answer (the route's own threads finish it: waiting here with the device's lock
@@ -494,8 +519,9 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         case let .read(offset, buffers): try local.read(at: offset, into: buffers)
         case let .write(offset, buffers): try local.write(at: offset, from: buffers)
         case .flush: try local.flush()
-        case let .discard(offset, length): try local.discard(at: offset, length: length)
-        case let .writeZeroes(offset, length, mayUnmap): try local.writeZeroes(at: offset, length: length, mayUnmap: mayUnmap)
+        case let .discard(ranges): for range in ranges { try local.discard(at: range.offset, length: range.length) }
+        case let .writeZeroes(ranges):
+            for range in ranges { try local.writeZeroes(at: range.offset, length: range.length, mayUnmap: range.mayUnmap) }
         }
     }
 }

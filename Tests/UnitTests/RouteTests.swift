@@ -588,8 +588,9 @@ struct RouteConcurrencyTests {
         #expect(replica.snapshot == local.snapshot, "the replica got every write made during the copy")
     }
 
-    /// Through a virtio-blk device: writes in flight, then a FLUSH the device does synchronously (with
-    /// its lock held): the FLUSH waits in the route, the writes' answers still get through, nothing hangs.
+    /// Through a virtio-blk device: writes in flight, then a FLUSH, which the device hands to the route
+    /// like the writes (it never waits for the route with its lock held): the FLUSH reaches the replica
+    /// only after the writes, and every answer reaches the used ring.
     @Test func aDeviceFlushBehindWritesInFlight() throws {
         let (route, local, replica, _) = try mirrored()
         let harness = try VirtioBlockHarness(backend: route, queueSize: 64)
@@ -603,16 +604,19 @@ struct RouteConcurrencyTests {
         #expect(replica.heldCount == 4 && local.heldTags.count == 4)
         let flush = try harness.prepare(type: VirtioBlkType.flush, sector: 0)
         try harness.driver.publish(flush.head)
-        let notified = VirtioBackgroundCall { harness.device.queueNotified(0) }
-        usleep(20_000)
-        #expect(!notified.hasReturned && replica.heldCount == 4, "the device waits for the FLUSH, the FLUSH for the writes")
+        harness.device.queueNotified(0)
+        #expect(harness.device.requestsInFlight == 5 && replica.heldCount == 4, "the FLUSH waits in the route, not in the device")
         for tag in local.heldTags { local.complete(tag) }
-        for _ in 0..<4 { replica.answer(0) }
+        for _ in 0..<3 { replica.answer(0) }
+        usleep(20_000)
+        #expect(try harness.status(of: flush) == 0xFF && replica.heldLog == ["W196608"])
+        replica.answer(0)
         #expect(waitFor { replica.heldLog == ["F"] })
         replica.answer(0)
-        notified.wait()
+        #expect(waitFor { harness.device.requestsInFlight == 0 })
         harness.device.waitUntilIdle()
         for request in writes + [flush] { #expect(try harness.status(of: request) == VirtioBlkStatus.ok) }
         #expect(Array(replica.snapshot[0..<4096]) == [UInt8](repeating: 1, count: 4096))
+        #expect(harness.device.statistics.flushes == 1 && harness.device.statistics.errors == 0)
     }
 }
