@@ -211,11 +211,7 @@ extension RoutedBlockBackend {
             startLocalLocked(request)
             if !request.operation.isRead, replica != nil { startRemoteLocked(request) }
         case .local:
-            if localHung {
-                request.local = .failed(IODomainError.system("the local device is not answering (an earlier request never returned)"))
-            } else {
-                startLocalLocked(request)
-            }
+            startLocalLocked(request)
         }
         settleLocked(request)
     }
@@ -438,36 +434,39 @@ extension RoutedBlockBackend {
         thread.start()
     }
 
-    /// Fails local halves older than the time-out and cuts off a replica that did not answer within it
-    /// (or 30 s); returns how long to sleep: until the next deadline, at most a quarter of the time-out
-    /// (so that a request started meanwhile is seen before its deadline), at most 1 s.
+    /// Fails local halves older than the time-out when a replica in sync can take over (a FLUSH gets
+    /// twenty times as long: fdatasync on a busy host), and cuts off a replica that did not answer
+    /// within it (or 30 s); returns how long to sleep: until the next deadline, at most a quarter of
+    /// the time-out (so that a request started meanwhile is seen before its deadline), at most 1 s.
     private func watchOnce() -> Double {
         locked {
             let now = monotonicSeconds()
-            let replicaLimit = timeout ?? 30
             var next = now + min(timeout ?? 4, 4) / 4
             for request in unfinished where request.started {
-                if let limit = timeout, !request.finished, request.local.isRunning, !request.abandoned, !request.replicaOnly,
-                   !request.readsIntoGuest {
+                let scale = request.operation.isFlush ? 20.0 : 1.0
+                if let limit = timeout.map({ $0 * scale }), !request.finished, request.local.isRunning, !request.abandoned,
+                   !request.replicaOnly, !request.readsIntoGuest {
                     let deadline = request.localSince + limit
                     if deadline > now {
                         next = min(next, deadline)
+                    } else if replica == nil || !replicaInSync {
+                        next = min(next, now + limit)  // nothing could take over: a slow disk, waited for
                     } else {
                         let error = IODomainError.system("the local device did not answer within \(Int(limit * 1000)) ms")
                         request.abandoned = true
                         request.local = .failed(error)
-                        localHung = true
                         localFaultLocked(request, error)
                         settleLocked(request)
                     }
                 }
                 if !request.finished, !request.replicaOnly, request.remote.isRunning, let replica = request.remoteReplica {
-                    let deadline = request.remoteSince + replicaLimit
+                    let limit = (timeout ?? 30) * scale
+                    let deadline = request.remoteSince + limit
                     if deadline > now {
                         next = min(next, deadline)
                     } else {
                         effects.cutOff.append(replica)
-                        replicaFaultLocked(replica, IODomainError.system("the replica did not answer within \(Int(replicaLimit * 1000)) ms"))
+                        replicaFaultLocked(replica, IODomainError.system("the replica did not answer within \(Int(limit * 1000)) ms"))
                     }
                 }
             }

@@ -135,7 +135,9 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     public let blockSize: UInt32
     public let supportsDiscard: Bool
     public let supportsWriteZeroes: Bool
-    /// No answer from the local device within this many seconds counts as a failure (nil: wait).
+    /// No answer from the local device within this many seconds (twenty times as long for a FLUSH)
+    /// counts as a failure when a replica in sync can take over; without one the guest waits, as with
+    /// a slow disk (nil: always wait). A replica half gets as long (30 s without a time-out).
     public var localTimeout: Double? {
         get { state.withLock { timeout } }
         set { state.withLock { timeout = newValue } }
@@ -159,8 +161,6 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     var syncing = false
     var failovers = 0
     var localFailed = false
-    /// A local request never came back (time-out): later local requests fail at once.
-    var localHung = false
 
     // The request pipeline (RouteRequests.swift).
     var nextID: UInt64 = 0

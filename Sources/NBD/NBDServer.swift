@@ -347,7 +347,10 @@ public final class NBDServer: @unchecked Sendable {
                 while true {
                     let next: Request? = condition.withLock {
                         condition.wait(until: { !queue.pending.isEmpty || queue.finished })
-                        return queue.pending.isEmpty ? nil : queue.pending.removeFirst()
+                        guard !queue.pending.isEmpty else { return nil }
+                        // The reader waits for room only when the queue is full.
+                        if queue.pending.count == options.maxQueued { condition.broadcast() }
+                        return queue.pending.removeFirst()
                     }
                     guard let request = next else { return }
                     do throws(NBDError) { try execute(request, socket: socket, export: export, storage: storage, generation: generation) } catch {
@@ -356,7 +359,8 @@ public final class NBDServer: @unchecked Sendable {
                     }
                     condition.withLock {
                         queue.inFlight -= 1
-                        condition.broadcast()
+                        // Only the end of the connection waits for requests in flight.
+                        if queue.finished { condition.broadcast() }
                     }
                 }
             }
@@ -391,7 +395,8 @@ public final class NBDServer: @unchecked Sendable {
                 condition.wait(until: { queue.pending.count < maxQueued || queue.finished })
                 queue.pending.append(request)
                 queue.inFlight += 1
-                condition.broadcast()
+                // One idle worker takes it (waking all of them costs every worker a switch per request).
+                condition.signal()
                 return queue.inFlight
             }
             lock.withLock {
