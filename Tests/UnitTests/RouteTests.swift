@@ -180,6 +180,19 @@ struct RouteTests {
         #expect(buffer == [UInt8](repeating: 0x33, count: 512))
     }
 
+    /// A slow local device with nothing to fail over to is waited for, past the time-out: no fault, no error.
+    @Test func aSlowLocalDeviceWithoutAReplicaIsWaitedFor() throws {
+        let local = FlakyDisk(size: 1 << 20)
+        let route = RoutedBlockBackend(local: local)
+        let log = EventLog()
+        route.onEvent = { log.add($0) }
+        route.localTimeout = 0.02
+        local.writeDelay = 100_000
+        try write(route, 0, [UInt8](repeating: 0x5A, count: 512))
+        #expect(local.snapshot[0..<512].allSatisfy { $0 == 0x5A })
+        #expect(!log.kinds.contains("local-fault") && !route.status.localFailed, "\(log.kinds)")
+    }
+
     /// No replica in sync yet (the copy is still running): the guest gets the error, and the event says why.
     @Test func withoutAReplicaInSyncTheGuestGetsTheError() throws {
         let local = FlakyDisk(size: 4 << 20), replica = FlakyDisk(size: 4 << 20)
