@@ -499,7 +499,14 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     /// waits for its answer (the route's own threads finish it: waiting here with the device's lock
     /// held blocks nothing the answer needs).
     private func perform(_ operation: RouteOperation) throws {
-        if state.withLock({ plainLocal }) {
+        // Counted like the requests that went straight to the engine: attaching a replica waits for it.
+        let direct: Bool = state.withLock {
+            guard plainLocal else { return false }
+            asyncInFlight += 1
+            return true
+        }
+        if direct {
+            defer { asyncReturned(1) }
             do { try runLocalDirectly(operation) } catch {
                 locked { localFaultLocked(nil, error) }
                 throw error
