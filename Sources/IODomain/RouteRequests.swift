@@ -300,7 +300,9 @@ extension RoutedBlockBackend {
     }
 
     func remoteFinished(_ request: RouteRequest, _ replica: ReplicaStorage, round: Int, _ error: Error?) {
-        locked {
+        // The attached replica's completions come in batches, each followed by `answerBatch`.
+        let answering: Answering = state.withLock { replicaBatches && self.replica === replica } ? .batch : .now
+        locked(answering: answering) {
             guard request.remoteReplica === replica, request.remoteRound == round, request.remote.isRunning, !request.finished else { return }
             if let error, request.remoteError == nil { request.remoteError = error }
             request.remoteLeft -= 1
@@ -535,6 +537,22 @@ extension RoutedBlockBackend {
         }
     }
 
+    /// The end of a batch of the replica's completions: the answers held for it go to their devices,
+    /// one batch end per device.
+    func answerBatch() {
+        let answers = batchLock.withLock {
+            defer { batchedAnswers = [] }
+            return batchedAnswers
+        }
+        guard !answers.isEmpty else { return }
+        var handlers: [AsyncIOHandler] = []
+        for answer in answers {
+            answer.handler.asyncIOCompleted(tag: answer.tag, result: answer.result)
+            if !handlers.contains(where: { $0 === answer.handler }) { handlers.append(answer.handler) }
+        }
+        for handler in handlers { handler.asyncIOBatchEnded() }
+    }
+
     private static func run(_ command: ReplicaRequest, on replica: ReplicaStorage) throws {
         switch command {
         case let .read(offset, buffer): try replica.read(at: offset, into: buffer)
@@ -553,8 +571,13 @@ extension RoutedBlockBackend {
             switch request.reply {
             case let .device(handler, tag):
                 let result = request.error == nil ? request.operation.byteCount : -Int(EIO)
-                guard answering == .now else {
+                switch answering {
+                case .now: break
+                case .later:
                     delivery.post(handler, tag: tag, result: result)
+                    continue
+                case .batch:
+                    batchLock.withLock { batchedAnswers.append((handler, tag, result)) }
                     continue
                 }
                 handler.asyncIOCompleted(tag: tag, result: result)

@@ -54,17 +54,26 @@ public protocol ReplicaStorage: AnyObject {
     /// this call). Returns false when the replica has no asynchronous interface: the route then runs
     /// the synchronous calls one at a time, in order, on a queue of its own.
     func submit(_ request: ReplicaRequest, completion: @escaping (Error?) -> Void) -> Bool
+    /// Asks for `body` after each batch of completions, on the thread that ran them; returns false when
+    /// the replica has no such batches (every completion then stands alone).
+    func setCompletionBatchEnd(_ body: @escaping () -> Void) -> Bool
 }
 
 extension ReplicaStorage {
     public func abort() {}
     public func submit(_ request: ReplicaRequest, completion: @escaping (Error?) -> Void) -> Bool { false }
+    public func setCompletionBatchEnd(_ body: @escaping () -> Void) -> Bool { false }
 }
 
 /// Many commands in flight on the one connection (libnbd's asynchronous calls).
 extension NBDClient: ReplicaStorage {
     public func submit(_ request: ReplicaRequest, completion: @escaping (Error?) -> Void) -> Bool {
         start(request) { (error: NBDError?) in completion(error) }
+        return true
+    }
+
+    public func setCompletionBatchEnd(_ body: @escaping () -> Void) -> Bool {
+        setCompletionBatchEnd(body) as Void
         return true
     }
 }
@@ -176,6 +185,11 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     /// What the code under the lock left to do after it (`locked`).
     var effects = RouteEffects()
     var watchdogStarted = false
+    /// The attached replica calls `answerBatch` after each batch of its completions.
+    var replicaBatches = false
+    /// Answers held for the end of the replica's batch (their own lock: they are handed over without the state lock).
+    let batchLock = Lock()
+    var batchedAnswers: [(handler: AsyncIOHandler, tag: UInt64, result: Int)] = []
     let workers = LocalWorkers()
     let delivery = CompletionDelivery()
     let engineCompletions = EngineCompletions()
@@ -212,8 +226,10 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
 
     /// How `locked` hands finished requests to their devices: `.now` from this thread (one of the
     /// route's own: the engine's reaper, the NBD poller, a worker, the watchdog, a caller), `.later`
-    /// through the delivery thread (this thread was called by a device, which holds its lock).
-    enum Answering { case now, later }
+    /// through the delivery thread (this thread was called by a device, which holds its lock),
+    /// `.batch` at the end of the replica's batch of completions (`answerBatch`), so that a device
+    /// gets answers that came back together in one batch (one interrupt, new requests taken together).
+    enum Answering { case now, later, batch }
 
     /// Runs `body` with the lock held, then carries out what it left in `effects` (events, I/O to
     /// start, replicas to cut off, answers) after releasing it.
@@ -240,6 +256,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             guard !localFailed else { return .badRequest("the local device has failed: nothing to copy from") }
             self.replica = replica
             replicaQueue = DispatchQueue(label: "route-replica")
+            replicaBatches = replica.setCompletionBatchEnd { [weak self] in self?.answerBatch() }
             replicaInSync = false
             if !(resync && tracking) { bitmap.markAll() }
             tracking = true

@@ -84,6 +84,10 @@ public final class NBDClient: @unchecked Sendable {
         connection.close()
     }
 
+    /// Calls `body` on the poller thread after each batch of completions it ran (so that their effects
+    /// can be passed on together).
+    public func setCompletionBatchEnd(_ body: @escaping () -> Void) { connection.setBatchEnd(body) }
+
     /// Cuts the connection under the commands in flight (one waiting on a dead network fails); every
     /// later call fails. Safe from any thread.
     public func abort() { connection.abort() }
@@ -229,6 +233,7 @@ private final class Connection: @unchecked Sendable {
     private var finished: [(Completion, NBDError?)] = []
     private var closing = false
     private var poller: pthread_t?
+    private var batchEnd: (() -> Void)?
 
     init(handle: OpaquePointer, socket: Int32) throws(NBDError) {
         self.handle = handle
@@ -279,6 +284,8 @@ private final class Connection: @unchecked Sendable {
         if nbd_aio_get_fd(handle) == socket { _ = Glibc.shutdown(socket, Int32(Glibc.SHUT_RDWR)) }
     }
 
+    func setBatchEnd(_ body: @escaping () -> Void) { lock.withLock { batchEnd = body } }
+
     func close() {
         lock.withLock { closing = true }
         try? wake.signal()
@@ -303,7 +310,9 @@ private final class Connection: @unchecked Sendable {
             if fds[1].revents & Int16(POLLOUT) != 0, nbd_aio_get_direction(handle) & CNBD_DIRECTION_WRITE != 0 {
                 _ = nbd_aio_notify_write(handle)
             }
-            for (completion, error) in reap() { completion(error) }
+            let done = reap()
+            for (completion, error) in done { completion(error) }
+            if !done.isEmpty, let batchEnd = lock.withLock({ batchEnd }) { batchEnd() }
             if lock.withLock({ closing }) { break }
         }
         nbd_shutdown(handle, 0)
