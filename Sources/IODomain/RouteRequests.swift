@@ -160,11 +160,11 @@ struct RouteEffects {
     var startWatchdog = false
 }
 
-/// The local device's engine reports completions here, by request id.
+/// The local device's engine reports completions here, by request id; answers wait for the batch end.
 final class EngineCompletions: AsyncIOHandler {
     weak var route: RoutedBlockBackend?
     func asyncIOCompleted(tag: UInt64, result: Int) { route?.engineFinished(tag: tag, result: result) }
-    func asyncIOBatchEnded() {}
+    func asyncIOBatchEnded() { route?.answerBatch() }
 }
 
 extension RoutedBlockBackend {
@@ -259,7 +259,7 @@ extension RoutedBlockBackend {
     // MARK: Halves coming back
 
     func engineFinished(tag: UInt64, result: Int) {
-        locked {
+        locked(answering: .batch) {
             guard let request = unfinished.first(where: { $0.id == tag }), request.onEngine else { return }
             var error: Error?
             if result != request.operation.byteCount {
@@ -537,8 +537,8 @@ extension RoutedBlockBackend {
         }
     }
 
-    /// The end of a batch of the replica's completions: the answers held for it go to their devices,
-    /// one batch end per device.
+    /// The end of a batch of the replica's or the engine's completions: the answers held for it go to
+    /// their devices, one batch end per device.
     func answerBatch() {
         let answers = batchLock.withLock {
             defer { batchedAnswers = [] }

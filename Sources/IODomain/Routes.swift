@@ -227,7 +227,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     /// How `locked` hands finished requests to their devices: `.now` from this thread (one of the
     /// route's own: the engine's reaper, the NBD poller, a worker, the watchdog, a caller), `.later`
     /// through the delivery thread (this thread was called by a device, which holds its lock),
-    /// `.batch` at the end of the replica's batch of completions (`answerBatch`), so that a device
+    /// `.batch` at the end of the replica's or the engine's batch of completions (`answerBatch`), so that a device
     /// gets answers that came back together in one batch (one interrupt, new requests taken together).
     enum Answering { case now, later, batch }
 

@@ -276,7 +276,7 @@ struct RouteTests {
         let attached = VirtioBackgroundCall { try? route.attachReplica(replica) }
         usleep(50_000)
         #expect(!attached.hasReturned, "attach waits while writes that went straight to the device are out")
-        for tag in 0..<3 { held.complete(UInt64(tag)) }
+        for tag in 0..<3 { held.complete(UInt64(tag)) }  // straight to the engine: the device's own handler
         attached.wait()
         #expect(sink.tags.sorted() == [0, 1, 2])
         // Through the route now (the replica is being copied): accepted, all on the engine at once.
@@ -285,6 +285,7 @@ struct RouteTests {
         #expect(route.submitAsync(later, handler: sink) == 3)
         #expect(waitFor { held.heldTags.count == 3 })
         for tag in held.heldTags.reversed() { held.complete(tag) }
+        held.endBatch(route.engineCompletions)
         #expect(waitFor { sink.tags.count == 6 })
         #expect(sink.tags.sorted() == [0, 1, 2, 3, 4, 5] && sink.results.allSatisfy { $0 == 4096 })
         #expect(waitFor { route.status.route == .mirror })
@@ -422,6 +423,12 @@ struct RouteConcurrencyTests {
         return (route, local, replica, log)
     }
 
+    /// The engine finishes the local half `tag` and ends its batch, as the reaper does.
+    func finishLocal(_ local: VirtioHeldBackend, _ route: RoutedBlockBackend, _ tag: UInt64) {
+        local.complete(tag)
+        local.endBatch(route.engineCompletions)
+    }
+
     func write(_ offset: UInt64, _ page: UnsafeMutableRawBufferPointer, tag: UInt64) -> BlockIORequest {
         BlockIORequest(isWrite: true, offset: offset, buffers: [page], tag: tag)
     }
@@ -438,7 +445,7 @@ struct RouteConcurrencyTests {
         #expect(replica.heldCount == 4, "every replica half is on the replica")
         let ids = local.heldTags
         // Write 2: local first, then the replica. Write 0: the replica first. Write 3 and 1 last.
-        local.complete(ids[2])
+        finishLocal(local, route, ids[2])
         usleep(20_000)
         #expect(sink.tags.isEmpty, "one half is not an answer")
         replica.answer("W131072")
@@ -446,12 +453,12 @@ struct RouteConcurrencyTests {
         replica.answer("W0")
         usleep(20_000)
         #expect(sink.tags == [2])
-        local.complete(ids[0])
+        finishLocal(local, route, ids[0])
         #expect(waitFor { sink.tags == [2, 0] })
         replica.answer("W196608")
         replica.answer("W65536")
-        local.complete(ids[3])
-        local.complete(ids[1])
+        finishLocal(local, route, ids[3])
+        finishLocal(local, route, ids[1])
         #expect(waitFor { sink.tags.count == 4 })
         #expect(sink.tags == [2, 0, 3, 1] && sink.results.allSatisfy { $0 == 4096 })
         for i in 0..<4 {
@@ -474,9 +481,9 @@ struct RouteConcurrencyTests {
         #expect(route.submitAsync([write(131072, pages.page(filledWith: 3), tag: 2)], handler: sink) == 1)
         #expect(replica.log == ["W0", "W65536", "W131072"], "the write after the FLUSH went out; the FLUSH did not")
         let ids = local.heldTags
-        local.complete(ids[0])
+        finishLocal(local, route, ids[0])
         replica.answer("W0")
-        local.complete(ids[1])
+        finishLocal(local, route, ids[1])
         usleep(20_000)
         #expect(!replica.log.contains("F") && !flush.hasReturned, "one write before the FLUSH is still out on the replica")
         replica.answer("W65536")
@@ -485,7 +492,7 @@ struct RouteConcurrencyTests {
         replica.answer("F")
         flush.wait()
         #expect(replica.log == ["W0", "W65536", "W131072", "F"])
-        local.complete(ids[2])
+        finishLocal(local, route, ids[2])
         replica.answer("W131072")
         #expect(waitFor { sink.tags.count == 3 })
     }
@@ -497,10 +504,10 @@ struct RouteConcurrencyTests {
         #expect(route.submitAsync([write(4096, pages.page(filledWith: 1), tag: 0), write(4096, pages.page(filledWith: 2), tag: 1),
                                    write(8192, pages.page(filledWith: 3), tag: 2)], handler: sink) == 3)
         #expect(local.heldTags.count == 2 && replica.log == ["W4096", "W8192"], "the overlapping write waits")
-        local.complete(local.heldTags[0])
+        finishLocal(local, route, local.heldTags[0])
         replica.answer("W4096")
         #expect(waitFor { replica.log == ["W4096", "W8192", "W4096"] && local.heldTags.count == 2 })
-        for tag in local.heldTags { local.complete(tag) }
+        for tag in local.heldTags { finishLocal(local, route, tag) }
         replica.answer("W4096")
         replica.answer("W8192")
         #expect(waitFor { sink.tags.count == 3 })
@@ -563,7 +570,7 @@ struct RouteConcurrencyTests {
         let sink = CompletionSink(), pages = PageBuffers()
         let writes = (0..<4).map { write(UInt64($0) * 65536 + 4096, pages.page(filledWith: UInt8($0 + 1)), tag: UInt64($0)) }
         #expect(route.submitAsync(writes, handler: sink) == 4)
-        for tag in local.heldTags { local.complete(tag) }
+        for tag in local.heldTags { finishLocal(local, route, tag) }
         replica.answer("W69632")
         #expect(waitFor { sink.tags == [1] })
         replica.answer("W135168", error: IODomainError.system("the replica's disk failed"))
@@ -619,7 +626,7 @@ struct RouteConcurrencyTests {
         try harness.driver.publish(flush.head)
         harness.device.queueNotified(0)
         #expect(harness.device.requestsInFlight == 5 && replica.heldCount == 4, "the FLUSH waits in the route, not in the device")
-        for tag in local.heldTags { local.complete(tag) }
+        for tag in local.heldTags { finishLocal(local, route, tag) }
         for _ in 0..<3 { replica.answer(0) }
         usleep(20_000)
         #expect(try harness.status(of: flush) == 0xFF && replica.heldLog == ["W196608"])
