@@ -146,7 +146,8 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     public let supportsWriteZeroes: Bool
     /// No answer from the local device within this many seconds (twenty times as long for a FLUSH)
     /// counts as a failure when a replica in sync can take over; without one the guest waits, as with
-    /// a slow disk (nil: always wait). A replica half gets as long (30 s without a time-out).
+    /// a slow disk (nil: always wait). A replica half gets twenty times as long, at least 1 s (30 s
+    /// without a time-out), and is then cut off.
     public var localTimeout: Double? {
         get { state.withLock { timeout } }
         set { state.withLock { timeout = newValue } }
