@@ -483,9 +483,10 @@ extension RoutedBlockBackend {
 
     func apply(_ effects: RouteEffects, answering: Answering) {
         for replica in effects.cutOff { replica.abort() }
+        // Events first: an answer to I/O started below must not reach anyone before the event that led to it.
+        for event in effects.events { onEvent?(event) }
         for item in effects.remote { startRemote(item.request, item.commands, item.replica, item.queue, round: item.round) }
         if !effects.local.isEmpty { startLocal(effects.local) }
-        for event in effects.events { onEvent?(event) }
         if effects.startWatchdog { startWatchdog() }
         if !effects.answers.isEmpty { answer(effects.answers, answering) }
     }
