@@ -82,4 +82,7 @@ public final class Condition: @unchecked Sendable {
 
     /// Wakes every waiter (call inside `withLock` after changing the state they wait on).
     public func broadcast() { pthread_cond_broadcast(condition) }
+
+    /// Wakes one waiter: only when every waiter waits for the same thing and any one of them can take it.
+    public func signal() { pthread_cond_signal(condition) }
 }

@@ -15,7 +15,7 @@ public struct RouteEvent: Codable, Equatable, Sendable {
     public var kind: String
     public var route: DeviceRoute
     public var reason: String?
-    /// Requests held while the event happened (failover).
+    /// Requests held or moved to the replica while the event happened (failover).
     public var held: Int?
     /// How long it took (failover: from the fault to the replayed request's completion).
     public var milliseconds: Double?
@@ -36,6 +36,9 @@ public struct RouteStatus: Codable, Equatable, Sendable {
     public var localFailed: Bool
 }
 
+/// One command for a replica's asynchronous interface (the NBD client's).
+public typealias ReplicaRequest = NBDClient.Request
+
 /// The replica side of a route: a byte range with reads, writes, flush, trim and zeroing (an NBD export
 /// through `NBDClient`).
 public protocol ReplicaStorage: AnyObject {
@@ -47,13 +50,33 @@ public protocol ReplicaStorage: AnyObject {
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, fua: Bool) throws
     /// Cuts the replica off under a call that does not return (a dead network), so that it fails.
     func abort()
+    /// Starts `request` without waiting; `completion` runs once, later, on another thread (never inside
+    /// this call). Returns false when the replica has no asynchronous interface: the route then runs
+    /// the synchronous calls one at a time, in order, on a queue of its own.
+    func submit(_ request: ReplicaRequest, completion: @escaping (Error?) -> Void) -> Bool
+    /// Asks for `body` after each batch of completions, on the thread that ran them; returns false when
+    /// the replica has no such batches (every completion then stands alone).
+    func setCompletionBatchEnd(_ body: @escaping () -> Void) -> Bool
 }
 
 extension ReplicaStorage {
     public func abort() {}
+    public func submit(_ request: ReplicaRequest, completion: @escaping (Error?) -> Void) -> Bool { false }
+    public func setCompletionBatchEnd(_ body: @escaping () -> Void) -> Bool { false }
 }
 
-extension NBDClient: ReplicaStorage {}
+/// Many commands in flight on the one connection (libnbd's asynchronous calls).
+extension NBDClient: ReplicaStorage {
+    public func submit(_ request: ReplicaRequest, completion: @escaping (Error?) -> Void) -> Bool {
+        start(request) { (error: NBDError?) in completion(error) }
+        return true
+    }
+
+    public func setCompletionBatchEnd(_ body: @escaping () -> Void) -> Bool {
+        setCompletionBatchEnd(body) as Void
+        return true
+    }
+}
 
 /// Which chunks of a disk a replica lacks, one bit per `chunkSize` bytes.
 struct ChunkBitmap {
@@ -102,14 +125,18 @@ struct ChunkBitmap {
 /// - A replica attached while the disk runs is brought in sync in the background: every chunk is
 ///   copied, chunks written meanwhile are copied again, then the route becomes `mirror`.
 /// - When the local device fails a request (an error, or no answer within `localTimeout`) and the
-///   replica is in sync, nothing fails: that request and every later one wait (held), the route
-///   becomes `remote`, and they run there in order. Without a replica in sync the guest gets the
-///   error, as with real hardware, and the event says why.
+///   replica is in sync, nothing fails: that request and every one in flight are answered by the
+///   replica (replayed there in arrival order when it did not have them), later ones wait (held) until
+///   the failed request's replay is back, and the route becomes `remote`. Without a replica in sync
+///   the guest gets the error, as with real hardware, and the event says why.
 /// - When the replica fails while the local device is healthy, the route degrades to `local`, the
-///   chunks written from then on are remembered, and a returning replica gets only those.
+///   chunks written from then on (and those whose replica half was still out) are remembered, and a
+///   returning replica gets only those.
 ///
-/// Requests run one at a time, in the order they arrive, so that no write is reordered across a
-/// FLUSH or lost between the two sides during a switch.
+/// Many requests are in flight at once and complete in any order (`RouteRequests.swift`): the local
+/// half on the device's engine (or a worker thread), the replica half on the replica at the same time.
+/// A FLUSH starts only when every write that arrived before it is done on both sides, and a request
+/// that overlaps an earlier write waits for it, so both sides apply writes to a block in one order.
 public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     public let local: BlockBackend
     public let capacity: UInt64
@@ -117,27 +144,56 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     public let blockSize: UInt32
     public let supportsDiscard: Bool
     public let supportsWriteZeroes: Bool
-    /// No answer from the local device within this many seconds counts as a failure (nil: wait).
-    public var localTimeout: Double?
-    /// Called (on the thread that saw it) for each event.
+    /// No answer from the local device within this many seconds (twenty times as long for a FLUSH)
+    /// counts as a failure when a replica in sync can take over; without one the guest waits, as with
+    /// a slow disk (nil: always wait). A replica half gets twenty times as long, at least 1 s (30 s
+    /// without a time-out), and is then cut off.
+    public var localTimeout: Double? {
+        get { state.withLock { timeout } }
+        set { state.withLock { timeout = newValue } }
+    }
+    /// Called for each event, on the thread that saw it, never with the route's lock held.
     public var onEvent: ((RouteEvent) -> Void)?
 
-    private let requestLock = Lock()       // one request at a time, and sync's final cut-over
-    private let state = Condition()        // everything below
-    private var route: DeviceRoute = .local
-    private var replica: ReplicaStorage?
-    private var replicaInSync = false
-    private var tracking = false           // remembering chunks written while the replica lacks them
-    private var bitmap: ChunkBitmap
-    private var syncTotal = 0
-    private var syncing = false
-    private var held = 0
-    private var failoverStarted: Double?
-    private var failovers = 0
-    private var localFailed = false
-    private let localWorker = LocalWorker()
-    /// Where a mirrored request's replica half runs (one at a time, as requests are).
-    private let remoteQueue = DispatchQueue(label: "route-remote")
+    /// Guards everything below and in `RouteRequests.swift`; waiters (synchronous callers, drains,
+    /// the watchdog) wait on it.
+    let state = Condition()
+    var timeout: Double?
+    var route: DeviceRoute = .local
+    var replica: ReplicaStorage?
+    /// Runs the synchronous calls of a replica without an asynchronous interface, one at a time
+    /// (one queue per attached replica, so that a call stuck on a dead one holds up nothing else).
+    var replicaQueue: DispatchQueue?
+    var replicaInSync = false
+    var tracking = false           // remembering chunks written while the replica lacks them
+    var bitmap: ChunkBitmap
+    var syncTotal = 0
+    var syncing = false
+    var failovers = 0
+    var localFailed = false
+
+    // The request pipeline (RouteRequests.swift).
+    var nextID: UInt64 = 0
+    /// Requests admitted and not finished (started, or blocked behind an earlier one), by arrival.
+    var unfinished: [RouteRequest] = []
+    /// Requests that arrived while a gate was up (a failover, a switch, the sync's cut-over), by arrival.
+    var heldRequests: [RouteRequest] = []
+    var gates = 0
+    /// The request whose local failure started the failover now running.
+    var failingOver: RouteRequest?
+    var failoverSeen = 0.0
+    var failoverMoved = 0
+    /// What the code under the lock left to do after it (`locked`).
+    var effects = RouteEffects()
+    var watchdogStarted = false
+    /// The attached replica calls `answerBatch` after each batch of its completions.
+    var replicaBatches = false
+    /// Answers held for the end of the replica's batch (their own lock: they are handed over without the state lock).
+    let batchLock = Lock()
+    var batchedAnswers: [(handler: AsyncIOHandler, tag: UInt64, result: Int)] = []
+    let workers = LocalWorkers()
+    let delivery = CompletionDelivery()
+    let engineCompletions = EngineCompletions()
 
     public init(local: BlockBackend, chunkSize: UInt64 = 64 << 10) {
         self.local = local
@@ -147,6 +203,12 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         supportsDiscard = local.supportsDiscard
         supportsWriteZeroes = local.supportsWriteZeroes
         bitmap = ChunkBitmap(capacity: local.capacity, chunkSize: chunkSize)
+        engineCompletions.route = self
+    }
+
+    deinit {
+        workers.stop()
+        delivery.stop()
     }
 
     public var status: RouteStatus {
@@ -154,13 +216,32 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             RouteStatus(route: route, replica: replica != nil, replicaInSync: replicaInSync,
                         bytesOutOfSync: min(UInt64(bitmap.count) * bitmap.chunkSize, capacity),
                         syncProgress: syncing && syncTotal > 0 ? 1 - Double(bitmap.count) / Double(syncTotal) : nil,
-                        held: held, failovers: failovers, localFailed: localFailed)
+                        held: heldRequests.count, failovers: failovers, localFailed: localFailed)
         }
     }
 
-    private func emit(_ kind: String, reason: String? = nil, held: Int? = nil, milliseconds: Double? = nil) {
-        let route = state.withLock { self.route }
-        onEvent?(RouteEvent(kind: kind, route: route, reason: reason, held: held, milliseconds: milliseconds))
+    /// With the lock held: an event, emitted after the lock is released.
+    func eventLocked(_ kind: String, reason: String? = nil, held: Int? = nil, milliseconds: Double? = nil) {
+        effects.events.append(RouteEvent(kind: kind, route: route, reason: reason, held: held, milliseconds: milliseconds))
+    }
+
+    /// How `locked` hands finished requests to their devices: `.now` from this thread (one of the
+    /// route's own: the engine's reaper, the NBD poller, a worker, the watchdog, a caller), `.later`
+    /// through the delivery thread (this thread was called by a device, which holds its lock),
+    /// `.batch` at the end of the replica's or the engine's batch of completions (`answerBatch`), so that a device
+    /// gets answers that came back together in one batch (one interrupt, new requests taken together).
+    enum Answering { case now, later, batch }
+
+    /// Runs `body` with the lock held, then carries out what it left in `effects` (events, I/O to
+    /// start, replicas to cut off, answers) after releasing it.
+    func locked<T>(answering: Answering = .now, _ body: () -> T) -> T {
+        let (result, taken): (T, RouteEffects) = state.withLock {
+            let result = body()
+            defer { effects = RouteEffects() }
+            return (result, effects)
+        }
+        apply(taken, answering: answering)
+        return result
     }
 
     // MARK: Replicas and routes
@@ -171,18 +252,24 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         guard replica.size >= capacity else {
             throw IODomainError.badRequest("the replica has \(replica.size) bytes, the disk \(capacity)")
         }
-        try state.withLock {
-            guard self.replica == nil else { throw IODomainError.badRequest("the disk already has a replica") }
-            guard !localFailed else { throw IODomainError.badRequest("the local device has failed: nothing to copy from") }
+        let refused: IODomainError? = locked {
+            guard self.replica == nil else { return .badRequest("the disk already has a replica") }
+            guard !localFailed else { return .badRequest("the local device has failed: nothing to copy from") }
             self.replica = replica
+            replicaQueue = DispatchQueue(label: "route-replica")
+            replicaBatches = replica.setCompletionBatchEnd { [weak self] in self?.answerBatch() }
             replicaInSync = false
             if !(resync && tracking) { bitmap.markAll() }
             tracking = true
             syncTotal = max(bitmap.count, 1)
             syncing = true
-            waitForAsync()  // writes that went straight to the device land before the copy reads them
+            // Writes that went straight to the device land before the copy reads them.
+            state.wait(until: { asyncInFlight == 0 })
+            eventLocked("sync-started", reason: resync ? "resync of the chunks written while the replica was away" : "full copy")
+            return nil
         }
-        emit("sync-started", reason: resync ? "resync of the chunks written while the replica was away" : "full copy")
+        if let refused { throw refused }
+        startWatchdog()
         let thread = Thread { [self] in runSync(replica) }
         thread.name = "route-sync"
         thread.start()
@@ -191,58 +278,72 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     /// Brings an attached replica that fell out of sync (the route was set to `local` by hand) back in
     /// sync from the chunks written since; the route becomes `mirror` when done.
     public func resync() throws {
-        let attached: ReplicaStorage = try state.withLock {
-            guard let replica = self.replica else { throw IODomainError.badRequest("the disk has no replica") }
-            guard !replicaInSync, !syncing else { throw IODomainError.badRequest(syncing ? "a sync is running" : "the replica is in sync") }
-            guard !localFailed else { throw IODomainError.badRequest("the local device has failed") }
+        let attached: Result<ReplicaStorage, IODomainError> = locked {
+            guard let replica = self.replica else { return .failure(.badRequest("the disk has no replica")) }
+            guard !replicaInSync, !syncing else { return .failure(.badRequest(syncing ? "a sync is running" : "the replica is in sync")) }
+            guard !localFailed else { return .failure(.badRequest("the local device has failed")) }
             syncTotal = max(bitmap.count, 1)
             syncing = true
-            return replica
+            eventLocked("sync-started", reason: "resync of the chunks written while the replica was out of sync")
+            return .success(replica)
         }
-        emit("sync-started", reason: "resync of the chunks written while the replica was out of sync")
-        let thread = Thread { [self] in runSync(attached) }
+        let replica = try attached.get()
+        let thread = Thread { [self] in runSync(replica) }
         thread.name = "route-sync"
         thread.start()
     }
 
     /// Stops using the replica (the route becomes `local`, remembering what the replica misses).
     public func detachReplica() throws {
-        try requestLock.withLock {
-            try state.withLock {
-                guard replica != nil else { throw IODomainError.badRequest("the disk has no replica") }
-                guard !localFailed else { throw IODomainError.badRequest("the local device has failed: the replica is all there is") }
-                replica = nil
-                replicaInSync = false
-                syncing = false
-                route = .local
-                tracking = true
-            }
+        let refused: IODomainError? = quiesced {
+            guard replica != nil else { return .badRequest("the disk has no replica") }
+            guard !localFailed else { return .badRequest("the local device has failed: the replica is all there is") }
+            replica = nil
+            replicaQueue = nil
+            replicaInSync = false
+            syncing = false
+            route = .local
+            tracking = true
+            eventLocked("replica-detached")
+            return nil
         }
-        emit("replica-detached")
+        if let refused { throw refused }
     }
 
     /// Switches the route by hand: `mirror` and `remote` need a replica in sync, `local` a working device.
     public func setRoute(_ newRoute: DeviceRoute) throws {
-        try requestLock.withLock {
-            try state.withLock {
-                switch newRoute {
-                case .local:
-                    guard !localFailed else { throw IODomainError.badRequest("the local device has failed") }
-                    if replica != nil { replicaInSync = false; tracking = true }
-                case .mirror:
-                    guard !localFailed else { throw IODomainError.badRequest("the local device has failed") }
-                    guard replica != nil, replicaInSync else {
-                        throw IODomainError.badRequest(replica == nil ? "mirror needs a replica (attach one)"
-                                                                      : "the replica is out of sync: resync it (attach with resync) first")
-                    }
-                case .remote:
-                    guard replica != nil, replicaInSync else { throw IODomainError.badRequest("remote needs a replica in sync") }
+        let refused: IODomainError? = quiesced {
+            switch newRoute {
+            case .local:
+                guard !localFailed else { return .badRequest("the local device has failed") }
+                if replica != nil { replicaInSync = false; tracking = true }
+            case .mirror:
+                guard !localFailed else { return .badRequest("the local device has failed") }
+                guard replica != nil, replicaInSync else {
+                    return .badRequest(replica == nil ? "mirror needs a replica (attach one)"
+                                                      : "the replica is out of sync: resync it (attach with resync) first")
                 }
-                route = newRoute
-                waitForAsync()
+            case .remote:
+                guard replica != nil, replicaInSync else { return .badRequest("remote needs a replica in sync") }
             }
+            route = newRoute
+            eventLocked("route", reason: "set by hand")
+            return nil
         }
-        emit("route", reason: "set by hand")
+        if let refused { throw refused }
+    }
+
+    /// Holds new requests, waits until none is in flight, runs `body` (with the lock held), then lets
+    /// the held requests go on under whatever `body` decided.
+    func quiesced<T>(_ body: () -> T) -> T {
+        locked {
+            gates += 1
+            state.wait(until: { unfinished.isEmpty && asyncInFlight == 0 })
+            let result = body()
+            gates -= 1
+            releaseHeldLocked()
+            return result
+        }
     }
 
     private func runSync(_ replica: ReplicaStorage) {
@@ -254,19 +355,24 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                 let current = state.withLock { self.replica === replica && syncing }
                 guard current else { return }
                 // Nothing marked: cut over with no request in flight, so none is between the two sides.
-                let done: Bool = requestLock.withLock {
-                    state.withLock {
-                        guard self.replica === replica, syncing, bitmap.count == 0 else { return false }
-                        syncing = false
-                        replicaInSync = true
-                        tracking = false
-                        route = .mirror
-                        return true
+                let done: Bool = locked {
+                    guard self.replica === replica, syncing, bitmap.count == 0 else { return false }
+                    gates += 1
+                    state.wait(until: { (unfinished.isEmpty && asyncInFlight == 0) || !(self.replica === replica && syncing) })
+                    defer {
+                        gates -= 1
+                        releaseHeldLocked()
                     }
+                    guard self.replica === replica, syncing, bitmap.count == 0 else { return false }
+                    syncing = false
+                    replicaInSync = true
+                    tracking = false
+                    route = .mirror
+                    return true
                 }
                 if done {
                     do { try replica.flush() } catch { replicaFailed(replica, error); return }
-                    emit("in-sync")
+                    locked { eventLocked("in-sync") }
                     return
                 }
                 continue
@@ -283,17 +389,17 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
                 return .success(())
             }
             if case .failure(let error) = copied {
-                state.withLock { bitmap.mark(offset: offset, length: UInt64(length)) }
                 if case IODomainError.system(let reason) = error, reason.hasPrefix("the local device failed") {
                     // The copy stops; the replica stays attached and out of sync. Guest requests meet
                     // the local failure themselves and get the error (no replica is in sync).
-                    let stop = state.withLock { () -> Bool in
-                        guard self.replica === replica else { return false }
+                    locked {
+                        bitmap.mark(offset: offset, length: UInt64(length))
+                        guard self.replica === replica else { return }
                         syncing = false
-                        return true
+                        eventLocked("sync-failed", reason: reason)
                     }
-                    if stop { emit("sync-failed", reason: reason) }
                 } else {
+                    locked { bitmap.mark(offset: offset, length: UInt64(length)) }
                     replicaFailed(replica, error)
                 }
                 return
@@ -302,27 +408,19 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     }
 
     /// The replica failed: drop it, keep the local device, remember what it misses.
-    private func replicaFailed(_ failed: ReplicaStorage, _ error: Error) {
-        let dropped: Bool = state.withLock {
-            guard replica === failed else { return false }
-            replica = nil
-            replicaInSync = false
-            syncing = false
-            tracking = true
-            if route != .local && !localFailed { route = .local }
-            return true
-        }
-        if dropped { emit("replica-fault", reason: "\(error); the disk runs on the local device and remembers what the replica misses") }
+    func replicaFailed(_ failed: ReplicaStorage, _ error: Error) {
+        locked { replicaFaultLocked(failed, error) }
     }
 
     // MARK: Asynchronous pass-through
 
     /// While the route is plain local (no replica, nothing to remember, no time-out, a healthy
-    /// device) reads and writes go straight to the local device's engine, many at a time; in every
-    /// other state they run one at a time through the route. Leaving plain local waits until what
-    /// went out that way has come back (`waitForAsync`), so that no write slips past a replica's copy.
-    private var plainLocal: Bool { route == .local && replica == nil && !tracking && localTimeout == nil && !localFailed }
-    private var asyncInFlight = 0
+    /// device) reads and writes go straight to the local device's engine, with nothing of the route in
+    /// between; in every other state they go through the route's requests (`RouteRequests.swift`).
+    /// Leaving plain local waits until what went out that way has come back, so that no write slips
+    /// past a replica's copy.
+    var plainLocal: Bool { route == .local && replica == nil && !tracking && timeout == nil && !localFailed }
+    var asyncInFlight = 0
     private var asyncHandlers: [ObjectIdentifier: CountingHandler] = [:]
 
     /// Forwards completions and counts them back in.
@@ -347,16 +445,21 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         }
     }
 
-    /// With the state lock held: waits until no request that went straight to the device is out.
-    private func waitForAsync() { state.wait(until: { asyncInFlight == 0 }) }
-
-    public func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool {
-        state.withLock { plainLocal } && local.acceptsAsync(isWrite: isWrite, offset: offset, buffers: buffers)
-    }
+    /// Every read and write can be started asynchronously, and FLUSH, DISCARD and WRITE_ZEROES too
+    /// (`acceptsAsyncCommands`): plain local sends what the device's engine takes straight to it and
+    /// the rest through the route. So a device never waits for the route with its lock held, and the
+    /// route's threads may hand answers to the device directly.
+    public func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool { true }
+    public var acceptsAsyncCommands: Bool { true }
 
     public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
         let counting: CountingHandler? = state.withLock {
-            guard plainLocal else { return nil }
+            guard plainLocal, requests.allSatisfy({ request in
+                guard case .transfer = request.command else { return false }
+                return local.acceptsAsync(isWrite: request.isWrite, offset: request.offset, buffers: request.buffers)
+            }) else {
+                return nil
+            }
             asyncInFlight += requests.count
             let key = ObjectIdentifier(handler)
             if let existing = asyncHandlers[key], existing.inner === handler { return existing }
@@ -364,235 +467,86 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             asyncHandlers[key] = made
             return made
         }
-        guard let counting else { return 0 }  // the caller runs them synchronously, through the route
-        let started = local.submitAsync(requests, handler: counting)
-        if started < requests.count { asyncReturned(requests.count - started) }
-        return started
+        if let counting {
+            let started = local.submitAsync(requests, handler: counting)
+            if started < requests.count { asyncReturned(requests.count - started) }
+            if started == requests.count { return started }
+            // The engine is full: the rest go through the route.
+            return started + submitThroughRoute(requests[started...], handler: handler)
+        }
+        return submitThroughRoute(requests[...], handler: handler)
+    }
+
+    /// Takes every request into the route; each is answered through `handler` later (never inside this
+    /// call: the device holds its lock while it submits).
+    private func submitThroughRoute(_ requests: ArraySlice<BlockIORequest>, handler: AsyncIOHandler) -> Int {
+        locked(answering: .later) {
+            for request in requests {
+                let operation: RouteOperation
+                switch request.command {
+                case .transfer:
+                    operation = request.isWrite ? .write(request.offset, request.buffers.map { UnsafeRawBufferPointer($0) })
+                                                : .read(request.offset, request.buffers)
+                case .flush: operation = .flush
+                case .discard(let ranges): operation = .discard(ranges)
+                case .writeZeroes(let ranges): operation = .writeZeroes(ranges)
+                }
+                _ = arriveLocked(operation, reply: .device(handler, tag: request.tag))
+            }
+        }
+        return requests.count
     }
 
     public func setAsyncPolling(_ on: Bool) { local.setAsyncPolling(on) }
-    public func pollAsync() -> Int { local.pollAsync() }
 
-    // MARK: Requests
+    /// Reaps the engine's completions and hands the route's finished requests to their handlers, on
+    /// the calling thread.
+    public func pollAsync() -> Int { local.pollAsync() + delivery.drain() }
 
-    private enum Operation {
-        case read(UInt64, [UnsafeMutableRawBufferPointer])
-        case write(UInt64, [UnsafeRawBufferPointer])
-        case flush
-        case discard(UInt64, UInt64)
-        case writeZeroes(UInt64, UInt64, Bool)
-
-        /// The range it changes, if any.
-        var written: (UInt64, UInt64)? {
-            switch self {
-            case let .write(offset, buffers): return (offset, buffers.reduce(0) { $0 + UInt64($1.count) })
-            case let .discard(offset, length), let .writeZeroes(offset, length, _): return (offset, length)
-            default: return nil
-            }
-        }
-    }
+    // MARK: Synchronous requests
 
     public func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer]) throws { try perform(.read(offset, buffers)) }
     public func write(at offset: UInt64, from buffers: [UnsafeRawBufferPointer]) throws { try perform(.write(offset, buffers)) }
     public func flush() throws { try perform(.flush) }
-    public func discard(at offset: UInt64, length: UInt64) throws { try perform(.discard(offset, length)) }
-    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws { try perform(.writeZeroes(offset, length, mayUnmap)) }
-
-    private func perform(_ operation: Operation) throws {
-        // Requests behind a failover wait here: count them.
-        state.withLock { if failoverStarted != nil { held += 1 } }
-        try requestLock.withLock {
-            state.withLock { if held > 0 { held -= 1 } }
-            let (route, replica) = state.withLock { (self.route, self.replica) }
-            switch route {
-            case .remote:
-                guard let replica else { throw IODomainError.system("route remote without a replica") }
-                try runRemote(operation, replica)
-            case .local, .mirror:
-                let started = monotonicSeconds()
-                // Mirrored: the replica's half runs beside the local one, so a write costs the slower of
-                // the two, not their sum. (Replaying it on the replica after a local failure repeats the
-                // same bytes at the same place: harmless.)
-                let remote = RemoteOutcome()
-                let group = DispatchGroup()
-                if route == .mirror, let replica {
-                    remoteQueue.async(group: group) { [self] in remote.result = Result { try runRemote(operation, replica) } }
-                }
-                do {
-                    try runLocal(operation)
-                } catch {
-                    group.wait()
-                    try failOver(operation, error, requestStarted: started)
-                    return
-                }
-                // A replica that does not answer within the fault time-out (or 30 s) is cut off and counts as failed.
-                // The replica is across a network and another host's page cache: it gets twenty times the
-                // local time-out, at least a second (a 50 ms limit dropped healthy replicas on a busy host).
-                var replicaLimit = localTimeout.map { max(1, $0 * 20) } ?? 30
-                if case .flush = operation { replicaLimit *= 20 }
-                if group.wait(timeout: .now() + replicaLimit) == .timedOut, let replica {
-                    replica.abort()
-                    group.wait()
-                    if case .success? = remote.result {} else {
-                        remote.result = .failure(IODomainError.system("the replica did not answer within \(Int((localTimeout ?? 30) * 1000)) ms"))
-                    }
-                }
-                if route == .mirror, let replica, case .failure(let error)? = remote.result {
-                    if let range = operation.written { state.withLock { bitmap.mark(offset: range.0, length: range.1) } }
-                    replicaFailed(replica, error)
-                } else if route != .mirror, let range = operation.written {
-                    state.withLock { if tracking { bitmap.mark(offset: range.0, length: range.1) } }
-                }
-            }
-        }
+    public func discard(at offset: UInt64, length: UInt64) throws { try perform(.discard([BlockRange(offset: offset, length: length)])) }
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws {
+        try perform(.writeZeroes([BlockRange(offset: offset, length: length, mayUnmap: mayUnmap)]))
     }
 
-    /// The local device failed `operation` (sent at `requestStarted`): with a replica in sync, switch to
-    /// it and replay; else the error. The failover event's time runs from the failed request's start to
-    /// the replayed one's completion (for a time-out, the time-out is part of it).
-    private func failOver(_ operation: Operation, _ error: Error, requestStarted: Double) throws {
-        let started = monotonicSeconds()
-        let replica: ReplicaStorage? = state.withLock {
-            localFailed = true
-            guard let replica = self.replica, replicaInSync else { return nil }
-            failoverStarted = started
-            route = .remote
-            failovers += 1
-            return replica
+    /// Plain local: straight to the device. Otherwise the request joins the others in flight and this
+    /// waits for its answer (the route's own threads finish it: waiting here with the device's lock
+    /// held blocks nothing the answer needs).
+    private func perform(_ operation: RouteOperation) throws {
+        // Counted like the requests that went straight to the engine: attaching a replica waits for it.
+        let direct: Bool = state.withLock {
+            guard plainLocal else { return false }
+            asyncInFlight += 1
+            return true
         }
-        guard let replica else {
-            emit("local-fault", reason: "\(error); no replica in sync, so the guest gets the error")
-            throw error
+        if direct {
+            defer { asyncReturned(1) }
+            do { try runLocalDirectly(operation) } catch {
+                locked { localFaultLocked(nil, error) }
+                throw error
+            }
+            return
         }
-        emit("local-fault", reason: "\(error); holding requests and switching to the replica", held: state.withLock { held })
-        defer { state.withLock { failoverStarted = nil } }
-        try runRemote(operation, replica)
-        let heldNow = state.withLock { held }
-        let now = monotonicSeconds()
-        emit("failover", reason: String(format: "the disk runs on the replica (%.1f ms after the fault was seen)", (now - started) * 1000),
-             held: heldNow, milliseconds: (now - requestStarted) * 1000)
+        let request = locked { arriveLocked(operation, reply: .caller) }
+        let error: Error? = state.withLock {
+            state.wait(until: { request.answered })
+            return request.error
+        }
+        if let error { throw error }
     }
 
-    private func runLocal(_ operation: Operation) throws {
-        guard var timeout = localTimeout else { return try runLocalDirectly(operation) }
-        // A slow device is only a failed one when a replica in sync can take over: without one the
-        // guest waits, as with a slow disk, rather than get an error. A FLUSH may legitimately take
-        // far longer than a write on a busy host (fdatasync), so its limit is twenty times longer.
-        let noFallback = { [self] in state.withLock { replica == nil || !replicaInSync } }
-        if case .flush = operation { timeout *= 20 }
-        // With a time-out the device is driven from a worker; reads land in a bounce buffer first, so
-        // that an answer coming after we gave up cannot write into guest memory the guest reuses.
-        switch operation {
-        case let .read(offset, buffers):
-            let total = buffers.reduce(0) { $0 + $1.count }
-            let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 4096)
-            let finished = try localWorker.run(timeout: timeout, keepWaiting: noFallback) { [local] in
-                try local.read(at: offset, into: [UnsafeMutableRawBufferPointer(rebasing: bounce[0..<total])])
-            }
-            guard finished else {
-                // The worker may still write into `bounce`: leave it allocated (a small, bounded leak per dead device).
-                throw IODomainError.system("the local device did not answer within \(Int(timeout * 1000)) ms")
-            }
-            var position = 0
-            for buffer in buffers {
-                // In bounds: the buffers' counts sum to total == the bounce buffer's used length.
-                buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce[position..<(position + buffer.count)]))
-                position += buffer.count
-            }
-            bounce.deallocate()
-        default:
-            let finished = try localWorker.run(timeout: timeout, keepWaiting: noFallback) { [self] in try runLocalDirectly(operation) }
-            guard finished else { throw IODomainError.system("the local device did not answer within \(Int(timeout * 1000)) ms") }
-        }
-    }
-
-    private func runLocalDirectly(_ operation: Operation) throws {
+    func runLocalDirectly(_ operation: RouteOperation) throws {
         switch operation {
         case let .read(offset, buffers): try local.read(at: offset, into: buffers)
         case let .write(offset, buffers): try local.write(at: offset, from: buffers)
         case .flush: try local.flush()
-        case let .discard(offset, length): try local.discard(at: offset, length: length)
-        case let .writeZeroes(offset, length, mayUnmap): try local.writeZeroes(at: offset, length: length, mayUnmap: mayUnmap)
-        }
-    }
-
-    private func runRemote(_ operation: Operation, _ replica: ReplicaStorage) throws {
-        switch operation {
-        case let .read(offset, buffers):
-            var position = offset
-            for buffer in buffers {
-                try replica.read(at: position, into: buffer)
-                position += UInt64(buffer.count)
-            }
-        case let .write(offset, buffers):
-            var position = offset
-            for buffer in buffers {
-                try replica.write(at: position, from: buffer, fua: false)
-                position += UInt64(buffer.count)
-            }
-        case .flush: try replica.flush()
-        case let .discard(offset, length): try replica.trim(at: offset, length: length)
-        case let .writeZeroes(offset, length, mayUnmap): try replica.writeZeroes(at: offset, length: length, mayUnmap: mayUnmap, fua: false)
-        }
-    }
-}
-
-/// The replica half of a mirrored request, handed back across the dispatch group's wait.
-private final class RemoteOutcome: @unchecked Sendable {
-    var result: Result<Void, Error>?
-}
-
-
-/// One thread that runs local device calls so that the caller can stop waiting for them. Once a call
-/// overran its time-out the worker is considered lost (it may never return) and every later call fails.
-final class LocalWorker: @unchecked Sendable {
-    private let condition = Condition()
-    private var job: (() throws -> Void)?
-    private var result: Result<Void, Error>?
-    private var generation = 0
-    private var lost = false
-    private var started = false
-
-    /// Runs `body` on the worker; false when it did not finish within `timeout` seconds. While
-    /// `keepWaiting` says so (nothing could take over from a slow device), it waits on, a time-out at a time.
-    func run(timeout: Double, keepWaiting: () -> Bool = { false }, _ body: @escaping () throws -> Void) throws -> Bool {
-        let mine: Int = try condition.withLock {
-            guard !lost else { throw IODomainError.system("the local device is not answering (an earlier request never returned)") }
-            if !started {
-                started = true
-                let thread = Thread { [self] in loop() }
-                thread.name = "route-local"
-                thread.start()
-            }
-            generation += 1
-            job = body
-            result = nil
-            condition.broadcast()
-            return generation
-        }
-        let finished: Bool = condition.withLock {
-            var done = condition.wait(until: { generation == mine && result != nil }, timeout: timeout)
-            while !done && keepWaiting() { done = condition.wait(until: { generation == mine && result != nil }, timeout: timeout) }
-            if !done { lost = true }
-            return done
-        }
-        guard finished else { return false }
-        try condition.withLock { result }?.get()
-        return true
-    }
-
-    private func loop() {
-        while true {
-            let body: () throws -> Void = condition.withLock {
-                condition.wait(until: { job != nil })
-                defer { job = nil }
-                return job!
-            }
-            let outcome = Result { try body() }
-            condition.withLock {
-                result = outcome
-                condition.broadcast()
-            }
+        case let .discard(ranges): for range in ranges { try local.discard(at: range.offset, length: range.length) }
+        case let .writeZeroes(ranges):
+            for range in ranges { try local.writeZeroes(at: range.offset, length: range.length, mayUnmap: range.mayUnmap) }
         }
     }
 }

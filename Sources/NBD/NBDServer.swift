@@ -347,7 +347,10 @@ public final class NBDServer: @unchecked Sendable {
                 while true {
                     let next: Request? = condition.withLock {
                         condition.wait(until: { !queue.pending.isEmpty || queue.finished })
-                        return queue.pending.isEmpty ? nil : queue.pending.removeFirst()
+                        guard !queue.pending.isEmpty else { return nil }
+                        // The reader waits for room only when the queue is full.
+                        if queue.pending.count == options.maxQueued { condition.broadcast() }
+                        return queue.pending.removeFirst()
                     }
                     guard let request = next else { return }
                     do throws(NBDError) { try execute(request, socket: socket, export: export, storage: storage, generation: generation) } catch {
@@ -356,7 +359,8 @@ public final class NBDServer: @unchecked Sendable {
                     }
                     condition.withLock {
                         queue.inFlight -= 1
-                        condition.broadcast()
+                        // Only the end of the connection waits for requests in flight.
+                        if queue.finished { condition.broadcast() }
                     }
                 }
             }
@@ -386,12 +390,32 @@ public final class NBDServer: @unchecked Sendable {
                 request.data = try socket.read(count: Int(request.length), operation: "reading write data")
             }
             if let error = condition.withLock({ queue.failure }) { throw error }
+            // Nothing else in flight: the reader answers a small request itself, which saves waking a
+            // worker (most of a request's cost at queue depth 1); a FLUSH may take long and goes to one.
+            let inline: Bool = condition.withLock {
+                guard queue.inFlight == 0, request.length <= 64 << 10, request.type != NBDProtocol.Command.flush else { return false }
+                queue.inFlight += 1
+                return true
+            }
+            if inline {
+                let outcome = Result { () throws(NBDError) in
+                    try execute(request, socket: socket, export: export, storage: storage, generation: generation)
+                }
+                condition.withLock { queue.inFlight -= 1 }
+                lock.withLock {
+                    stats.requests += 1
+                    stats.peakInFlight = max(stats.peakInFlight, 1)
+                }
+                try outcome.get()
+                continue
+            }
             let maxQueued = options.maxQueued
             let inFlight: Int = condition.withLock {
                 condition.wait(until: { queue.pending.count < maxQueued || queue.finished })
                 queue.pending.append(request)
                 queue.inFlight += 1
-                condition.broadcast()
+                // One idle worker takes it (waking all of them costs every worker a switch per request).
+                condition.signal()
                 return queue.inFlight
             }
             lock.withLock {

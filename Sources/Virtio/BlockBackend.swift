@@ -33,6 +33,10 @@ public protocol BlockBackend: AnyObject {
 
     /// Whether a read (or write) of `buffers` at `offset` can be started with `submitAsync`.
     func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool
+    /// Whether FLUSH, DISCARD and WRITE_ZEROES can be started with `submitAsync` too (a backend whose
+    /// synchronous calls may wait for requests in flight: the device never waits for it with its
+    /// lock held).
+    var acceptsAsyncCommands: Bool { get }
     /// Starts requests (each accepted by `acceptsAsync`) without waiting; returns how many, from the
     /// front, were started. `handler` gets each started one's result (byte count or -errno), on
     /// another thread, possibly before this returns. The caller does the rest synchronously.
@@ -44,13 +48,16 @@ public protocol BlockBackend: AnyObject {
     func pollAsync() -> Int
 }
 
-/// One read or write for `BlockBackend.submitAsync`.
+/// One read or write for `BlockBackend.submitAsync`, or a command (for backends that accept them).
 public struct BlockIORequest {
     public var isWrite: Bool
     public var offset: UInt64
     public var buffers: [UnsafeMutableRawBufferPointer]
     /// Handed back with the result.
     public var tag: UInt64
+    /// `.transfer`: the read or write above; else a command (offset and buffers unused), whose
+    /// successful result is 0.
+    public var command: BlockIOCommand = .transfer
 
     public init(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer], tag: UInt64) {
         self.isWrite = isWrite
@@ -58,11 +65,46 @@ public struct BlockIORequest {
         self.buffers = buffers
         self.tag = tag
     }
+
+    public init(command: BlockIOCommand, tag: UInt64) {
+        self.init(isWrite: command.writes, offset: 0, buffers: [], tag: tag)
+        self.command = command
+    }
+}
+
+/// What a `BlockIORequest` does beyond reading or writing.
+public enum BlockIOCommand {
+    case transfer
+    case flush
+    case discard([BlockRange])
+    case writeZeroes([BlockRange])
+
+    /// Whether it changes the disk's contents.
+    public var writes: Bool {
+        switch self {
+        case .discard, .writeZeroes: return true
+        case .transfer, .flush: return false
+        }
+    }
+}
+
+/// A byte range of a discard or write-zeroes (`mayUnmap`: write-zeroes may deallocate it).
+public struct BlockRange: Equatable {
+    public var offset: UInt64
+    public var length: UInt64
+    public var mayUnmap: Bool
+
+    public init(offset: UInt64, length: UInt64, mayUnmap: Bool = false) {
+        self.offset = offset
+        self.length = length
+        self.mayUnmap = mayUnmap
+    }
 }
 
 extension BlockBackend {
     /// Backends without an asynchronous engine do every request synchronously.
     public func acceptsAsync(isWrite: Bool, offset: UInt64, buffers: [UnsafeMutableRawBufferPointer]) -> Bool { false }
+    public var acceptsAsyncCommands: Bool { false }
     public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int { 0 }
     public func setAsyncPolling(_ on: Bool) {}
     public func pollAsync() -> Int { 0 }
@@ -189,7 +231,9 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
 
     public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
         guard let asyncIO else { return 0 }
-        return asyncIO.submit(requests.map {
+        // Reads and writes only (commands are not accepted): the first other request ends the batch.
+        let transfers = requests.prefix { if case .transfer = $0.command { return true } else { return false } }
+        return asyncIO.submit(transfers.map {
             AsyncIORequest(fd: file.rawValue, isWrite: $0.isWrite, offset: $0.offset, buffers: $0.buffers, tag: $0.tag)
         }, handler: handler)
     }

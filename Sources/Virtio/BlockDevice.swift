@@ -26,8 +26,9 @@ public struct BlockDeviceStatistics: Equatable, Codable, Sendable {
 ///
 /// Each notification takes every available request. Reads and writes the backend can run
 /// asynchronously (`BlockBackend.submitAsync`: aligned O_DIRECT on native AIO) are started together
-/// and completed, in whatever order they finish, from the backend's completion thread; the others
-/// (flush, discard, write-zeroes, GET_ID, unaligned or buffered I/O) are done at once. Used ring
+/// and completed, in whatever order they finish, from the backend's completion thread; so are flush,
+/// discard and write-zeroes when the backend takes them (`acceptsAsyncCommands`: a routed disk). The
+/// others (GET_ID, unaligned or buffered I/O, commands the backend does not take) are done at once. Used ring
 /// entries go out in completion order, each after its status byte, with one interrupt per batch when
 /// the driver asks for it. While requests are in flight the driver is asked not to notify: each
 /// completion batch takes what was added meanwhile. A chain it cannot answer stops the device until reset
@@ -359,10 +360,14 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
             let request = item.request
             var status = Status.ok
             do {
-                if request.isWrite {
-                    try backend.write(at: request.offset, from: request.buffers.map { UnsafeRawBufferPointer($0) })
-                } else {
-                    try backend.read(at: request.offset, into: request.buffers)
+                if case .transfer = request.command {
+                    if request.isWrite {
+                        try backend.write(at: request.offset, from: request.buffers.map { UnsafeRawBufferPointer($0) })
+                    } else {
+                        try backend.read(at: request.offset, into: request.buffers)
+                    }
+                } else if !performSynchronously(request.command) {
+                    status = Status.ioError
                 }
             } catch {
                 status = Status.ioError
@@ -547,6 +552,7 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
         case RequestType.flush:
             // Every write completed before this request was taken is in the file: fdatasync covers it.
             stats.flushes += 1
+            if backend.acceptsAsyncCommands { return asyncCommand(chain, queue: queue, memory: memory, .flush) }
             do { try backend.flush() } catch { return .done(Status.ioError) }
             return .done(Status.ok)
 
@@ -559,8 +565,8 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
             return .done(Status.ok)
 
         case RequestType.discard, RequestType.writeZeroes:
-            return .done(try discardOrWriteZeroes(isDiscard: type == RequestType.discard, segments: readableData,
-                                                  memory: memory))
+            return try discardOrWriteZeroes(chain, isDiscard: type == RequestType.discard, segments: readableData,
+                                            queue: queue, memory: memory)
 
         default:
             return .done(Status.unsupported)
@@ -575,15 +581,23 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
                       InFlightRequest(chain: chain, queue: queue, memory: memory, isWrite: isWrite, length: length))
     }
 
-    private func discardOrWriteZeroes(isDiscard: Bool, segments: [DescriptorSegment],
-                                      memory: GuestMemory) throws(VirtioError) -> UInt8 {
+    /// A command started on the backend (`acceptsAsyncCommands`); it completes with result 0.
+    private func asyncCommand(_ chain: DescriptorChain, queue: Virtqueue, memory: GuestMemory, _ command: BlockIOCommand) -> Outcome {
+        let tag = nextTag
+        nextTag &+= 1
+        return .async(BlockIORequest(command: command, tag: tag),
+                      InFlightRequest(chain: chain, queue: queue, memory: memory, isWrite: command.writes, length: 0))
+    }
+
+    private func discardOrWriteZeroes(_ chain: DescriptorChain, isDiscard: Bool, segments: [DescriptorSegment],
+                                      queue: Virtqueue, memory: GuestMemory) throws(VirtioError) -> Outcome {
         if isDiscard { stats.discards += 1 } else { stats.writeZeroes += 1 }
         let feature = isDiscard ? Feature.discard : Feature.writeZeroes
-        guard features & feature != 0 else { return Status.unsupported }
+        guard features & feature != 0 else { return .done(Status.unsupported) }
         let maxSegments = isDiscard ? BlockDevice.maxDiscardSegments : BlockDevice.maxWriteZeroesSegments
         let maxSectors = isDiscard ? BlockDevice.maxDiscardSectors : BlockDevice.maxWriteZeroesSectors
         let length = BlockDevice.total(segments)
-        guard length > 0, length % 16 == 0, length / 16 <= UInt64(maxSegments) else { return Status.unsupported }
+        guard length > 0, length % 16 == 0, length / 16 <= UInt64(maxSegments) else { return .done(Status.unsupported) }
         var bytes = [UInt8](repeating: 0, count: Int(length))
         try gather(segments, skipping: 0, into: &bytes, memory: memory)
 
@@ -597,26 +611,35 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
             }
             // Unknown flags, or UNMAP on a discard: UNSUPP (virtio 1.2 §5.2.6.2).
             guard flags & ~BlockDevice.writeZeroesFlagUnmap == 0, !(isDiscard && flags != 0) else {
-                return Status.unsupported
+                return .done(Status.unsupported)
             }
-            guard count <= maxSectors else { return Status.ioError }
+            guard count <= maxSectors else { return .done(Status.ioError) }
             let bytesCount = UInt64(count) * BlockDevice.sectorSize
-            guard let offset = checkedRange(sector: sector, length: bytesCount) else { return Status.ioError }
+            guard let offset = checkedRange(sector: sector, length: bytesCount) else { return .done(Status.ioError) }
             ranges.append((offset, bytesCount, flags & BlockDevice.writeZeroesFlagUnmap != 0))
         }
-        guard !backend.readOnly else { return Status.ioError }
-        for range in ranges {
-            do {
-                if isDiscard {
-                    try backend.discard(at: range.offset, length: range.length)
-                } else {
-                    try backend.writeZeroes(at: range.offset, length: range.length, mayUnmap: range.unmap)
-                }
-            } catch {
-                return Status.ioError
-            }
+        guard !backend.readOnly else { return .done(Status.ioError) }
+        let blockRanges = ranges.map { BlockRange(offset: $0.offset, length: $0.length, mayUnmap: $0.unmap) }
+        if backend.acceptsAsyncCommands {
+            return asyncCommand(chain, queue: queue, memory: memory, isDiscard ? .discard(blockRanges) : .writeZeroes(blockRanges))
         }
-        return Status.ok
+        return .done(performSynchronously(isDiscard ? .discard(blockRanges) : .writeZeroes(blockRanges)) ? Status.ok : Status.ioError)
+    }
+
+    /// Does a command on the backend synchronously; returns whether it succeeded.
+    private func performSynchronously(_ command: BlockIOCommand) -> Bool {
+        do {
+            switch command {
+            case .transfer: return false
+            case .flush: try backend.flush()
+            case .discard(let ranges): for range in ranges { try backend.discard(at: range.offset, length: range.length) }
+            case .writeZeroes(let ranges):
+                for range in ranges { try backend.writeZeroes(at: range.offset, length: range.length, mayUnmap: range.mayUnmap) }
+            }
+            return true
+        } catch {
+            return false
+        }
     }
 
     /// The byte offset of `sector` when `[sector*512, +length)` is sector-aligned and inside the capacity.

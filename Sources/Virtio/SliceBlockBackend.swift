@@ -47,7 +47,8 @@ public final class SliceBlockBackend: BlockBackend, @unchecked Sendable {
 
     public func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
         // BlockDevice checked every range against this slice's capacity: the shift stays inside `base`.
-        base.submitAsync(requests.map {
+        // Reads and writes only (commands are not accepted): the first other request ends the batch.
+        base.submitAsync(requests.prefix { if case .transfer = $0.command { return true } else { return false } }.map {
             BlockIORequest(isWrite: $0.isWrite, offset: offset + $0.offset, buffers: $0.buffers, tag: $0.tag)
         }, handler: handler)
     }

@@ -149,7 +149,9 @@ struct RouteFailoverTests {
     /// The replica goes away while the local device is healthy: the disk carries on locally, and when
     /// the replica comes back it gets only the chunks written meanwhile; afterwards both images agree.
     @Test func aReplicaOutageIsResyncedFromTheBitmap() throws {
-        let rig = try Rig(faultTimeoutMs: 500)
+        // The replica is cut off after twenty times the fault time-out (4 s), well inside the guest's 10 s
+        // request time-out (500 ms made it 10 s, and the guest gave up at the same moment).
+        let rig = try Rig(faultTimeoutMs: 200)
         defer { rig.stop() }
         #expect(try rig.attachReplica().status == 0)
         #expect(try rig.waitFor("route=mirror"))
