@@ -141,13 +141,7 @@ extension Agent {
         }
         try step(id, "source-cleaned", peer: target) { () -> Void in
             for _ in 0..<300 where lock.withLock({ vmms[id]?.isRunning }) == true { usleep(10_000) }
-            stopVMM(id)
-            _ = try? control(ControlRequest(op: .remove, socket: record.diskSocket))
-            lock.withLock {
-                state.vms[id] = nil
-                vmms[id] = nil
-            }
-            save()
+            discard(id, diskSocket: record.diskSocket)
         }
         event(id, "failover-done", ms: (monotonicSeconds() - t0) * 1000, detail: "\(id) runs on \(target) with its disk local", forwardTo: target)
     }
@@ -197,14 +191,7 @@ extension Agent {
         save()
         do {
             try addDisk(record)
-            _ = try startVMM(&record)
-            let client = vmmClient(record)
-            try client.putBootSource(BootSource(kernelImagePath: spec.kernel, bootArgs: spec.cmdline))
-            try client.putMachineConfig(MachineConfiguration(vcpuCount: spec.vcpus, memSizeMib: spec.memoryMib))
-            try client.putDrive(Drive(driveId: "disk", isRootDevice: true, socket: record.diskSocket))
-            try client.setFence(FenceParams(deadlineMs: config.leaseTtlS * 500))
-            try client.instanceStart()
-            record.state = "running"
+            _ = try boot(&record)
             lock.withLock { state.vms[id] = record }
             save()
             event(id, "taken-over", ms: (monotonicSeconds() - t0) * 1000, detail: "owner generation \(owner.generation); the guest boots from the replica")
@@ -322,13 +309,7 @@ extension Agent {
             }
         } catch {
             event(id, "incoming-failed", ms: (monotonicSeconds() - t0) * 1000, detail: "\(error); VM discarded here", forwardTo: source)
-            stopVMM(id)
-            _ = try? control(ControlRequest(op: .remove, socket: record.diskSocket))
-            lock.withLock {
-                state.vms[id] = nil
-                vmms[id] = nil
-            }
-            save()
+            discard(id, diskSocket: record.diskSocket)
         }
     }
 

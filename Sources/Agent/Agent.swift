@@ -599,14 +599,7 @@ public final class Agent: @unchecked Sendable {
                 try attachReplica(record, on: replica)
                 record.replicaHost = replica
             }
-            let vmm = try startVMM(&record)
-            let client = vmmClient(record)
-            try client.putBootSource(BootSource(kernelImagePath: spec.kernel, bootArgs: spec.cmdline))
-            try client.putMachineConfig(MachineConfiguration(vcpuCount: spec.vcpus, memSizeMib: spec.memoryMib))
-            try client.putDrive(Drive(driveId: "disk", isRootDevice: true, socket: record.diskSocket))
-            try client.setFence(FenceParams(deadlineMs: config.leaseTtlS * 500))
-            try client.instanceStart()
-            record.state = "running"
+            let vmm = try boot(&record)
             lock.withLock {
                 vmms[spec.id] = vmm
                 state.vms[spec.id] = record
@@ -623,6 +616,32 @@ public final class Agent: @unchecked Sendable {
             save()
             throw error
         }
+    }
+
+    /// Starts a VMM for `record`, configures the VM (kernel, machine, the disk on this host's I/O domain,
+    /// the fence) and boots it; `record` is then running.
+    func boot(_ record: inout VMRecord) throws -> ManagedProcess {
+        let spec = record.spec
+        let vmm = try startVMM(&record)
+        let client = vmmClient(record)
+        try client.putBootSource(BootSource(kernelImagePath: spec.kernel, bootArgs: spec.cmdline))
+        try client.putMachineConfig(MachineConfiguration(vcpuCount: spec.vcpus, memSizeMib: spec.memoryMib))
+        try client.putDrive(Drive(driveId: "disk", isRootDevice: true, socket: record.diskSocket))
+        try client.setFence(FenceParams(deadlineMs: config.leaseTtlS * 500))
+        try client.instanceStart()
+        record.state = "running"
+        return vmm
+    }
+
+    /// Ends a VM here: its VMM stopped, its disk removed from the I/O domain, its record dropped.
+    func discard(_ id: String, diskSocket: String) {
+        stopVMM(id)
+        _ = try? control(ControlRequest(op: .remove, socket: diskSocket))
+        lock.withLock {
+            state.vms[id] = nil
+            vmms[id] = nil
+        }
+        save()
     }
 
     /// Starts a VMM with an API socket for `record` (its serial console to a file beside it).
