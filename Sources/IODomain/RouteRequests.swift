@@ -438,7 +438,9 @@ extension RoutedBlockBackend {
 
     /// Fails local halves older than the time-out when a replica in sync can take over (a FLUSH gets
     /// twenty times as long: fdatasync on a busy host), and cuts off a replica that did not answer
-    /// within twenty times the time-out, at least 1 s (30 s without one; a FLUSH twenty times that);
+    /// within twenty times the time-out, at least 1 s (30 s without one; a FLUSH four times that, so that
+    /// a silent replica host holds a guest's FLUSH for seconds, not the 20 s that outlasted guests' own
+    /// request time-outs);
     /// returns how long to sleep: until the next deadline, at most a quarter of the time-out (so that
     /// a request started meanwhile is seen before its deadline), at most 1 s.
     private func watchOnce() -> Double {
@@ -465,7 +467,7 @@ extension RoutedBlockBackend {
                 if !request.finished, !request.replicaOnly, request.remote.isRunning, let replica = request.remoteReplica {
                     // The replica is across a network and another host's page cache: twenty times the local
                     // time-out, at least a second (a 50 ms limit dropped healthy replicas on a busy host).
-                    let limit = (timeout.map { max(1, $0 * 20) } ?? 30) * scale
+                    let limit = (timeout.map { max(1, $0 * 20) } ?? 30) * (request.operation.isFlush ? 4 : 1)
                     let deadline = request.remoteSince + limit
                     if deadline > now {
                         next = min(next, deadline)

@@ -316,7 +316,7 @@ struct AgentTests {
             while Date() < end && !cluster.serial(2, id).contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
             let lines = cluster.serial(2, id)
             #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(id): \(lines.suffix(4))")
-            #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(id): \(lines.suffix(4))")
+            #expect(lines.last { $0.job == "done" }?["status"] == "pass", "\(id): \(lines.suffix(4))\nc: \(cluster.agentLog(2).suffix(4000))")
         }
     }
 
@@ -389,7 +389,7 @@ struct AgentTests {
         #expect(cluster.waitForEvent(0, "route-replica-fault", vm: "vm7", seconds: 30) != nil, "\(cluster.agentLog(0).suffix(2000))")
         _ = FileManager.default.createFile(atPath: cluster.errorFlag.path, contents: Data())
         let fault = cluster.waitForEvent(0, "route-local-fault", vm: "vm7", seconds: 30)
-        #expect(fault?.detail?.contains("no replica in sync") == true, "\(String(describing: fault))")
+        #expect(fault?.detail?.contains("no replica in sync") == true, "\(String(describing: fault)) \(cluster.agentLog(0).suffix(4000))")
         let end = Date().addingTimeInterval(60)
         while Date() < end && !cluster.serial(0, "vm7").contains(where: { $0.job == "done" && $0["status"] != nil }) { usleep(200_000) }
         let lines = cluster.serial(0, "vm7")
