@@ -84,7 +84,7 @@ public final class APIServer: @unchecked Sendable {
                 self.listener = listener
                 self.wake = wake
             }
-            let thread = try startThread(name: "api-accept", detached: false) { [self] in acceptLoop(listener, wake) }
+            let thread = try startThread(name: "api-accept", joinable: true) { [self] in acceptLoop(listener, wake) }
             state.withLock { acceptThread = thread }
         } catch {
             state.withLock {
@@ -180,7 +180,7 @@ public final class APIServer: @unchecked Sendable {
         case .spawn: break
         }
         do {
-            try startThread(name: "api-conn", detached: true) { [self] in workerLoop(first: connection) }
+            try startThread(name: "api-conn") { [self] in workerLoop(first: connection) }
             return true
         } catch {
             state.withLock {

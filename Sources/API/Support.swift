@@ -73,26 +73,3 @@ final class ConditionLock: @unchecked Sendable {
 /// Seconds on the monotonic clock.
 func monotonicNow() -> Double { monotonicSeconds() }
 
-private final class ThreadBody {
-    let name: String
-    let body: () -> Void
-    init(name: String, body: @escaping () -> Void) { self.name = name; self.body = body }
-}
-
-/// Starts `body` on a new pthread; detached unless the caller wants to join it.
-@discardableResult
-func startThread(name: String, detached: Bool, _ body: @escaping () -> Void) throws -> pthread_t {
-    var thread = pthread_t()
-    let box = Unmanaged.passRetained(ThreadBody(name: name, body: body)).toOpaque()
-    let rc = pthread_create(&thread, nil, { raw in
-        let box = Unmanaged<ThreadBody>.fromOpaque(raw!).takeRetainedValue()
-        box.body()
-        return nil
-    }, box)
-    guard rc == 0 else {
-        Unmanaged<ThreadBody>.fromOpaque(box).release()
-        throw SystemError(operation: "pthread_create", errno: rc, context: name)
-    }
-    if detached { pthread_detach(thread) }
-    return thread
-}

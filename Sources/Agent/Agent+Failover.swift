@@ -20,7 +20,7 @@ extension Agent {
         }
         guard started else { return }
         save()
-        let thread = Thread { [self] in
+        detachThread(name: "agent-failover") { [self] in
             let moved: Bool
             do {
                 defer { lock.withLock { _ = busy.remove(id) } }
@@ -32,8 +32,6 @@ extension Agent {
                 startFailover(id, reason: "retry \(attempt + 1) after: \(reason)", attempt: attempt + 1)
             }
         }
-        thread.name = "agent-failover"
-        thread.start()
     }
 
     /// Times one step and reports it on this agent's stream and the peer's.
@@ -235,12 +233,10 @@ extension Agent {
             let url = try receiveOnFreePort(client)
             lock.withLock { state.vms[id] = record }
             save()
-            let thread = Thread { [self] in
+            detachThread(name: "agent-incoming") { [self] in
                 defer { lock.withLock { _ = busy.remove(id) } }
                 completeIncoming(id, from: request.fromHost, previous: request.owner)
             }
-            thread.name = "agent-incoming"
-            thread.start()
             return IncomingAnswer(url: url)
         } catch {
             stopVMM(id)
@@ -322,7 +318,7 @@ extension Agent {
             if status?.state == "sending" || status?.state == "completed" {
                 // The VMM carries on by itself: finish the source's half once it has.
                 lock.withLock { _ = busy.insert(id) }
-                let thread = Thread { [self] in
+                detachThread(name: "agent-failover") { [self] in
                     defer { lock.withLock { _ = busy.remove(id) } }
                     event(id, "sequence-resumed", detail: "the agent restarted mid-failover; the migration is \(status?.state ?? "?")", forwardTo: target)
                     for _ in 0..<9000 where lock.withLock({ vmms[id]?.isRunning }) == true { usleep(10_000) }
@@ -331,8 +327,6 @@ extension Agent {
                         save()
                     }
                 }
-                thread.name = "agent-failover"
-                thread.start()
             } else if info?.state == .running || info?.state == .paused {
                 // The migration never started or was cancelled: the guest runs here on its replica; start again.
                 lock.withLock { state.vms[id]?.state = "running" }
@@ -341,12 +335,10 @@ extension Agent {
             }
         } else if record.state == "incoming", let previous = record.owner {
             lock.withLock { _ = busy.insert(id) }
-            let thread = Thread { [self] in
+            detachThread(name: "agent-incoming") { [self] in
                 defer { lock.withLock { _ = busy.remove(id) } }
                 completeIncoming(id, from: "?", previous: previous)
             }
-            thread.name = "agent-incoming"
-            thread.start()
         }
     }
 

@@ -432,7 +432,7 @@ public final class Agent: @unchecked Sendable {
     func startResync(_ record: VMRecord) {
         let id = record.spec.id
         guard lock.withLock({ resyncing.insert(id).inserted }) else { return }
-        let thread = Thread { [self] in
+        detachThread(name: "agent-resync") { [self] in
             defer { lock.withLock { _ = resyncing.remove(id) } }
             for attempt in 1...30 {
                 lock.withLock { _ = lock.wait(until: { stopping }, timeout: 2) }
@@ -451,8 +451,6 @@ public final class Agent: @unchecked Sendable {
                 }
             }
         }
-        thread.name = "agent-resync"
-        thread.start()
     }
 
     // MARK: Replicas (this host keeping a peer's VM's disk)
@@ -465,9 +463,7 @@ public final class Agent: @unchecked Sendable {
         nbdListener = listener
         for replica in state.replicas.values { try exportReplica(replica) }
         let server = nbd
-        let thread = Thread { server.serve(listener: listener) }
-        thread.name = "agent-nbd"
-        thread.start()
+        detachThread(name: "agent-nbd") { server.serve(listener: listener) }
     }
 
     func exportReplica(_ replica: ReplicaRecord) throws {

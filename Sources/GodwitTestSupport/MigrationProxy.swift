@@ -1,4 +1,5 @@
 import Foundation
+import GodwitSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -83,8 +84,7 @@ public final class MigrationProxy: @unchecked Sendable {
         _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) } }
         port = UInt16(bigEndian: address.sin_port)
         self.listener = listener
-        let thread = Thread { [self] in acceptLoop() }
-        thread.start()
+        detachThread(name: "proxy-accept") { [self] in acceptLoop() }
     }
 
     deinit { stop() }
@@ -159,10 +159,8 @@ public final class MigrationProxy: @unchecked Sendable {
                 if !keep { return }
                 continue
             }
-            let a = Thread { [self] in pump(from: client, to: server, fromSource: true) }
-            let b = Thread { [self] in pump(from: server, to: client, fromSource: false) }
-            a.start()
-            b.start()
+            detachThread(name: "proxy-out") { [self] in pump(from: client, to: server, fromSource: true) }
+            detachThread(name: "proxy-back") { [self] in pump(from: server, to: client, fromSource: false) }
         }
     }
 

@@ -228,7 +228,7 @@ public final class ControlServer: @unchecked Sendable {
 
     /// Starts the accept thread.
     public func start() {
-        Thread.detachNewThread { [self] in
+        detachThread(name: "control") { [self] in
             while true {
                 let channel: VhostUserChannel?
                 do { channel = try listener.accept() } catch {
@@ -237,7 +237,7 @@ public final class ControlServer: @unchecked Sendable {
                     continue
                 }
                 guard let channel else { continue }
-                Thread.detachNewThread { [self] in serve(channel.socket) }
+                detachThread(name: "control-conn") { [self] in serve(channel.socket) }
             }
         }
     }

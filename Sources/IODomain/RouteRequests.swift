@@ -429,11 +429,9 @@ extension RoutedBlockBackend {
             return !watchdogStarted
         }
         guard start else { return }
-        let thread = Thread { [weak self] in
+        detachThread(name: "route-watch") { [weak self] in
             while let pause = self?.watchOnce() { usleep(UInt32(pause * 1_000_000)) }
         }
-        thread.name = "route-watch"
-        thread.start()
     }
 
     /// Fails local halves older than the time-out when a replica in sync can take over (a FLUSH gets

@@ -22,9 +22,7 @@ final class LocalWorkers: @unchecked Sendable {
             return true
         }
         guard spawn else { return }
-        let thread = Thread { [self] in loop() }
-        thread.name = "route-local"
-        thread.start()
+        detachThread(name: "route-local") { [self] in loop() }
     }
 
     /// Idle threads end; busy ones end after their job.
@@ -72,9 +70,7 @@ final class CompletionDelivery: @unchecked Sendable {
             return true
         }
         guard start else { return }
-        let thread = Thread { [self] in loop() }
-        thread.name = "route-complete"
-        thread.start()
+        detachThread(name: "route-complete") { [self] in loop() }
     }
 
     /// Hands what is queued to the handlers on the calling thread (one batch end per handler); returns

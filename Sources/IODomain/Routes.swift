@@ -270,9 +270,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
         }
         if let refused { throw refused }
         startWatchdog()
-        let thread = Thread { [self] in runSync(replica) }
-        thread.name = "route-sync"
-        thread.start()
+        detachThread(name: "route-sync") { [self] in runSync(replica) }
     }
 
     /// Brings an attached replica that fell out of sync (the route was set to `local` by hand) back in
@@ -288,9 +286,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
             return .success(replica)
         }
         let replica = try attached.get()
-        let thread = Thread { [self] in runSync(replica) }
-        thread.name = "route-sync"
-        thread.start()
+        detachThread(name: "route-sync") { [self] in runSync(replica) }
     }
 
     /// Stops using the replica (the route becomes `local`, remembering what the replica misses).

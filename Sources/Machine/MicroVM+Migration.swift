@@ -282,15 +282,13 @@ extension MicroVM {
             FileHandle.standardError.write(Data("godwit: migration: asked \(asked) network device(s) to announce the guest\n".utf8))
         }
         guard asked > 0 else { return 0 }
-        let thread = Thread { [weak self] in
+        detachThread(name: "announce") { [weak self] in
             for delay in MicroVM.announceDelays.dropFirst() {
                 usleep(UInt32(delay * 1_000_000))
                 guard let self, self.isRunningForAnnounce else { return }
                 for device in devices { device.requestAnnounce() }
             }
         }
-        thread.name = "announce"
-        thread.start()
         return asked
     }
 }

@@ -145,6 +145,11 @@ public final class MicroVM: @unchecked Sendable {
     /// The kvm-clock when the VM was paused, restored on resume so the guest's time does not jump.
     var pausedClock: UInt64?
     private var threads: [pthread_t] = []
+    /// The vCPU threads still inside `vcpuLoop`, by vCPU id: the only ones a kick may signal. A thread
+    /// leaves this under `stateLock` before it returns, so a signal sent under the lock never reaches a
+    /// thread that is gone (pthread_kill on an exited, joined thread reads freed memory: it killed a
+    /// migrated VMM with SIGSEGV when a late kick raced the join).
+    private var kickable: [UInt32: pthread_t] = [:]
     /// `run()` starts with the vCPUs parked (a restored snapshot loaded without `resume_vm`).
     public var startsPaused = false
     /// What a migration in progress holds (dirty logging, stopped rings).
@@ -418,7 +423,7 @@ public final class MicroVM: @unchecked Sendable {
         if stopOnSignals { try startSignalWatcher() }
         startConsole()
         let loop = eventLoop
-        let deviceThread = try startThread(name: "devices") { loop.run() }
+        let deviceThread = try startThread(name: "devices", joinable: true) { loop.run() }
         for receiver in receivers { try receiver.start() }
         defer {
             for receiver in receivers { receiver.stop() }
@@ -426,7 +431,7 @@ public final class MicroVM: @unchecked Sendable {
             pthread_join(deviceThread, nil)
         }
         for vcpu in vcpus {
-            let thread = try startThread(name: "vcpu\(vcpu.id)") { [self] in self.vcpuLoop(vcpu) }
+            let thread = try startThread(name: "vcpu\(vcpu.id)", joinable: true) { [self] in self.vcpuLoop(vcpu) }
             stateLock.withLock { threads.append(thread) }
         }
         // A stop that came while threads were still starting may have missed a thread: kick again.
@@ -466,8 +471,10 @@ public final class MicroVM: @unchecked Sendable {
     /// Makes every vCPU leave KVM_RUN: immediate_exit for the next entry, a signal for the current one.
     private func kickAll() {
         for vcpu in vcpus { vcpu.setImmediateExit(true) }
-        for thread in stateLock.withLock({ threads }) where pthread_equal(thread, pthread_self()) == 0 {
-            pthread_kill(thread, godwit_kick_signal())
+        stateLock.withLock {
+            for thread in kickable.values where pthread_equal(thread, pthread_self()) == 0 {
+                pthread_kill(thread, godwit_kick_signal())
+            }
         }
     }
 
@@ -533,6 +540,8 @@ public final class MicroVM: @unchecked Sendable {
         sigemptyset(&kick)
         sigaddset(&kick, godwit_kick_signal())
         pthread_sigmask(SIG_UNBLOCK, &kick, nil)
+        stateLock.withLock { kickable[vcpu.id] = pthread_self() }
+        defer { stateLock.withLock { kickable[vcpu.id] = nil } }
         parkIfPaused()
         while !isStopped {
             let exit: VCPUExit

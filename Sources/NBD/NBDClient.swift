@@ -239,9 +239,7 @@ private final class Connection: @unchecked Sendable {
         self.handle = handle
         self.socket = socket
         do { wake = try EventFD(nonBlocking: true) } catch { throw .system(error) }
-        let thread = Thread { [self] in run() }
-        thread.name = "nbd-client"
-        thread.start()
+        detachThread(name: "nbd-client") { [self] in run() }
     }
 
     var isPollerThread: Bool {

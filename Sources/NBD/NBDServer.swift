@@ -144,9 +144,7 @@ public final class NBDServer: @unchecked Sendable {
                 return
             }
             let connection = FileDescriptor(owning: fd)
-            let thread = Thread { [self] in serve(connection: connection) }
-            thread.name = "nbd-conn"
-            thread.start()
+            detachThread(name: "nbd-conn") { [self] in serve(connection: connection) }
         }
     }
 
@@ -343,7 +341,7 @@ public final class NBDServer: @unchecked Sendable {
         let queue = RequestQueue()
         let condition = queue.condition
         for n in 0..<max(1, options.workers) {
-            let thread = Thread { [self] in
+            detachThread(name: "nbd-worker-\(n)") { [self] in
                 while true {
                     let next: Request? = condition.withLock {
                         condition.wait(until: { !queue.pending.isEmpty || queue.finished })
@@ -364,8 +362,6 @@ public final class NBDServer: @unchecked Sendable {
                     }
                 }
             }
-            thread.name = "nbd-worker-\(n)"
-            thread.start()
         }
         defer {
             // Every request read is answered (or its connection is gone) before the connection closes.

@@ -83,9 +83,7 @@ public final class IODomainSupervisor: @unchecked Sendable {
             throw MachineSupervisionError.domainFailed(name: spec.name, reason: "its sockets did not appear within \(timeout) s")
         }
         lock.withLock { domains.append(domain) }
-        let thread = Thread { [weak self] in self?.watch(domain) }
-        thread.name = "supervise-\(spec.name)"
-        thread.start()
+        detachThread(name: "supervise-\(spec.name)") { [weak self] in self?.watch(domain) }
         log("I/O domain \(spec.name) started (pid \(pid))")
     }
 

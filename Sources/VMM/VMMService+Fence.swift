@@ -26,9 +26,7 @@ extension VMMService {
             return !fence.started
         }
         guard startWatcher else { return }
-        let thread = Thread { [weak self] in self?.watchFence() }
-        thread.name = "fence"
-        thread.start()
+        detachThread(name: "fence") { [weak self] in self?.watchFence() }
     }
 
     private func watchFence() {

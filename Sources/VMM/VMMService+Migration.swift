@@ -96,9 +96,7 @@ extension VMMService {
         setMigration { $0 = MigrationStatus(state: "listening") }
         publish(.migrationProgress, ["state": .string("listening"), "url": .string(url.description)])
         let paused = params.resumeVm == false
-        let thread = Thread { [self] in receive(on: listener, key: key, config: config, paused: paused) }
-        thread.name = "migration-in"
-        thread.start()
+        detachThread(name: "migration-in") { [self] in receive(on: listener, key: key, config: config, paused: paused) }
     }
 
     /// Accepts authenticated senders until one migration succeeds; a failed attempt discards the VM
@@ -157,9 +155,7 @@ extension VMMService {
         }
         let parameters = MigrationParameters(downtime: Double(params.downtimeMs ?? 300) / 1000, timeout: Double(params.timeoutS ?? 300),
                                              maxBytesPerSecond: params.maxBandwidthMbps.map { UInt64($0) * 1_000_000 / 8 })
-        let thread = Thread { [self] in send(machine, to: url, key: key, parameters: parameters) }
-        thread.name = "migration-out"
-        thread.start()
+        detachThread(name: "migration-out") { [self] in send(machine, to: url, key: key, parameters: parameters) }
     }
 
     private func send(_ machine: MicroVM, to url: MigrationURL, key: MigrationKey, parameters: MigrationParameters) {

@@ -259,9 +259,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
             throw APIError.badRequest("cannot start the VM: \(error)")
         }
         lock.withLock { vm = instance }
-        let thread = Thread { [weak self] in self?.runGuest(instance, paused: startsPaused) }
-        thread.name = "vm"
-        thread.start()
+        detachThread(name: "vm") { [weak self] in self?.runGuest(instance, paused: startsPaused) }
     }
 
     /// The drives in device order: the root device first, as Firecracker does.

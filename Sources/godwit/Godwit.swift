@@ -25,9 +25,8 @@ enum ExitStatus {
 }
 
 /// Ends the process with `status` without running atexit handlers and library destructors: other
-/// threads (a migration thread finishing, a vCPU thread, a device thread) may still be running, and
-/// `exit` tearing the runtime down under them once killed a VMM with SIGSEGV right after a completed
-/// migration (a thread exiting with every signal blocked faulted in a destructor). Output is flushed first.
+/// threads (a migration thread finishing, a device thread) may still be running, and `exit` would tear
+/// the runtime and global objects down under them. Output is flushed first.
 func exitNow(_ status: Int32) -> Never {
     fflush(nil)
     _exit(status)
@@ -473,12 +472,11 @@ enum StopSignals {
         for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, signal) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
         let waitSet = set
-        let thread = Thread {
+        detachThread(name: "stop-signals") {
             var set = waitSet
             var received: Int32 = 0
             while sigwait(&set, &received) != 0 {}
             handler()
         }
-        thread.start()
     }
 }

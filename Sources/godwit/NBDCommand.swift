@@ -84,8 +84,7 @@ struct NBDServerCommand: ParsableCommand {
         sigemptyset(&stopSignals)
         for signo in [SIGTERM, SIGINT] { sigaddset(&stopSignals, signo) }
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
-        let thread = Thread { server.serve(listener: listener) }
-        thread.start()
+        detachThread(name: "nbd-accept") { server.serve(listener: listener) }
         var received: Int32 = 0
         sigwait(&stopSignals, &received)
         _ = shutdown(listener.rawValue, Int32(SHUT_RDWR))

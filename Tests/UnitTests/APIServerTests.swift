@@ -90,7 +90,7 @@ struct APIServerTests {
         var connected = 0, finished = 0
         var errors: [String] = []
         for i in 0..<clients {
-            try startThread(name: "client\(i)", detached: true) {
+            try startThread(name: "client\(i)") {
                 let client = APIClient(socketPath: path, timeout: 30)
                 defer { client.close() }
                 func note(_ j: Int, _ error: Error) { state.withLock { errors.append("client \(i) request \(j): \(error)") } }
