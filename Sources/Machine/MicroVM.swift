@@ -480,6 +480,9 @@ public final class MicroVM: @unchecked Sendable {
 
     public var currentState: VMState { stateLock.withLock { state } }
 
+    /// How many vCPU threads a kick would signal now: none once `run` has returned.
+    public var kickableThreadCount: Int { stateLock.withLock { kickable.count } }
+
     /// vCPU exits so far, summed over the vCPUs.
     public var exitStatistics: ExitStatistics { exitCounters.reduce(ExitStatistics()) { $0 + $1.snapshot } }
 

@@ -31,6 +31,7 @@ struct PauseTests {
         #expect(vm.currentState == .running)
         while exitBox.value == nil && Date().timeIntervalSince(started) < 30 { Thread.sleep(forTimeInterval: 0.05) }
         #expect(exitBox.value == .powerOff(status: GuestExit.passStatus))
+        #expect(vm.kickableThreadCount == 0, "a late kick (a migration's requestExit) must signal no vCPU thread that is gone")
         #expect(Date().timeIntervalSince(started) >= 3.0, "the pause added wall-clock time")
 
         let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").compactMap { GuestLine(String($0)) }
