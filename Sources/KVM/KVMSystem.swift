@@ -38,6 +38,10 @@ public final class KVMSystem: @unchecked Sendable {
 
     public static let defaultPath = "/dev/kvm"
 
+    /// Whether this host's KVM is `kvm_pvm` (no VMX/SVM: guest kernel code runs through KVM's
+    /// instruction emulator, which lacks some instructions Linux uses).
+    public static let isPVM: Bool = access("/sys/module/kvm_pvm", F_OK) == 0
+
     public init(path: String = KVMSystem.defaultPath) throws {
         let fd: FileDescriptor
         do {

@@ -17,6 +17,11 @@ public struct ElfImage: Equatable, Sendable {
     /// The 32-bit entry from the Xen `XEN_ELFNOTE_PHYS32_ENTRY` note, if present.
     public var pvhEntry: UInt32?
     public var segments: [Segment]
+    /// Whether the file carries Linux's own ELF notes (name "Linux"): a `vmlinux`, not the test guest.
+    public var isLinux = false
+
+    /// The end of the highest segment in memory.
+    public var end: UInt64 { segments.map { $0.physicalAddress + $0.memorySize }.max() ?? 0 }
 
     static let xenNoteType: UInt32 = 18
 
@@ -42,6 +47,7 @@ public struct ElfImage: Equatable, Sendable {
         }
         var segments: [Segment] = []
         var pvhEntry: UInt32?
+        var isLinux = false
         for i in 0..<phnum {
             let at = Int(phoff) + i * phentsize
             let pType = r.u32(at)!, offset = r.u64(at + 8)!, paddr = r.u64(at + 24)!
@@ -57,7 +63,9 @@ public struct ElfImage: Equatable, Sendable {
                     segments.append(Segment(physicalAddress: paddr, fileOffset: offset, fileSize: filesz, memorySize: memsz))
                 }
             case 4: // PT_NOTE
-                if let found = try parseNotes(r, from: Int(offset), size: Int(filesz)) { pvhEntry = found }
+                let notes = try parseNotes(r, from: Int(offset), size: Int(filesz))
+                if let found = notes.pvhEntry { pvhEntry = found }
+                isLinux = isLinux || notes.linux
             default:
                 continue
             }
@@ -67,12 +75,14 @@ public struct ElfImage: Equatable, Sendable {
         for (a, b) in zip(sorted, sorted.dropFirst()) where a.physicalAddress + a.memorySize > b.physicalAddress {
             throw .invalid("segments at 0x\(String(a.physicalAddress, radix: 16)) and 0x\(String(b.physicalAddress, radix: 16)) overlap")
         }
-        return ElfImage(entry: entry, pvhEntry: pvhEntry, segments: segments)
+        return ElfImage(entry: entry, pvhEntry: pvhEntry, segments: segments, isLinux: isLinux)
     }
 
-    /// Finds the Xen PHYS32_ENTRY note in a PT_NOTE segment.
-    static func parseNotes(_ r: ByteReader, from start: Int, size: Int) throws(ElfError) -> UInt32? {
+    /// Finds the Xen PHYS32_ENTRY note in a PT_NOTE segment, and whether any note is Linux's.
+    static func parseNotes(_ r: ByteReader, from start: Int, size: Int) throws(ElfError) -> (pvhEntry: UInt32?, linux: Bool) {
         var at = start
+        var pvhEntry: UInt32?
+        var linux = false
         let end = start + size
         while at + 12 <= end {
             let namesz = Int(r.u32(at)!), descsz = Int(r.u32(at + 4)!), type = r.u32(at + 8)!
@@ -81,19 +91,20 @@ public struct ElfImage: Equatable, Sendable {
             let descAt = nameAt + ((namesz + 3) & ~3)
             let next = descAt + ((descsz + 3) & ~3)
             guard next <= end else { throw .truncated(what: "note at \(at)", need: next - at, have: end - at) }
+            if namesz == 6, r.bytes[nameAt..<nameAt + 6].elementsEqual(Array("Linux".utf8) + [0]) { linux = true }
             if type == xenNoteType, namesz == 4, r.bytes[nameAt..<nameAt + 4].elementsEqual([0x58, 0x65, 0x6e, 0]) {
                 switch descsz {
-                case 4: return r.u32(descAt)!
+                case 4: pvhEntry = r.u32(descAt)!
                 case 8:
                     let value = r.u64(descAt)!
                     guard value <= UInt64(UInt32.max) else { throw .invalid("PVH entry 0x\(String(value, radix: 16)) is above 4 GiB") }
-                    return UInt32(value)
+                    pvhEntry = UInt32(value)
                 default: throw .invalid("PVH entry note has \(descsz) bytes")
                 }
             }
             at = next
         }
-        return nil
+        return (pvhEntry, linux)
     }
 
     /// Copies the segments into guest memory, zeroing the rest of each; refuses VMM-owned areas.

@@ -5,6 +5,17 @@ public enum Layout {
     public static let startInfo: UInt64 = 0x5000
     public static let memoryMap: UInt64 = 0x5400
     public static let memoryMapMaxEntries = 32
+    /// The 64-bit Linux boot protocol's GDT, empty IDT, `boot_params` (the zero page), a stack, and
+    /// page tables identity-mapping 4 GiB (a PML4, a PDPT and four page directories).
+    public static let bootGDT: UInt64 = 0x500
+    public static let bootIDT: UInt64 = 0x520
+    public static let zeroPage: UInt64 = 0x7000
+    public static let bootStack: UInt64 = 0x8ff0
+    public static let pml4: UInt64 = 0x9000
+    public static let pdpt: UInt64 = 0xa000
+    public static let pageDirectories: UInt64 = 0xb000
+    /// The PVH module list (the initrd), after the memory map.
+    public static let moduleList: UInt64 = 0x5800
     /// Guest command line, NUL-terminated.
     public static let commandLine: UInt64 = 0x20000
     public static let commandLineMax: UInt64 = 0x10000
@@ -13,6 +24,9 @@ public enum Layout {
     public static let ebdaEnd: UInt64 = 0xa0000
     /// The legacy BIOS area: reserved in the e820 map.
     public static let biosStart: UInt64 = 0xe0000
+    /// The ACPI tables (RSDP first), inside the reserved BIOS area where guests scan for the RSDP.
+    public static let acpiTables: UInt64 = 0xe0000
+    public static let acpiTablesEnd: UInt64 = 0x10_0000
     public static let highMemory: UInt64 = 0x10_0000
     /// Guest RAM below 4 GiB stops here; the rest of RAM goes above 4 GiB.
     public static let mmioGapStart: UInt64 = 0xc000_0000
@@ -29,9 +43,13 @@ public enum Layout {
 
     /// VMM-owned areas a kernel image may not overlap.
     public static let reserved: [(name: String, start: UInt64, end: UInt64)] = [
-        ("the PVH start info", startInfo, memoryMap + UInt64(memoryMapMaxEntries) * 24),
+        ("the PVH start info", startInfo, moduleList + 32),
         ("the command line", commandLine, commandLine + commandLineMax),
         ("the MP table", ebda, ebdaEnd),
+        ("the boot GDT and IDT", bootGDT, bootIDT + 8),
+        ("boot_params and the boot stack", zeroPage, pml4),
+        ("the boot page tables", pml4, pageDirectories + 4 * pageSize),
+        ("the ACPI tables", acpiTables, acpiTablesEnd),
     ]
 
     /// The RAM regions for `size` bytes: below the MMIO gap, the rest above 4 GiB.

@@ -49,6 +49,8 @@ public struct NetConfig: Equatable, Sendable {
 /// Everything needed to build a VM.
 public struct MachineConfig: Sendable {
     public var kernelPath: String
+    /// An initrd (initramfs) for a Linux kernel: a PVH module, or the boot protocol's ramdisk.
+    public var initrdPath: String?
     public var commandLine: String
     public var cpus: Int
     public var memoryBytes: UInt64
@@ -164,17 +166,18 @@ public final class MicroVM: @unchecked Sendable {
         }
         try MicroVM.checkMemory(config.memoryBytes)
         // Read and check the kernel before touching KVM: a bad file is the commonest mistake.
-        var kernel: (bytes: [UInt8], image: ElfImage, entry: UInt32)?
+        var kernel: (bytes: [UInt8], image: KernelImage)?
+        var initrdBytes: [UInt8]?
         if !config.incoming {
-            let kernelBytes = try MicroVM.readKernel(config.kernelPath)
-            let image: ElfImage
-            do { image = try ElfImage.parse(kernelBytes) } catch {
+            let kernelBytes = try MicroVM.readFile(config.kernelPath) { MachineError.kernel(path: config.kernelPath, reason: $0) }
+            do {
+                kernel = (kernelBytes, try KernelImage.parse(kernelBytes))
+            } catch {
                 throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
             }
-            guard let pvhEntry = image.pvhEntry else {
-                throw MachineError.kernel(path: config.kernelPath, reason: ElfError.noPVHNote.description)
+            if let path = config.initrdPath {
+                initrdBytes = try MicroVM.readFile(path) { MachineError.initrd(path: path, reason: $0) }
             }
-            kernel = (kernelBytes, image, pvhEntry)
         }
 
         eventLoop = try EventLoop()
@@ -207,19 +210,51 @@ public final class MicroVM: @unchecked Sendable {
         try addDisks()
         try addNets()
 
-        guestCommandLine = ([config.commandLine] + virtioDevices.map(\.commandLineEntry))
+        // A Linux kernel on PVM (no VMX/SVM: its kernel code goes through KVM's instruction emulator)
+        // is told to avoid what that emulator cannot run (DESIGN.md, "Guests, and the KVM these machines have").
+        let pvmOptions = (kernel?.image.isLinux == true && KVMSystem.isPVM) ? [MicroVM.pvmLinuxOptions] : []
+        guestCommandLine = ([config.commandLine] + pvmOptions + virtioDevices.map(\.commandLineEntry))
             .filter { !$0.isEmpty }.joined(separator: " ")
-        var startInfo: UInt64 = 0
+        var entry: (registers: (kvm_regs, kvm_sregs)?, build: (kvm_sregs) -> (kvm_regs, kvm_sregs))?
         if let kernel {
-            do {
-                try kernel.image.load(from: kernel.bytes, into: memory)
-            } catch {
-                throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
-            }
-            startInfo = try PVHBoot.write(commandLine: guestCommandLine, memoryMap: Layout.memoryMap(for: regions), into: memory)
+            let memoryMap = Layout.memoryMap(for: regions)
+            let acpi = ACPITables(cpus: config.cpus, virtio: virtioDevices.map {
+                ACPITables.VirtioDevice(base: $0.address, size: Layout.virtioMMIOSize, irq: $0.irq)
+            })
+            try memory.writeBytes(try acpi.build(at: Layout.acpiTables), at: Layout.acpiTables)
             try memory.writeBytes(try MPTable.build(cpus: config.cpus, at: Layout.ebda), at: Layout.ebda)
             try memory.store(UInt16(Layout.ebda >> 4), at: 0x40e)     // BDA: EBDA segment
             try memory.store(UInt16(Layout.ebda >> 10), at: 0x413)    // BDA: base memory in KiB
+            let ramBelow4G = min(config.memoryBytes, Layout.mmioGapStart)
+            do {
+                switch kernel.image {
+                case let .pvh(image, pvhEntry, _):
+                    try image.load(from: kernel.bytes, into: memory)
+                    let initrd = try initrdBytes.map { bytes in
+                        (address: try MicroVM.placeInitrd(bytes, limit: UInt64(UInt32.max), floor: image.end, ramBelow4G: ramBelow4G, into: memory),
+                         size: UInt64(bytes.count))
+                    }
+                    let startInfo = try PVHBoot.write(commandLine: guestCommandLine, memoryMap: memoryMap, initrd: initrd,
+                                                      rsdp: Layout.acpiTables, into: memory)
+                    entry = (nil, { CPUSetup.pvhEntryState(entry: pvhEntry, startInfo: startInfo, base: $0) })
+                case let .bzImage(image):
+                    try LinuxBoot.load(image, from: kernel.bytes, into: memory)
+                    let initrd = try initrdBytes.map { bytes in
+                        (address: try MicroVM.placeInitrd(bytes, limit: UInt64(image.initrdAddressMax), floor: image.loadAddress + image.initSize,
+                                                          ramBelow4G: ramBelow4G, into: memory),
+                         size: UInt64(bytes.count))
+                    }
+                    let length = try writeCommandLine(guestCommandLine, into: memory)
+                    let bootParams = try LinuxBoot.writeBootParams(image, commandLineLength: length, initrd: initrd, memoryMap: memoryMap,
+                                                                   rsdp: Layout.acpiTables, into: memory)
+                    try LinuxBoot.writeLongModeTables(into: memory)
+                    entry = (nil, { LinuxBoot.entryState(entry: image.entry64, bootParams: bootParams, base: $0) })
+                }
+            } catch let error as MachineError {
+                throw error
+            } catch {
+                throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
+            }
         }
 
         let supported = try kvm.supportedCPUID()
@@ -233,8 +268,8 @@ public final class MicroVM: @unchecked Sendable {
             fpu.fcw = 0x37f
             fpu.mxcsr = 0x1f80
             try vcpu.setFPU(fpu)
-            if id == 0, let kernel {
-                let (regs, sregs) = CPUSetup.pvhEntryState(entry: kernel.entry, startInfo: startInfo, base: try vcpu.specialRegisters())
+            if id == 0, let entry {
+                let (regs, sregs) = entry.build(try vcpu.specialRegisters())
                 try vcpu.setSpecialRegisters(sregs)
                 try vcpu.setRegisters(regs)
             }
@@ -258,18 +293,30 @@ public final class MicroVM: @unchecked Sendable {
         }
     }
 
-    static func readKernel(_ path: String) throws -> [UInt8] {
+    /// Options a Linux guest needs on PVM: no XSAVE (`xrstor64`), and CPUID bits cleared for
+    /// `cmpxchg16b`, SMAP (`clac`) and `popcnt`, which KVM's emulator cannot execute.
+    public static let pvmLinuxOptions = "noxsave clearcpuid=cx16,smap,popcnt"
+
+    /// A kernel or initrd file, whole: at most 1 GiB, never empty.
+    static func readFile(_ path: String, refused: (String) -> MachineError) throws -> [UInt8] {
         let fd: FileDescriptor
-        do { fd = try FileDescriptor.open(path, flags: O_RDONLY) } catch {
-            throw MachineError.kernel(path: path, reason: "\(error)")
-        }
+        do { fd = try FileDescriptor.open(path, flags: O_RDONLY) } catch { throw refused("\(error)") }
         let size = try fd.size()
-        guard size > 0 else { throw MachineError.kernel(path: path, reason: "the file is empty") }
-        guard size <= 1 << 30 else { throw MachineError.kernel(path: path, reason: "\(size) bytes is larger than 1 GiB") }
+        guard size > 0 else { throw refused("the file is empty") }
+        guard size <= 1 << 30 else { throw refused("\(size) bytes is larger than 1 GiB") }
         var bytes = [UInt8](repeating: 0, count: Int(size))
         let n = try bytes.withUnsafeMutableBytes { try fd.preadFully(into: $0, offset: 0) }
-        guard n == Int(size) else { throw MachineError.kernel(path: path, reason: "short read (\(n) of \(size) bytes)") }
+        guard n == Int(size) else { throw refused("short read (\(n) of \(size) bytes)") }
         return bytes
+    }
+
+    /// Copies the initrd to the top of RAM below 4 GiB (and below the kernel's `limit`), above `floor`.
+    static func placeInitrd(_ bytes: [UInt8], limit: UInt64, floor: UInt64, ramBelow4G: UInt64, into memory: GuestMemory) throws -> UInt64 {
+        let address = try LinuxBoot.initrdAddress(size: UInt64(bytes.count), ramBelow4G: ramBelow4G, limit: limit, floor: floor)
+        do { try memory.writeBytes(bytes, at: address) } catch {
+            throw MachineError.setup("initrd of \(bytes.count) bytes at 0x\(String(address, radix: 16)): \(error)")
+        }
+        return address
     }
 
     private func addLegacyDevices() throws {
@@ -294,6 +341,16 @@ public final class MicroVM: @unchecked Sendable {
         try pio.register(start: 0xf4, size: 4, name: "debug exit", handler: .init(
             read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0xff) },
             write: { [weak self] _, data in self?.requestExit(.powerOff(status: data[0])) }))
+        // ACPI (hardware-reduced): the sleep control register powers off on SLP_EN with \_S5_'s type, the
+        // reset register reboots on RESET_VALUE; the sleep status register reads 0 and ignores writes.
+        try pio.register(start: UInt64(ACPITables.sleepControlPort), size: 1, name: "acpi sleep control", handler: .init(
+            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) },
+            write: { [weak self] _, data in if ACPITables.isSoftOff(data[0]) { self?.requestExit(.powerOff(status: 0)) } }))
+        try pio.register(start: UInt64(ACPITables.sleepStatusPort), size: 1, name: "acpi sleep status", handler: .init(
+            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) }, write: { _, _ in }))
+        try pio.register(start: UInt64(ACPITables.resetPort), size: 1, name: "acpi reset", handler: .init(
+            read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) },
+            write: { [weak self] _, data in if data[0] == ACPITables.resetValue { self?.requestExit(.reboot) } }))
         // POST code port: ignored, as on PCs without a debug card.
         try pio.register(start: 0x80, size: 1, name: "post", handler: .init(
             read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) }, write: { _, _ in }))

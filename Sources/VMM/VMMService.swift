@@ -92,8 +92,8 @@ public final class VMMService: VMMController, @unchecked Sendable {
             guard FileManager.default.fileExists(atPath: bootSource.kernelImagePath) else {
                 throw APIError.badRequest("kernel_image_path \(bootSource.kernelImagePath) does not exist")
             }
-            if let initrd = bootSource.initrdPath {
-                throw APIError.unsupported("initrd_path", initrd, "not supported by Godwit yet (comes with the Linux boot paths)")
+            if let initrd = bootSource.initrdPath, !FileManager.default.fileExists(atPath: initrd) {
+                throw APIError.badRequest("initrd_path \(initrd) does not exist")
             }
             self.bootSource = bootSource
         }
@@ -232,6 +232,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
                                    cpus: self.machine.vcpuCount, memoryBytes: UInt64(self.machine.memSizeMib) << 20,
                                    disks: orderedDrives.map { DiskConfig(path: $0.pathOnHost ?? "", readOnly: $0.isReadOnly == true, socket: $0.socket) },
                                    serialOutput: serialOutput, serialInput: serialInput, kvmPath: kvmPath)
+        config.initrdPath = incoming ? nil : bootSource?.initrdPath
         config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init), socket: $0.socket) }
         config.queueNotification = queueNotification
         config.incoming = incoming

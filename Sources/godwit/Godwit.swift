@@ -43,7 +43,7 @@ struct VMCommand: ParsableCommand {
         failure: RIP and instruction bytes are printed); 6 an exit the VMM does not handle; 7 stopped by a signal.
         """)
 
-    @Option(help: "Guest kernel: an ELF with the Xen PVH entry note (the test guest, or a Linux vmlinux). Not with --api-sock or --config-file.")
+    @Option(help: "Guest kernel: an ELF with the Xen PVH entry note (the test guest, or a Linux vmlinux) or a Linux bzImage. Not with --api-sock or --config-file.")
     var kernel: String?
 
     @Option(help: "Serve the Firecracker-compatible HTTP API on this Unix socket; the VM is configured and started through it.")
@@ -51,6 +51,9 @@ struct VMCommand: ParsableCommand {
 
     @Option(help: "Build and start the VM from a Firecracker-format JSON configuration file.")
     var configFile: String?
+
+    @Option(help: "An initrd (initramfs) for a Linux kernel. Not with --api-sock or --config-file.")
+    var initrd: String?
 
     @Option(help: "Guest kernel command line.")
     var cmdline: String = ""
@@ -309,6 +312,7 @@ struct VMCommand: ParsableCommand {
         var config = MachineConfig(kernelPath: kernel, commandLine: cmdline, cpus: cpus, memoryBytes: bytes, disks: disks,
                                    serialOutput: output, serialInput: input, kvmPath: kvmDevice)
         config.nets = nets
+        config.initrdPath = initrd
         guard let mode = MachineConfig.QueueNotification(rawValue: notify) else {
             throw ValidationError("--notify must be ioeventfd or exit, not '\(notify)'")
         }
