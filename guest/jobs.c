@@ -701,6 +701,57 @@ static int job_fault(struct args *a)
     return job_error(a->job, "bad-value", "key=kind");
 }
 
+/* ----------------------------------------------------------------- acpi */
+
+static u64 rd64(u64 a) { return *(volatile u64 *)a; }
+static u32 rd32(u64 a) { return *(volatile u32 *)a; }
+
+static int table_ok(u64 a, u64 len)
+{
+    u8 sum = 0;
+    for (u64 i = 0; i < len; i++)
+        sum += *(volatile u8 *)(a + i);
+    return sum == 0;
+}
+
+/* Finds the RSDP the way an OS without a boot pointer does (the BIOS area), follows the XSDT to the
+ * FADT and powers off or resets through its hardware-reduced sleep control or reset register. */
+static int job_acpi(struct args *a)
+{
+    const char *action = arg_str(a, "action", "poweroff");
+    if (args_check(a))
+        return 1;
+    u64 rsdp = 0;
+    for (u64 p = 0xe0000; p < 0x100000; p += 16)
+        if (rd64(p) == 0x2052545020445352ull) { /* "RSD PTR " */
+            rsdp = p;
+            break;
+        }
+    if (!rsdp || !table_ok(rsdp, 20) || !table_ok(rsdp, 36))
+        return job_error(a->job, "no-rsdp", 0);
+    u64 xsdt = rd64(rsdp + 24), fadt = 0;
+    if (rd32(xsdt) != 0x54445358u || !table_ok(xsdt, rd32(xsdt + 4)))
+        return job_error(a->job, "bad-xsdt", 0);
+    for (u64 i = 36; i + 8 <= rd32(xsdt + 4); i += 8) {
+        u64 t = rd64(xsdt + i);
+        if (rd32(t) == 0x50434146u && table_ok(t, rd32(t + 4))) /* "FACP" */
+            fadt = t;
+    }
+    if (!fadt || !(rd32(fadt + 112) & (1u << 20)))
+        return job_error(a->job, "no-hw-reduced-fadt", 0);
+    u16 sleep = (u16)rd64(fadt + 248), reset = (u16)rd64(fadt + 120);
+    u8 reset_value = *(volatile u8 *)(fadt + 128);
+    emit("acpi", "fadt=0x%lx sleep_port=0x%x reset_port=0x%x action=%s", fadt, sleep, reset, action);
+    if (streq(action, "poweroff"))
+        outb(sleep, (5 << 2) | 0x20); /* SLP_TYP of \_S5_ (5 in our DSDT), SLP_EN */
+    else if (streq(action, "reset"))
+        outb(reset, reset_value);
+    else
+        return job_error(a->job, "bad-value", "key=action");
+    wait_until(clock_ns() + 1000000000ull);
+    return job_error(a->job, "still-running", 0);
+}
+
 /* ---------------------------------------------------------------- shell */
 
 static void shell_info(void)
@@ -779,7 +830,7 @@ static const struct {
     {"blk-check", job_blk_check}, {"blk-bench", job_blk_bench}, {"dirty", job_dirty},
     {"shell", job_shell},         {"probe", job_probe},         {"blk-capacity", job_blk_capacity},
     {"fault", job_fault},         {"net-echo", job_net_echo},   {"net-send", job_net_send},
-    {"net-recv", job_net_recv},   {"net-ping", job_net_ping},
+    {"net-recv", job_net_recv},   {"net-ping", job_net_ping},   {"acpi", job_acpi},
 };
 
 int run_job(char *spec)

@@ -345,7 +345,8 @@ public final class MicroVM: @unchecked Sendable {
         // reset register reboots on RESET_VALUE; the sleep status register reads 0 and ignores writes.
         try pio.register(start: UInt64(ACPITables.sleepControlPort), size: 1, name: "acpi sleep control", handler: .init(
             read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) },
-            write: { [weak self] _, data in if ACPITables.isSoftOff(data[0]) { self?.requestExit(.powerOff(status: 0)) } }))
+            // A clean ACPI power-off (Linux `poweroff`) is the guest's success: exit status 0, as the test guest's pass.
+            write: { [weak self] _, data in if ACPITables.isSoftOff(data[0]) { self?.requestExit(.powerOff(status: GuestExit.passStatus)) } }))
         try pio.register(start: UInt64(ACPITables.sleepStatusPort), size: 1, name: "acpi sleep status", handler: .init(
             read: { _, data in data.initializeMemory(as: UInt8.self, repeating: 0) }, write: { _, _ in }))
         try pio.register(start: UInt64(ACPITables.resetPort), size: 1, name: "acpi reset", handler: .init(

@@ -94,6 +94,17 @@ struct BootTests {
         #expect(r.stderr.contains("reboot"))
     }
 
+    /// The guest finds the RSDP in the BIOS area, follows the XSDT to the hardware-reduced FADT and uses
+    /// its sleep control and reset registers, as Linux's `poweroff` and `reboot` do.
+    @Test func acpiPowerOffAndResetEndTheVMMWithTheirStatuses() throws {
+        let off = try runGodwit(jobs: "godwit.job=acpi,action=poweroff", timeout: 60)
+        #expect(off.status == 0, "\(off.stdout) \(off.stderr)")
+        #expect(off.stdout.contains("sleep_port=0x600"))
+        let reset = try runGodwit(jobs: "godwit.job=acpi,action=reset", cpus: 2, timeout: 60)
+        #expect(reset.status == 3, "\(reset.stdout) \(reset.stderr)")
+        #expect(reset.stderr.contains("reboot"))
+    }
+
     @Test func tripleFaultExitStatus() throws {
         let r = try runTiny(ElfBuilder.tripleFault)
         #expect(r.status == 4 || r.status == 5, "\(r.stderr)")
