@@ -4,7 +4,7 @@ GUEST := guest/out/guest.elf
 GODWIT := .build/debug/godwit
 DEMO_DISK := out/demo.img
 
-.PHONY: all deps guest build run demo-net-down shell shell-nonet test unit bench clean
+.PHONY: all deps guest build run demo-net-down shell shell-nonet test unit fuzz bench clean
 
 all: build guest
 
@@ -46,9 +46,17 @@ shell: guest build $(DEMO_DISK)
 shell-nonet: guest build $(DEMO_DISK)
 	$(GODWIT) vm --kernel $(GUEST) --cpus 2 --memory 256M --disk $(DEMO_DISK) --cmdline "godwit.job=shell"
 
-# Every tier: unit (no KVM), integration (KVM + test guest), interop (QEMU runs the same guest).
+# Every tier: unit (no KVM), integration (KVM + test guest), interop (QEMU runs the same guest), then
+# every fuzz target for a short bounded time (the corpus, then FUZZ_SMOKE_SECONDS of new inputs each).
+FUZZ_SMOKE_SECONDS ?= 20
 test: guest build
 	$(SWIFT) test --no-parallel
+	scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
+
+# Every fuzz target for FUZZ_SECONDS each (libFuzzer + AddressSanitizer).
+FUZZ_SECONDS ?= 300
+fuzz: build
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 unit: build
 	$(SWIFT) test --filter UnitTests
@@ -61,4 +69,4 @@ bench: guest
 	bench/migrate
 
 clean:
-	rm -rf .build guest/out out
+	rm -rf .build .build-fuzz guest/out out

@@ -10,6 +10,8 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "godwit", targets: ["godwit"]),
+        // Fuzz targets: replays inputs in a normal build; `scripts/fuzz.sh` builds it with libFuzzer.
+        .executable(name: "godwit-fuzz", targets: ["GodwitFuzz"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -33,6 +35,10 @@ let package = Package(
         .executableTarget(
             name: "godwit",
             dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", "NBD", "Agent", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swift5),
+        .executableTarget(
+            name: "GodwitFuzz",
+            dependencies: ["GodwitSystem", "GuestMemory", "Virtio", "VhostUser", "NBD", "Migration", "Machine", "API", "Agent"],
             swiftSettings: swift5),
         .target(name: "GodwitTestSupport", dependencies: ["GodwitSystem", "GuestMemory"], swiftSettings: swift5),
         .testTarget(
