@@ -55,6 +55,7 @@ void godwit_atomic_or64(uint64_t *address, uint64_t bits) { __atomic_fetch_or(ad
 uint64_t godwit_atomic_exchange64(uint64_t *address, uint64_t value) { return __atomic_exchange_n(address, value, __ATOMIC_ACQ_REL); }
 int godwit_atomic_load_int(const int *address) { return __atomic_load_n(address, __ATOMIC_ACQUIRE); }
 void godwit_atomic_store_int(int *address, int value) { __atomic_store_n(address, value, __ATOMIC_RELEASE); }
+int godwit_atomic_exchange_int(int *address, int value) { return __atomic_exchange_n(address, value, __ATOMIC_ACQ_REL); }
 void godwit_atomic_or8(uint8_t *address, uint8_t bits) { __atomic_fetch_or(address, bits, __ATOMIC_SEQ_CST); }
 
 int godwit_set_nonblocking(int fd, int on) {

@@ -4,28 +4,37 @@ import Glibc
 #endif
 
 /// An owning file descriptor: closed exactly once, when the last reference goes away or on `close()`.
+///
+/// The number is kept in an atomic cell: one thread may close (or shut down and close) a descriptor
+/// another is blocked on, and two closers race to close it once (ThreadSanitizer found the plain
+/// variable read by `shutdown` on one thread while `close` wrote it on another).
 public final class FileDescriptor: @unchecked Sendable {
-    public private(set) var rawValue: Int32
+    private let cell: UnsafeMutablePointer<Int32>
+
+    /// The descriptor, or -1 once closed or released.
+    public var rawValue: Int32 { godwit_atomic_load_int(cell) }
 
     /// Takes ownership of `rawValue`.
     public init(owning rawValue: Int32) {
-        self.rawValue = rawValue
+        cell = UnsafeMutablePointer<Int32>.allocate(capacity: 1)
+        cell.initialize(to: rawValue)
     }
 
     deinit {
-        if rawValue >= 0 { _ = Glibc.close(rawValue) }
+        let fd = godwit_atomic_exchange_int(cell, -1)
+        if fd >= 0 { _ = Glibc.close(fd) }
+        cell.deallocate()
     }
 
     /// Closes now; later uses fail with EBADF.
     public func close() {
-        if rawValue >= 0 { _ = Glibc.close(rawValue) }
-        rawValue = -1
+        let fd = godwit_atomic_exchange_int(cell, -1)
+        if fd >= 0 { _ = Glibc.close(fd) }
     }
 
     /// Gives up ownership: returns the descriptor, which this object no longer closes (-1 if closed).
     public func release() -> Int32 {
-        defer { rawValue = -1 }
-        return rawValue
+        godwit_atomic_exchange_int(cell, -1)
     }
 
     /// Opens `path`; the descriptor is close-on-exec.

@@ -589,9 +589,9 @@ private func sendPatternPages(_ channel: MigrationChannel, _ numbers: [UInt64]) 
         }
         let elapsed = samples.last!.0 - samples.first!.0
         let average = Double(expected) / elapsed
-        // Strict upper bound (the limiter must never exceed); loose lower bound (a loaded box may be slow).
-        #expect(Double(worst) <= 1.10 * Double(rate), "worst 1 s window \(worst) bytes, cap \(rate)")
-        #expect(average >= 0.5 * Double(rate), "average \(average) bytes/s, cap \(rate)")
+        // The upper bound only: the limiter must never exceed its cap. How close it gets to the cap is a
+        // matter of wall-clock speed (a loaded host, a sanitizer build): the fake-clock test above checks it.
+        #expect(Double(worst) <= 1.10 * Double(rate), "worst 1 s window \(worst) bytes, cap \(rate); average \(average) bytes/s")
     }
 }
 

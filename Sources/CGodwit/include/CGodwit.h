@@ -72,6 +72,7 @@ void godwit_store64(void *address, uint64_t value);
 uint64_t godwit_atomic_exchange64(uint64_t *address, uint64_t value);
 int godwit_atomic_load_int(const int *address);
 void godwit_atomic_store_int(int *address, int value);
+int godwit_atomic_exchange_int(int *address, int value);
 
 // Signal used to kick a vCPU thread out of KVM_RUN; the handler does nothing.
 int godwit_install_kick_handler(int signo);
