@@ -1,4 +1,5 @@
 import Foundation
+import GodwitSystem
 
 /// Shared helpers for Godwit's test tiers: where the artifacts are, running VMMs, reading guest results.
 public enum TestEnvironment {
@@ -108,6 +109,8 @@ public final class BackgroundProcess: @unchecked Sendable {
     let process = Process()
     let outData = LockedData(), errData = LockedData()
     let out = Pipe(), err = Pipe()
+    /// Signalled by each reader thread at end of file.
+    let readersDone = DispatchSemaphore(value: 0)
 
     /// Starts `path`; `input`, if given, is written to its standard input after `inputDelay` seconds
     /// (which stays open until the process exits).
@@ -118,10 +121,20 @@ public final class BackgroundProcess: @unchecked Sendable {
         process.standardError = err
         let inPipe = Pipe()
         process.standardInput = inPipe
-        let o = outData, e = errData
-        out.fileHandleForReading.readabilityHandler = { o.append($0.availableData) }
-        err.fileHandleForReading.readabilityHandler = { e.append($0.availableData) }
         try process.run()
+        // One reader thread per pipe, to end of file: what `wait` returns holds every byte (a
+        // readability handler could still be appending a chunk it had taken when `wait` collected).
+        for (pipe, data) in [(out, outData), (err, errData)] {
+            let handle = pipe.fileHandleForReading, done = readersDone
+            detachThread(name: "test-output") {
+                while true {
+                    let chunk = handle.availableData
+                    if chunk.isEmpty { break }
+                    data.append(chunk)
+                }
+                done.signal()
+            }
+        }
         if let input {
             DispatchQueue.global().asyncAfter(deadline: .now() + inputDelay) {
                 inPipe.fileHandleForWriting.write(Data(input.utf8))
@@ -181,10 +194,9 @@ public final class BackgroundProcess: @unchecked Sendable {
             if process.isRunning { kill(process.processIdentifier, SIGKILL) }
         }
         process.waitUntilExit()
-        out.fileHandleForReading.readabilityHandler = nil
-        err.fileHandleForReading.readabilityHandler = nil
-        outData.append(out.fileHandleForReading.readDataToEndOfFile())
-        errData.append(err.fileHandleForReading.readDataToEndOfFile())
+        // End of file comes when every holder of the pipes is gone (a VMM's I/O domains too); a
+        // straggler that keeps them open does not hold the test up for more than a few seconds.
+        for _ in 0..<2 { _ = readersDone.wait(timeout: .now() + 5) }
         return ProcessResult(status: process.terminationStatus, stdout: outData.string, stderr: errData.string, timedOut: timedOut)
     }
 }

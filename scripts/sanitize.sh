@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The unit and integration tiers under AddressSanitizer and ThreadSanitizer.
+#   scripts/sanitize.sh [address|thread]...      (default: both)
+# Each sanitizer builds into its own scratch path (.build-asan, .build-tsan); the VMMs and I/O
+# domains the integration tests start are the sanitized `godwit` too (GODWIT_BIN), so a report from
+# a child process fails its test through the exit status. SANITIZE_FILTER narrows the integration
+# tier (a `swift test --filter` pattern; default: all of it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sanitizers=("$@")
+[ ${#sanitizers[@]} -gt 0 ] || sanitizers=(address thread)
+filter=${SANITIZE_FILTER:-IntegrationTests}
+# Leaks: process-wide caches and detached threads are kept on purpose. TSan: report every race and
+# fail at the end (halt_on_error=0, exitcode 66); signal handlers that only set a flag are fine.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0}
+export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=0 report_signal_unsafe=0 exitcode=66}
+status=0
+for sanitizer in "${sanitizers[@]}"; do
+    case $sanitizer in
+        address) scratch=.build-asan ;;
+        thread) scratch=.build-tsan ;;
+        *) echo "unknown sanitizer $sanitizer (address or thread)" >&2; exit 2 ;;
+    esac
+    echo "== $sanitizer: building"
+    swift build --build-tests --scratch-path "$scratch" -Xswiftc -sanitize="$sanitizer" 2>&1 | grep -E "error|Build complete" || true
+    for tier in UnitTests "$filter"; do
+        echo "== $sanitizer: $tier"
+        log=$(mktemp)
+        if GODWIT_BIN="$PWD/$scratch/debug/godwit" swift test --skip-build --scratch-path "$scratch" -Xswiftc -sanitize="$sanitizer" \
+            --no-parallel --filter "$tier" >"$log" 2>&1 && ! grep -q "Sanitizer:" "$log"; then
+            grep -E "Test run with" "$log" | tail -1
+        else
+            grep -E "✘|Sanitizer|SUMMARY|Test run with" "$log" | head -40
+            status=1
+        fi
+        rm -f "$log"
+    done
+done
+exit $status
