@@ -211,6 +211,8 @@ public final class APIClient: @unchecked Sendable {
     public func migrationStatus() throws -> MigrationStatus { try get("/migration") }
     /// `PUT /fence` (Godwit): the deadline after which the VMM pauses its guest unless renewed.
     public func setFence(_ value: FenceParams) throws { try call("PUT", "/fence", value) }
+    /// `PUT /serial/input` (Godwit): text for the guest's serial console.
+    public func sendSerialInput(_ text: String) throws { try call("PUT", "/serial/input", SerialInput(data: text)) }
     public func resume() throws { try setVMState(.resumed) }
 
     /// `GET /metrics` (Godwit): Prometheus text.

@@ -923,6 +923,30 @@ public struct FenceParams: Codable, Equatable, Sendable {
     }
 }
 
+/// `PUT /serial/input` (Godwit): text for the guest's serial console (COM1), as if typed on it; the
+/// way to drive a guest's shell from a script when the VMM's own standard input is not a terminal.
+public struct SerialInput: Codable, Equatable, Sendable {
+    /// At most the UART's receive buffer: a longer text is refused rather than cut.
+    public static let maxBytes = 4096
+
+    public var data: String
+
+    public init(data: String) { self.data = data }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case data }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.strictContainer(CodingKeys.self)
+        data = try c.decode(String.self, forKey: .data)
+    }
+
+    public func validate() throws {
+        guard !data.isEmpty, data.utf8.count <= SerialInput.maxBytes else {
+            throw APIError.badRequest("data must be 1 to \(SerialInput.maxBytes) bytes, not \(data.utf8.count)")
+        }
+    }
+}
+
 /// `PUT /migration/send`: migrates the running VM to a VMM waiting in `/migration/receive`.
 public struct MigrationSendParams: Codable, Equatable, Sendable {
     public static let downtimeRange = 1...60_000

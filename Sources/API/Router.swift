@@ -60,6 +60,8 @@ public protocol VMMController: AnyObject {
     func migrationStatus() throws -> MigrationStatus
     /// `PUT /fence` (Godwit): pause the guest unless fenced again within the deadline (0: off).
     func setFence(_ params: FenceParams) throws
+    /// `PUT /serial/input` (Godwit): bytes for the guest's serial console, as if typed.
+    func sendSerialInput(_ input: SerialInput) throws
 }
 
 /// One (method, path template) the router serves.
@@ -73,7 +75,7 @@ public struct APIRoute: Hashable, Sendable, CustomStringConvertible {
         case getFirecrackerVersion, patchVm, getExportVmConfig
         case createSnapshot, loadSnapshot
         // Godwit extensions
-        case getEvents, getPrometheusMetrics, receiveMigration, sendMigration, getMigration, putFence
+        case getEvents, getPrometheusMetrics, receiveMigration, sendMigration, getMigration, putFence, putSerialInput
     }
 
     public let method: String
@@ -118,6 +120,7 @@ public enum APIRoutes {
         APIRoute("PUT", "/migration/send", .sendMigration, extension: true),
         APIRoute("GET", "/migration", .getMigration, extension: true),
         APIRoute("PUT", "/fence", .putFence, extension: true),
+        APIRoute("PUT", "/serial/input", .putSerialInput, extension: true),
     ]
 
     /// The route for `method` and `segments` (the decoded path segments) and its path parameters;
@@ -356,6 +359,10 @@ public final class APIRouter: HTTPHandler, @unchecked Sendable {
             let value = try body(FenceParams.self)
             try value.validate()
             try c.setFence(value)
+        case .putSerialInput:
+            let value = try body(SerialInput.self)
+            try value.validate()
+            try serialized { try c.sendSerialInput(value) }
         case .getPrometheusMetrics:
             var text = try serialized { try c.prometheusMetrics() }
             if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }

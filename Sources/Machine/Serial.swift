@@ -51,6 +51,18 @@ public final class Serial: @unchecked Sendable {
         }
     }
 
+    /// Queues all of `bytes`, or none when they do not fit; returns the room there was.
+    public func receiveAll(_ bytes: [UInt8]) -> (taken: Bool, room: Int) {
+        lock.withLock {
+            let room = max(0, inputCapacity - inputCount)
+            guard bytes.count <= room else { return (false, room) }
+            if inputHead > 0 && inputHead == input.count { input.removeAll(keepingCapacity: true); inputHead = 0 }
+            input.append(contentsOf: bytes)
+            updateInterrupt()
+            return (true, room)
+        }
+    }
+
     /// True when the guest has room for more input.
     public var canReceive: Bool { lock.withLock { inputCount < inputCapacity } }
 

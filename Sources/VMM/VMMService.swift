@@ -283,6 +283,15 @@ public final class VMMService: VMMController, @unchecked Sendable {
         onGuestExit?(result)
     }
 
+    public func sendSerialInput(_ input: SerialInput) throws {
+        let machine = try runningMachine("PUT /serial/input")
+        let bytes = Array(input.data.utf8)
+        let (taken, room) = machine.serial.receiveAll(bytes)
+        guard taken else {
+            throw APIError.badRequest("the serial console's receive buffer has room for \(room) bytes, not \(bytes.count): retry once the guest has read it")
+        }
+    }
+
     public func sendCtrlAltDel() throws {
         let machine = try runningMachine("SendCtrlAltDel")
         try lock.withLock { lifecycle = try lifecycle.applying(.shutdown) }

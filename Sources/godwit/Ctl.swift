@@ -8,7 +8,7 @@ struct CtlCommand: ParsableCommand {
         commandName: "ctl",
         abstract: "Control a VMM through its API socket.",
         subcommands: [Info.self, Config.self, Version.self, BootSourceCommand.self, MachineConfigCommand.self, Drive.self,
-                      Net.self, LoggerCommand.self, MetricsFile.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self,
+                      Net.self, LoggerCommand.self, MetricsFile.self, Start.self, Pause.self, Resume.self, CtrlAltDel.self, TypeText.self,
                       FlushMetrics.self, Metrics.self, Events.self, Snapshot.self, Migrate.self, CtlIODomainCommand.self, CtlAgentCommand.self])
 }
 
@@ -101,6 +101,15 @@ extension CtlCommand {
         func run() throws { try ctl { try options.client.sendCtrlAltDel() } }
     }
 
+    struct TypeText: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "type", abstract: "Type a line on the guest's serial console (PUT /serial/input): a command for its shell.")
+        @OptionGroup var options: CtlOptions
+        @Flag(help: "Do not end the text with a carriage return.") var noNewline = false
+        @Argument(help: "The text.") var text: String
+        func run() throws { try ctl { try options.client.sendSerialInput(noNewline ? text : text + "\r") } }
+    }
+
     struct FlushMetrics: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "flush-metrics", abstract: "Write the metrics file now.")
         @OptionGroup var options: CtlOptions
@@ -142,9 +151,11 @@ extension CtlCommand {
         @OptionGroup var options: CtlOptions
         @Option(help: "The guest kernel on the host.") var kernel: String
         @Option(help: "The guest command line.") var bootArgs: String?
+        @Option(help: "An initrd (initramfs) for a Linux kernel.") var initrd: String?
         func run() throws {
             let path = URL(fileURLWithPath: kernel).standardizedFileURL.path
-            try ctl { try options.client.putBootSource(BootSource(kernelImagePath: path, bootArgs: bootArgs)) }
+            let initrdPath = initrd.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+            try ctl { try options.client.putBootSource(BootSource(kernelImagePath: path, bootArgs: bootArgs, initrdPath: initrdPath)) }
         }
     }
 

@@ -139,6 +139,25 @@ struct APITests {
         #expect(try api.serialLines().contains { $0.job == "ctrl-alt-del" })
     }
 
+    /// `godwit ctl type` drives the guest's shell through `PUT /serial/input`; text that does not fit
+    /// in the UART's buffer, or an empty one, is refused whole.
+    @Test func ctlTypesOnTheGuestsSerialConsole() throws {
+        let api = try APIHarness()
+        defer { api.stop() }
+        try api.configure(jobs: "godwit.job=shell")
+        #expect(try api.call("PUT", "/serial/input", ["data": "info\r"]).status == 400, "not before boot")
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        #expect(try api.waitForSerial { $0.contains("godwit> ") })
+        let typed = try runProcess(TestEnvironment.godwitPath, ["ctl", "type", "--api-sock", api.socket, "info"], timeout: 30)
+        #expect(typed.status == 0, "\(typed.stderr)")
+        #expect(try api.waitForSerial { $0.contains("cmd=info") }, "the shell ran the typed command")
+        #expect(try api.call("PUT", "/serial/input", ["data": String(repeating: "x", count: 4097)]).status == 400)
+        #expect(try api.call("PUT", "/serial/input", ["data": ""]).status == 400)
+        #expect(try api.call("PUT", "/serial/input", ["data": "poweroff\r"]).status == 204)
+        let r = api.process.wait(timeout: 20)
+        #expect(r.status == 0, "\(r.stderr)")
+    }
+
     /// The fence: renewed in time the guest runs on; left to lapse, the VMM pauses it by itself and
     /// says so; the agent can resume it.
     @Test func aLapsedFencePausesTheGuest() throws {

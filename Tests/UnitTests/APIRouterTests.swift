@@ -29,6 +29,7 @@ struct APIRouterTests {
         .sendMigration: ("/migration/send", #"{"destination_url": "tcp:10.0.0.2:6000", "downtime_ms": 50, "timeout_s": 60, "max_bandwidth_mbps": 800}"#),
         .getMigration: ("/migration", nil),
         .putFence: ("/fence", #"{"deadline_ms": 2500}"#),
+        .putSerialInput: ("/serial/input", #"{"data": "info\r"}"#),
     ]
 
     func handle(_ router: APIRouter, _ method: String, _ target: String, _ body: String? = nil) -> HTTPResponse {

@@ -143,6 +143,7 @@ final class APIFakeController: VMMController, @unchecked Sendable {
     func receiveMigration(_ params: MigrationReceiveParams) throws { try record("receiveMigration") }
     func sendMigration(_ params: MigrationSendParams) throws { try record("sendMigration") }
     func setFence(_ params: FenceParams) throws { try record("setFence") }
+    func sendSerialInput(_ input: SerialInput) throws { try record("sendSerialInput") }
     func migrationStatus() throws -> MigrationStatus {
         try record("migrationStatus")
         return MigrationStatus(state: "none")
