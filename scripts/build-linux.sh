@@ -52,19 +52,42 @@ if [ -f "$out/vmlinux" ]; then
   exit 0
 fi
 
-# --- source tree: one per (package version, patch set), reused across config changes
-patch_hash=$( { for p in "${patches[@]}"; do basename "$p"; cat "$p"; done; } | sha256sum | cut -c1-12)
-tree="$build_root/linux-${src_version}-${patch_hash}"
+# --- source tree: one per package version, reused across config and patch changes (make
+# rebuilds only what changed).  The originals of the files the patches touch are kept in
+# .orig/ so that another patch set starts from the pristine source.
+patch_hash=$( { for p in "${patches[@]}"; do basename "$p"; cat "$p"; done; } | sha256sum | cut -c1-64)
+tree="$build_root/linux-${src_version}"
 src="$tree/linux-source-6.1"
 if [ ! -f "$tree/.unpacked" ]; then
   log "unpacking $tarball into $tree"
   rm -rf "$tree"; mkdir -p "$tree"
   nice -n 19 tar -C "$tree" -xJf "$tarball"
+  touch "$tree/.unpacked"
+fi
+if [ "$(cat "$tree/.patches" 2>/dev/null)" != "$patch_hash" ]; then
+  rm -f "$tree/.patches"
+  if [ -d "$tree/.orig" ]; then
+    log "restoring the files the previous patches touched"
+    (cd "$tree/.orig" && find . -type f) | while IFS= read -r f; do cp "$tree/.orig/$f" "$src/$f"; done
+  fi
+  if [ -f "$tree/.created" ]; then
+    while IFS= read -r f; do rm -f "$src/$f"; done < "$tree/.created"
+  fi
+  rm -rf "$tree/.orig" "$tree/.created"
+  for p in "${patches[@]}"; do
+    sed -n 's|^+++ b/\([^[:space:]]*\).*|\1|p' "$p" | while IFS= read -r f; do
+      if [ -e "$src/$f" ]; then
+        [ -e "$tree/.orig/$f" ] || { mkdir -p "$(dirname "$tree/.orig/$f")"; cp -p "$src/$f" "$tree/.orig/$f"; }
+      else
+        echo "$f" >> "$tree/.created"
+      fi
+    done
+  done
   for p in "${patches[@]}"; do
     log "applying $(basename "$p")"
-    patch -d "$src" -p1 --no-backup-if-mismatch < "$p" >&2
+    patch -d "$src" -p1 --forward --no-backup-if-mismatch < "$p" >&2
   done
-  touch "$tree/.unpacked"
+  echo "$patch_hash" > "$tree/.patches"
 fi
 
 # --- configuration: allnoconfig + fragment, then olddefconfig

@@ -6,13 +6,13 @@
 # from a child process fails its test through its exit status. TSan's runtime does not survive
 # godwit's pre-main fork into namespaces (a CHECK failure in its interceptors), so under TSan the
 # children are the ordinary build and TSan watches what runs in the test process: vCPU threads of
-# in-process VMs, the API server, NBD server and routes' workers. SANITIZE_FILTER narrows the
-# integration tier (a `swift test --filter` pattern; default: all of it).
+# in-process VMs, the API server, NBD server and routes' workers. SANITIZE_ADDRESS_FILTER and
+# SANITIZE_THREAD_FILTER narrow each one's integration tier (`swift test --filter` patterns; default:
+# all of it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sanitizers=("$@")
 [ ${#sanitizers[@]} -gt 0 ] || sanitizers=(address thread)
-filter=${SANITIZE_FILTER:-IntegrationTests}
 # Leaks: process-wide caches and detached threads are kept on purpose. TSan: report every race and
 # fail at the end (halt_on_error=0, exitcode 66); signal handlers that only set a flag are fine.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0}
@@ -26,6 +26,7 @@ for sanitizer in "${sanitizers[@]}"; do
     esac
     echo "== $sanitizer: building"
     swift build --build-tests --scratch-path "$scratch" -Xswiftc -sanitize="$sanitizer" 2>&1 | grep -E "error|Build complete" || true
+    if [ "$sanitizer" = address ]; then filter=${SANITIZE_ADDRESS_FILTER:-IntegrationTests}; else filter=${SANITIZE_THREAD_FILTER:-IntegrationTests}; fi
     for tier in UnitTests "$filter"; do
         echo "== $sanitizer: $tier"
         log=$(mktemp)

@@ -23,6 +23,22 @@ public enum TestEnvironment {
         return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
     }
 
+    /// The project's Linux guest: `make linux` links the cached builds under `out/linux/`
+    /// (`vmlinux`, `bzImage`, `initramfs.cpio`); GODWIT_LINUX_DIR points elsewhere.
+    public static func linuxArtifact(_ name: String) -> String {
+        let dir = ProcessInfo.processInfo.environment["GODWIT_LINUX_DIR"] ?? repositoryRoot.appendingPathComponent("out/linux").path
+        return dir + "/" + name
+    }
+
+    /// Why the Linux tier cannot run here, or nil when it can.
+    public static var linuxUnavailableReason: String? {
+        if let reason = kvmUnavailableReason { return reason }
+        for name in ["vmlinux", "bzImage", "initramfs.cpio"] where !FileManager.default.fileExists(atPath: linuxArtifact(name)) {
+            return "the Linux guest is not built (\(linuxArtifact(name))); run `make linux`"
+        }
+        return nil
+    }
+
     /// Why the KVM tier cannot run here, or nil when it can.
     public static var kvmUnavailableReason: String? {
         if getuid() != 0 && access("/dev/kvm", R_OK | W_OK) != 0 { return "no access to /dev/kvm (not root and not in the kvm group)" }
