@@ -4,7 +4,7 @@ GUEST := guest/out/guest.elf
 GODWIT := .build/debug/godwit
 DEMO_DISK := out/demo.img
 
-.PHONY: all deps guest build linux run run-linux demo-net-down shell shell-nonet test unit fuzz bench clean
+.PHONY: all deps guest build linux run run-linux demo-net-down shell shell-nonet test unit fuzz sanitize bench clean
 
 all: build guest
 
@@ -69,9 +69,16 @@ run-linux: linux build $(DEMO_DISK)
 # Every tier: unit (no KVM), integration (KVM + test guest), interop (QEMU runs the same guest), then
 # every fuzz target for a short bounded time (the corpus, then FUZZ_SMOKE_SECONDS of new inputs each).
 FUZZ_SMOKE_SECONDS ?= 20
+# Then the unit tier and the in-process VM suites again under ASan and TSan (`make sanitize` runs
+# every integration suite under both: about 15 and 22 minutes here).
+SANITIZE_SMOKE := PauseTests|BootTests
 test: guest build linux
 	$(SWIFT) test --no-parallel
 	scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
+	SANITIZE_ADDRESS_FILTER='$(SANITIZE_SMOKE)' SANITIZE_THREAD_FILTER='$(SANITIZE_SMOKE)' scripts/sanitize.sh
+
+sanitize: guest build
+	scripts/sanitize.sh
 
 # Every fuzz target for FUZZ_SECONDS each (libFuzzer + AddressSanitizer).
 FUZZ_SECONDS ?= 300
@@ -89,4 +96,4 @@ bench: guest
 	bench/migrate
 
 clean:
-	rm -rf .build .build-fuzz guest/out out
+	rm -rf .build .build-fuzz .build-asan .build-tsan guest/out out
