@@ -13,16 +13,7 @@ cache_root=${GODWIT_CACHE:-/var/cache/godwit}
 init="$repo/linux/init"
 log() { echo "build-initramfs: $*" >&2; }
 
-missing=()
-for p in busybox-static python3; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
-fi
+"$(dirname "$0")/install-deps.sh" busybox-static python3
 bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
 busybox=/bin/busybox
 file -L "$busybox" 2>/dev/null | grep -q "statically linked" || [ -x "$busybox" ] || { log "no $busybox"; exit 1; }

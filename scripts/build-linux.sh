@@ -20,16 +20,7 @@ log() { echo "build-linux: $*" >&2; }
 
 # --- packages (apt-get only for what is missing)
 packages=(linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils patch python3)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
-fi
+"$(dirname "$0")/install-deps.sh" "${packages[@]}"
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 tarball=/usr/src/linux-source-6.1.tar.xz
 [ -f "$tarball" ] || { log "missing $tarball"; exit 1; }
