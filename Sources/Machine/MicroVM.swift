@@ -226,7 +226,8 @@ public final class MicroVM: @unchecked Sendable {
         let deviceEntries = linux && !acpiOff ? [] : virtioDevices.map(\.commandLineEntry)
         guestCommandLine = ([config.commandLine] + pvmOptions + deviceEntries)
             .filter { !$0.isEmpty }.joined(separator: " ")
-        var entry: (registers: (kvm_regs, kvm_sregs)?, build: (kvm_sregs) -> (kvm_regs, kvm_sregs))?
+        /// The boot vCPU's entry registers, built from the special registers KVM gives it.
+        var entry: ((kvm_sregs) -> (kvm_regs, kvm_sregs))?
         if let kernel {
             let memoryMap = Layout.memoryMap(for: regions)
             let acpi = ACPITables(cpus: config.cpus, virtio: virtioDevices.map {
@@ -247,7 +248,7 @@ public final class MicroVM: @unchecked Sendable {
                     }
                     let startInfo = try PVHBoot.write(commandLine: guestCommandLine, memoryMap: memoryMap, initrd: initrd,
                                                       rsdp: Layout.acpiTables, into: memory)
-                    entry = (nil, { CPUSetup.pvhEntryState(entry: pvhEntry, startInfo: startInfo, base: $0) })
+                    entry = { CPUSetup.pvhEntryState(entry: pvhEntry, startInfo: startInfo, base: $0) }
                 case let .bzImage(image):
                     try LinuxBoot.load(image, from: kernel.bytes, into: memory)
                     let initrd = try initrdBytes.map { bytes in
@@ -259,7 +260,7 @@ public final class MicroVM: @unchecked Sendable {
                     let bootParams = try LinuxBoot.writeBootParams(image, commandLineLength: length, initrd: initrd, memoryMap: memoryMap,
                                                                    rsdp: Layout.acpiTables, into: memory)
                     try LinuxBoot.writeLongModeTables(into: memory)
-                    entry = (nil, { LinuxBoot.entryState(entry: image.entry64, bootParams: bootParams, base: $0) })
+                    entry = { LinuxBoot.entryState(entry: image.entry64, bootParams: bootParams, base: $0) }
                 }
             } catch let error as MachineError {
                 throw error
@@ -280,7 +281,7 @@ public final class MicroVM: @unchecked Sendable {
             fpu.mxcsr = 0x1f80
             try vcpu.setFPU(fpu)
             if id == 0, let entry {
-                let (regs, sregs) = entry.build(try vcpu.specialRegisters())
+                let (regs, sregs) = entry(try vcpu.specialRegisters())
                 try vcpu.setSpecialRegisters(sregs)
                 try vcpu.setRegisters(regs)
             }
