@@ -45,7 +45,86 @@ struct LinuxTests {
         #expect(String(decoding: handle.readData(ofLength: 8), as: UTF8.self) == "GODWITBK")
     }
 
-    /// The bzImage path, the second boot: the VMM enters the 64-bit boot protocol with `boot_params`,
+    /// The second boot, the way an operator runs it: configured through the API in Firecracker's
+    /// getting-started order, its disk served by an I/O domain and its NIC on host A's TAP. The guest
+    /// writes its disk, pings the client and opens a shell; it is live-migrated to host B (a network
+    /// namespace with its own I/O domain on the same image, as with shared storage); there Linux's own
+    /// virtio-net driver announces it (the client reaches it), and the shell answers a command typed
+    /// through `godwit ctl type` that reads the disk back. `exit` powers it off on B with status 0.
+    @Test func bootsThroughTheAPIAndMovesToAnotherHostWithItsShell() throws {
+        let net = try TwoHostNetwork()
+        defer { net.tearDown() }
+        let image = net.path("disk.img")
+        #expect(FileManager.default.createFile(atPath: image, contents: nil))
+        #expect(truncate(image, 64 << 20) == 0)
+        var domains: [BackgroundProcess] = []
+        defer { for d in domains { d.terminate(); _ = d.wait(timeout: 5) } }
+        let sockets = [net.path("blkA.sock"), net.path("blkB.sock")]
+        for host in 0..<2 {
+            domains.append(try net.start(net.hosts[host], TestEnvironment.godwitPath, ["iodomain", "--blk", image, "--device", "socket=\(sockets[host])"]))
+        }
+        for _ in 0..<500 where !sockets.allSatisfy({ FileManager.default.fileExists(atPath: $0) }) { usleep(10_000) }
+
+        typealias HostVMM = MigrationNetworkTests.HostVMM
+        let source = try HostVMM(empty: net, host: 0, name: "a1")
+        defer { source.stop() }
+        let jobs = " godwit.ip=\(TwoHostNetwork.guestIP)/24 godwit.job=ready godwit.job=blk-verify godwit.job=net,dst=\(TwoHostNetwork.clientIP) godwit.job=shell"
+        let steps: [(String, [String: Any])] = [
+            ("/boot-source", ["kernel_image_path": TestEnvironment.linuxArtifact("vmlinux"), "initrd_path": TestEnvironment.linuxArtifact("initramfs.cpio"),
+                              "boot_args": Self.commandLine + jobs]),
+            ("/machine-config", ["vcpu_count": 2, "mem_size_mib": 256]),
+            ("/drives/rootfs", ["drive_id": "rootfs", "socket": sockets[0], "is_root_device": false]),
+            ("/network-interfaces/net0", ["iface_id": "net0", "host_dev_name": net.taps[0], "guest_mac": TwoHostNetwork.guestMAC]),
+            ("/actions", ["action_type": "InstanceStart"]),
+        ]
+        for (path, body) in steps {
+            let reply = try source.call("PUT", path, body)
+            try #require(reply.status == 204, "PUT \(path): \(reply.status) \(reply.body)")
+        }
+        let console = { (vmm: HostVMM) in (try? String(contentsOfFile: vmm.serial, encoding: .utf8)) ?? "" }
+        let tail = { (vmm: HostVMM) in console(vmm).split(whereSeparator: \.isNewline).suffix(8).joined(separator: " | ") }
+        let shell = source.waitForLine(timeout: 300) { $0.job == "net" }
+        try #require(shell != nil, "Linux booted to its jobs on host A: \(tail(source))")
+        let lines = source.lines()
+        #expect(lines.first { $0.job == "ready" }?["nproc"] == "2", "\(tail(source))")
+        #expect(lines.first { $0.job == "blk-verify" }?["errors"] == "0", "\(tail(source))")
+        #expect((shell?.int("received") ?? 0) > 0, "the guest reached the client from host A: \(tail(source))")
+        for _ in 0..<1000 where !console(source).contains("godwit# ") { usleep(20_000) }
+        #expect(try net.clientPing(wait: 2), "the client reaches the guest on host A")
+
+        let target = try HostVMM(target: net, host: 1, name: "b1", nic: "tap=\(net.taps[1]),mac=\(TwoHostNetwork.guestMAC)", disk: "socket=\(sockets[1])")
+        defer { target.stop() }
+        let ctl = try source.migrate(to: target)
+        #expect(ctl.status == 0, "\(ctl.stdout)\n\(ctl.stderr)")
+        let left = source.process.wait(timeout: 30)
+        #expect(left.status == 0, "the source VMM exits once the target owns the guest: \(left.stderr.suffix(800))")
+
+        // Linux's virtio-net driver sends the gratuitous ARP when the target asks (VIRTIO_NET_S_ANNOUNCE).
+        var answered = false
+        for _ in 0..<15 where !answered { answered = try net.clientPing(wait: 1) }
+        #expect(answered, "the client reaches the guest on host B: \(net.diagnostics())")
+        #expect(try net.clientBridgePort() == "B", "the client's bridge learnt the guest's new port")
+
+        let before = console(target).count
+        let typed = try runProcess(TestEnvironment.godwitPath, ["ctl", "type", "--api-sock", target.socket,
+                                                                "head -c 8 /dev/vda; echo; echo answer-$((6*7)) cpus-$(grep -c ^processor /proc/cpuinfo)"], timeout: 30)
+        #expect(typed.status == 0, "\(typed.stderr)")
+        var reply = ""
+        for _ in 0..<1500 where !reply.contains("answer-42") {
+            usleep(20_000)
+            reply = String(console(target).dropFirst(before))
+        }
+        #expect(reply.contains("GODWITBK"), "the shell on host B read the disk: \(reply.suffix(300))")
+        #expect(reply.contains("answer-42 cpus-2"), "the shell on host B answered: \(reply.suffix(300))")
+        _ = try runProcess(TestEnvironment.godwitPath, ["ctl", "type", "--api-sock", target.socket, "exit"], timeout: 30)
+        let r = target.process.wait(timeout: 120)
+        #expect(r.status == 0, "powered off on host B: \(r.stderr.suffix(500)) \(tail(target))")
+        let end = target.lines()
+        #expect(end.last { $0.job == "done" }?["status"] == "pass", "\(tail(target))")
+        #expect(end.last { $0.job == "done" }?["boot"] == lines.first { $0.job == "ready" }?["boot"], "the same boot, moved")
+    }
+
+    /// The bzImage path, the third boot: the VMM enters the 64-bit boot protocol with `boot_params`,
     /// the compressed kernel decompresses itself (at emulation speed here: about a minute; this config
     /// has no verbose decompressor, so the first line is the kernel's banner), finds the initrd as the
     /// boot protocol's ramdisk and reaches the ready line; a `reboot` ends the VMM with the reboot status.

@@ -195,8 +195,9 @@ struct MigrationNetworkTests {
             return (Int(lines.last ?? "") ?? -1, lines.dropLast().joined(separator: "\n"))
         }
 
-        /// A target waiting on the host's migration address; `nic` is `tap=...,mac=...` or `socket=...`.
-        init(target net: TwoHostNetwork, host: Int, name: String, nic: String) throws {
+        /// A target waiting on the host's migration address; `nic` is `tap=...,mac=...` or `socket=...`;
+        /// `disk`, when given, is its `--disk` argument.
+        init(target net: TwoHostNetwork, host: Int, name: String, nic: String, disk: String? = nil) throws {
             socket = net.path("\(name).api")
             serial = net.path("\(name).serial")
             let keyFile = net.path("\(name).key")
@@ -205,7 +206,7 @@ struct MigrationNetworkTests {
             url = "tcp:\(TwoHostNetwork.migrationIP[host]):\(port)"
             process = try net.start(net.hosts[host], TestEnvironment.godwitPath,
                                     ["vm", "--incoming", url!, "--migration-key-file", keyFile, "--cpus", "2", "--memory", "256M",
-                                     "--net", nic, "--serial", serial, "--api-sock", socket])
+                                     "--net", nic, "--serial", serial, "--api-sock", socket] + (disk.map { ["--disk", $0] } ?? []))
             for _ in 0..<500 {
                 if (try? net.run(net.hosts[host], "/usr/bin/cat", ["/proc/net/tcp"]))?.stdout.contains(String(format: ":%04X", port)) == true { break }
                 usleep(10_000)
@@ -215,7 +216,8 @@ struct MigrationNetworkTests {
         /// The complete lines of the serial log so far (a line still being written is left out).
         func lines() -> [GuestLine] {
             guard let text = try? String(contentsOfFile: serial, encoding: .utf8) else { return [] }
-            var pieces = text.split(separator: "\n", omittingEmptySubsequences: false)
+            // `isNewline`: a Linux console ends its lines with "\r\n", one Character in Swift.
+            var pieces = text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline)
             pieces.removeLast()
             return pieces.compactMap { GuestLine(String($0)) }
         }
