@@ -1,5 +1,5 @@
-"""Pieces the benchmark scripts share: QMP, ports, process clean-up."""
-import json, socket, subprocess, time
+"""Pieces the benchmark scripts share: QMP, ports, process clean-up, memory of a process tree."""
+import json, os, socket, subprocess, time
 
 
 def free_port():
@@ -68,3 +68,29 @@ class QMP:
         self.sock.close()
 
 
+def process_tree(pid):
+    """pid and its descendants (a namespaced `godwit vm` is a waiting parent, the VMM and its broker)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    return tree
+
+def rss_excluding_guest(pid):
+    """RssAnon + RssFile, and RssAnon, summed over the process tree (guest RAM is RssShmem, left out)."""
+    total, anon, seen = 0, 0, False
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            kb = lambda k: int(fields.get(k, "0 kB").split()[0])
+            total, anon, seen = total + kb("RssAnon") + kb("RssFile"), anon + kb("RssAnon"), True
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    return (total, anon) if seen else None

@@ -67,7 +67,13 @@ extension VMMService {
         }
     }
 
-    public func migrationStatus() throws -> MigrationStatus { lock.withLock { migration } }
+    public func migrationStatus() throws -> MigrationStatus {
+        lock.withLock {
+            if migration.state == "sending" { migrationWatched.during = true }
+            if migration.state == "completed" { migrationWatched.end = true }
+            return migration
+        }
+    }
 
     /// Migration news goes to the log and to standard error (an operator watches a migration).
     func migrationLog(_ message: String) {
@@ -151,6 +157,7 @@ extension VMMService {
             }
             guard migration.state != "sending" else { throw APIError.badRequest("a migration is already running") }
             migration = MigrationStatus(state: "sending")
+            migrationWatched = (false, false)
             return vm
         }
         let parameters = MigrationParameters(downtime: Double(params.downtimeMs ?? 300) / 1000, timeout: Double(params.timeoutS ?? 300),
@@ -186,7 +193,9 @@ extension VMMService {
                          + s.trace.map { "\($0.0) +\(String(format: "%.1f", $0.1 * 1000)) ms" }.joined(separator: ", "))
             publish(.migrationProgress, ["state": .string("completed"), "downtime_ms": .number(outcome.downtime * 1000),
                                          "total_ms": .number(outcome.total * 1000), "bytes_sent": .number(Double(outcome.bytesSent))])
-            // The guest is the target's now: this VMM ends.
+            // The guest is the target's now: this VMM ends, once a client that watched the migration (`godwit ctl
+            // migrate`) has read how it ended, or after a second.
+            for _ in 0..<50 where lock.withLock({ migrationWatched.during && !migrationWatched.end }) { usleep(20_000) }
             machine.requestExit(.migrated)
         } catch {
             if sender?.committed == true {

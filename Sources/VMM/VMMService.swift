@@ -31,6 +31,9 @@ public final class VMMService: VMMController, @unchecked Sendable {
     var vm: MicroVM?
     /// The current or last migration (guarded by `lock`).
     var migration = MigrationStatus(state: "none")
+    /// Whether a client has read the migration's status while it ran, and whether it has read its end:
+    /// a source VMM lingers briefly after a completed migration until such a client has seen the figures.
+    var migrationWatched = (during: false, end: false)
     /// The key migrations use when a request names none (`--migration-key-file`).
     public var defaultMigrationKey: String?
     private var exit: GuestExit?

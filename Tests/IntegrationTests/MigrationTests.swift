@@ -85,6 +85,8 @@ struct MigrationTests {
                                                                "--downtime-ms", "100", "--key", MigrationTests.key], timeout: 60)
         #expect(ctl.status == 0, "\(ctl.stdout)\n\(ctl.stderr)")
         #expect(ctl.stdout.contains("pass"), "\(ctl.stdout)")
+        // The source waits for the watching client to read the end before it exits: the figures are shown.
+        #expect(ctl.stdout.range(of: #"migrated: downtime [0-9.]+ ms, total [0-9]+ ms"#, options: .regularExpression) != nil, "\(ctl.stdout)")
         let source = api.process.wait(timeout: 30)
         #expect(source.status == 0, "the source VMM exits once the target owns the guest: \(source.stderr)")
         #expect(source.stderr.contains("completed: downtime"), "\(source.stderr)")
