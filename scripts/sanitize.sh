@@ -6,9 +6,11 @@
 # from a child process fails its test through its exit status. TSan's runtime does not survive
 # godwit's pre-main fork into namespaces (a CHECK failure in its interceptors), so under TSan the
 # children are the ordinary build and TSan watches what runs in the test process: vCPU threads of
-# in-process VMs, the API server, NBD server and routes' workers. SANITIZE_ADDRESS_FILTER and
-# SANITIZE_THREAD_FILTER narrow each one's integration tier (`swift test --filter` patterns; default:
-# all of it).
+# in-process VMs, the API server, NBD server and routes' workers. So TSan's integration tier is the
+# suites whose code runs in the test process (THREAD_SUITES); the rest only start child processes,
+# which TSan cannot see. SANITIZE_ADDRESS_FILTER and SANITIZE_THREAD_FILTER override each one's
+# integration tier (`swift test --filter` patterns; defaults: all of it under ASan, THREAD_SUITES
+# under TSan).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sanitizers=("$@")
@@ -17,6 +19,10 @@ sanitizers=("$@")
 # fail at the end (halt_on_error=0, exitcode 66); signal handlers that only set a flag are fine.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0}
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=0 report_signal_unsafe=0 exitcode=66}
+# The integration suites that run Godwit code in the test process: VMs and their vCPU threads
+# (PauseTests), the vhost-user frontend code driving live I/O domains (IODomainControlTests), the
+# NBD client and server against peers (NBDInteropTests), the etcd client (EtcdTests).
+THREAD_SUITES="PauseTests|IODomainControlTests|NBDInteropTests|EtcdTests"
 status=0
 for sanitizer in "${sanitizers[@]}"; do
     case $sanitizer in
@@ -26,7 +32,7 @@ for sanitizer in "${sanitizers[@]}"; do
     esac
     echo "== $sanitizer: building"
     swift build --build-tests --scratch-path "$scratch" -Xswiftc -sanitize="$sanitizer" 2>&1 | grep -E "error|Build complete" || true
-    if [ "$sanitizer" = address ]; then filter=${SANITIZE_ADDRESS_FILTER:-IntegrationTests}; else filter=${SANITIZE_THREAD_FILTER:-IntegrationTests}; fi
+    if [ "$sanitizer" = address ]; then filter=${SANITIZE_ADDRESS_FILTER:-IntegrationTests}; else filter=${SANITIZE_THREAD_FILTER:-$THREAD_SUITES}; fi
     for tier in UnitTests "$filter"; do
         echo "== $sanitizer: $tier"
         log=$(mktemp)

@@ -343,7 +343,7 @@ public final class RoutedBlockBackend: BlockBackend, @unchecked Sendable {
     }
 
     private func runSync(_ replica: ReplicaStorage) {
-        let chunkSize = bitmap.chunkSize
+        let chunkSize = state.withLock { bitmap.chunkSize }  // the bitmap is marked under the lock by other threads
         var buffer = [UInt8](repeating: 0, count: Int(chunkSize))
         while true {
             let next: Int? = state.withLock { self.replica === replica && syncing ? bitmap.takeFirst() : nil }

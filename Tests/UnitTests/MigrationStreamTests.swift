@@ -194,7 +194,8 @@ private func sendPatternPages(_ channel: MigrationChannel, _ numbers: [UInt64]) 
     }
 
     @Test func manyPagesAreSplitIntoSections() throws {
-        let pair = try Pair()
+        // A generous time-out: a sanitized debug build on a busy machine checksums a full section slowly.
+        let pair = try Pair(timeout: 60)
         let numbers = (0..<UInt64(2 * MigrationStream.maxPagesPerSection + 5)).map { ($0 * 7919) % 5000 }
         let zeros = (0..<UInt64(MigrationStream.maxZeroPagesPerSection + 3)).map { $0 % 5000 }
         let sender = Background {
