@@ -125,19 +125,23 @@ struct LinuxTests {
     }
 
     /// The bzImage path, the third boot: the VMM enters the 64-bit boot protocol with `boot_params`,
-    /// the compressed kernel decompresses itself (at emulation speed here: about a minute; this config
-    /// has no verbose decompressor, so the first line is the kernel's banner), finds the initrd as the
-    /// boot protocol's ramdisk and reaches the ready line; a `reboot` ends the VMM with the reboot status.
+    /// the compressed kernel's decompressor speaks first on the earlyprintk serial port and decompresses
+    /// (at emulation speed here: about a minute), the kernel finds the initrd as the boot protocol's
+    /// ramdisk and reaches the ready line; a `reboot` ends the VMM with the reboot status.
     @Test func theBzImageBootsToReadyAndRebootGivesTheRebootStatus() throws {
         let dir = try TestEnvironment.temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: dir) }
         let console = dir.appendingPathComponent("console.log").path
         let r = try runProcess(TestEnvironment.godwitPath, [
             "vm", "--kernel", TestEnvironment.linuxArtifact("bzImage"), "--initrd", TestEnvironment.linuxArtifact("initramfs.cpio"),
-            "--memory", "256M", "--serial", console, "--cmdline", Self.commandLine + " godwit.job=ready godwit.job=reboot",
+            "--memory", "256M", "--serial", console,
+            "--cmdline", Self.commandLine + " earlyprintk=serial,ttyS0,115200 godwit.job=ready godwit.job=reboot",
         ], timeout: 600)
         let output = (try? String(contentsOfFile: console, encoding: .utf8)) ?? ""
         let tail = output.split(whereSeparator: \.isNewline).suffix(8).joined(separator: " | ")
+        #expect(output.hasPrefix("early console in extract_kernel"), "the decompressor's first output: \(output.prefix(200))")
+        #expect(output.contains("Decompressing Linux... Parsing ELF... "), "\(output.prefix(600))")
+        #expect(output.contains("Booting the kernel"), "the decompressor handed over: \(output.prefix(800))")
         #expect(output.contains("Linux version"), "\(r.stderr.suffix(500)) \(tail)")
         #expect(output.split(whereSeparator: \.isNewline).compactMap { GuestLine(String($0)) }.contains { $0.job == "ready" }, "\(tail)")
         #expect(r.status == 3, "reboot: \(r.status) \(r.stderr.suffix(300)) \(tail)")

@@ -95,8 +95,11 @@ struct MigrationTests {
         let before = try api.serialLines()
         let after = target.lines()
         let idle = try #require(after.last { $0.job == "idle" && $0["beats"] != nil }, "\(after.suffix(5))")
-        #expect(idle.int("beats") ?? 0 >= 540, "90% of 6 s of heartbeats (a loaded host delays some): \(idle)")
-        #expect((idle.int("max_gap_us") ?? .max) < 200_000, "the guest's clock did not jump: \(idle)")
+        // Not a downtime measurement (bench/migrate does that): a guest that stopped running, or whose clock
+        // jumped (TSC or kvmclock not carried over: seconds, or backwards), fails these; a loaded host or a
+        // sanitized VMM (a stop of 0.6 s seen under ASan with two other jobs running) does not.
+        #expect(idle.int("beats") ?? 0 >= 300, "half of 6 s of heartbeats: \(idle)")
+        #expect((idle.int("max_gap_us") ?? .max) < 1_000_000, "the guest's clock did not jump: \(idle)")
         #expect(before.first?["boot"] == after.first?["boot"], "same boot id: \(String(describing: before.first)) vs \(String(describing: after.first))")
         #expect((after.first { $0.job == "idle" }?.int("seq") ?? 0) > 50, "continued, not rebooted")
         #expect(after.last { $0.job == "done" }?["status"] == "pass")
@@ -171,7 +174,7 @@ struct MigrationTests {
         #expect(r.status == 0, "\(r.stderr)")
         let lines = back.lines()
         let idle = try #require(lines.last { $0.job == "idle" && $0["beats"] != nil }, "\(lines.suffix(3))")
-        #expect((idle.int("max_gap_us") ?? .max) < 200_000, "\(idle)")
+        #expect((idle.int("max_gap_us") ?? .max) < 1_000_000, "the guest's clock did not jump across two moves: \(idle)")
         #expect(lines.first?["boot"] == (try api.serialLines()).first?["boot"])
         #expect(lines.last { $0.job == "done" }?["status"] == "pass")
     }

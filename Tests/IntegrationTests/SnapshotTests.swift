@@ -31,8 +31,9 @@ struct SnapshotTests {
         let lines = try second.serialLines()
         let idle = try #require(lines.last { $0.job == "idle" && $0["beats"] != nil }, "\(lines)")
         // 6 s at 100 Hz; a loaded host delays the vCPU thread now and then and the guest skips the beats it
-        // missed, so 90% is the bar (the gap check below is what catches a clock jump).
-        #expect(idle.int("beats") ?? 0 >= 540, "the heartbeats of 6 s at 100 Hz: \(idle)")
+        // missed (a third were missed under ASan beside two other jobs), so half is the bar: the gap check
+        // below is what catches a clock jump.
+        #expect(idle.int("beats") ?? 0 >= 300, "half the heartbeats of 6 s at 100 Hz: \(idle)")
         // The guest's clock did not jump: no heartbeat gap longer than half a second across the pause.
         #expect((idle.int("max_gap_us") ?? .max) < 500_000, "\(idle)")
         #expect(lines.last { $0.job == "done" }?["status"] == "pass")
