@@ -68,6 +68,19 @@ final class VhostUserLogSink: @unchecked Sendable {
     }
 }
 
+/// One ring's used-ring log address (SET_VRING_ADDR with VHOST_VRING_F_LOG), read by the threads that
+/// complete requests: the frontend switches logging on and off while the ring runs, so a value captured
+/// when the ring started would miss the used-ring writes of a migration's last requests.
+final class VhostUserUsedLog: @unchecked Sendable {
+    private let lock = Lock()
+    private var value: UInt64?
+
+    var address: UInt64? {
+        get { lock.withLock { value } }
+        set { lock.withLock { value = newValue } }
+    }
+}
+
 /// One frontend connection of a `VhostUserBackend`: the protocol state machine and the rings, on one
 /// thread with its own event loop.
 final class VhostUserConnection: @unchecked Sendable {
@@ -97,6 +110,8 @@ final class VhostUserConnection: @unchecked Sendable {
     private var memory: GuestMemory?
     private var table: [VhostUserMemoryRegion] = []
     private var rings: [Ring]
+    /// Each ring's used-ring log address, for writes a device completes on another thread.
+    private let usedLogs: [VhostUserUsedLog]
     /// The queues the device runs on (by index), empty while it is not activated.
     private var active: [Int: Virtqueue] = [:]
     private var dirtyLog: VhostUserDirtyLog? { didSet { updateLogSink() } }
@@ -117,6 +132,7 @@ final class VhostUserConnection: @unchecked Sendable {
         self.backend = backend
         loop = try vhostSystem { () throws(SystemError) in try EventLoop() }
         rings = Array(repeating: Ring(), count: device.queueCount)
+        usedLogs = (0..<device.queueCount).map { _ in VhostUserUsedLog() }
         let log: (String) -> Void = { [weak backend] message in backend?.log("connection \(id): \(message)") }
         signals = VhostUserRingSignals(queueCount: device.queueCount) { error in
             log("device stopped and needs a reset: \(error)")
@@ -261,6 +277,7 @@ final class VhostUserConnection: @unchecked Sendable {
             for i in rings.indices {
                 if let kick = rings[i].kick { loop.remove(kick) }
                 rings[i] = Ring()
+                usedLogs[i].address = nil
             }
             return nil
 
@@ -302,6 +319,7 @@ final class VhostUserConnection: @unchecked Sendable {
             }
             let old = rings[i].address
             rings[i].address = address
+            usedLogs[i].address = address.flags & VhostUserVringAddress.flagLog != 0 ? address.log : nil
             let sameRings = old.map { $0.descriptor == address.descriptor && $0.used == address.used
                 && $0.available == address.available } ?? false
             // Switching used-ring logging on or off must not stop a running ring.
@@ -534,12 +552,13 @@ final class VhostUserConnection: @unchecked Sendable {
                                           maxSize: device.maxQueueSize, nextAvail: rings[i].base, nextUsed: usedIndex)
                 // Writes a device completes later (asynchronous I/O) reach the dirty log when they land.
                 let sink = logSink
-                let usedLog = address.flags & VhostUserVringAddress.flagLog != 0 ? address.log : nil
+                // Read at each completion: logging is switched on (SET_VRING_ADDR) while the ring runs.
+                let usedLog = usedLogs[i]
                 let usedBytes = 6 + 8 * UInt64(rings[i].size)
                 queue.writeObserver = { segments in
                     guard let log = sink.current else { return }
                     for segment in segments { log.mark(address: segment.address, length: UInt64(segment.length)) }
-                    if let usedLog { log.mark(address: usedLog, length: usedBytes) }
+                    if let address = usedLog.address { log.mark(address: address, length: usedBytes) }
                     log.notify()
                 }
                 if let inflight, i < inflight.queueCount, rings[i].size <= inflight.queueSize {
