@@ -59,9 +59,9 @@ struct APITests {
         let atPause = try api.serialLines().count
         Thread.sleep(forTimeInterval: 1)
         #expect(try api.serialLines().count == atPause, "no heartbeat while paused")
-        #expect(try api.call("PATCH", "/vm", ["state": "Resumed"]).status == 204)
 
-        // Every pre-boot request is refused after boot, with a reason.
+        // Every pre-boot request is refused after boot, with a reason (asked while paused, so the guest
+        // cannot finish its job and end the VMM meanwhile on a slow host).
         for (method, path, body) in [("PUT", "/boot-source", ["kernel_image_path": TestEnvironment.guestPath] as [String: Any]),
                                      ("PUT", "/machine-config", ["vcpu_count": 1, "mem_size_mib": 64]),
                                      ("PATCH", "/machine-config", ["vcpu_count": 1]),
@@ -72,12 +72,14 @@ struct APITests {
             #expect(r.status == 400, "\(method) \(path): \(r.status) \(r.body)")
             #expect(r.body.contains("fault_message"))
         }
+        #expect(try api.call("PATCH", "/vm", ["state": "Resumed"]).status == 204)
         let r = api.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr)")
         let summary = try #require(try api.serialLines().last { $0.job == "idle" && $0["beats"] != nil })
-        // 3 s of guest time; a loaded host can delay a few beats, but a 1 s pause must not show as a gap.
-        #expect((summary.int("beats") ?? 0) >= 240, "\(summary)")
-        #expect((summary.int("max_gap_us") ?? .max) < 500_000, "the guest's clock did not advance by the 1 s pause: \(summary)")
+        // 3 s of guest time; a loaded host delays beats (the guest skips those it missed), but the pause
+        // (over a second) must not show as a gap.
+        #expect((summary.int("beats") ?? 0) >= 150, "\(summary)")
+        #expect((summary.int("max_gap_us") ?? .max) < 900_000, "the guest's clock did not advance by the pause: \(summary)")
 
         #expect(events.waitForOutput(timeout: 5) { $0.contains("shutdown") })
         let kinds = events.stdoutSoFar.split(separator: "\n").compactMap { line -> String? in
