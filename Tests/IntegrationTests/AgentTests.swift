@@ -329,8 +329,11 @@ struct AgentTests {
         let spec = VMSpec(id: "vm5", kernel: TestEnvironment.guestPath, cmdline: jobs, vcpus: 1, memoryMib: 192, diskMib: 4, replica: "b")
         _ = try cluster.client(0).send("POST", "/vms", spec, answer: VMRecord.self)
         #expect(cluster.waitForEvent(0, "route-in-sync", vm: "vm5") != nil)
-        let ready = Date().addingTimeInterval(30)
+        // The guest is up (its 96 MiB dirtying job first: slow on a loaded host) and the agent says it runs.
+        let ready = Date().addingTimeInterval(90)
         while Date() < ready && !cluster.serial(0, "vm5").contains(where: { $0.job == "ready" }) { usleep(100_000) }
+        try #require(cluster.serial(0, "vm5").contains { $0.job == "ready" }, "\(cluster.serial(0, "vm5").suffix(3))")
+        while Date() < ready, (try? cluster.status(0))?.vms.first(where: { $0.spec.id == "vm5" })?.state != "running" { usleep(100_000) }
         usleep(1_000_000)
         let asked = try cluster.client(0).request("POST", "/vms/vm5/failover", body: [])
         #expect(asked.status == 204, "\(String(decoding: asked.body, as: UTF8.self))")
