@@ -507,6 +507,64 @@ final class VUPipe {
         #expect(!dirty(0x10000) && !dirty(0x20000) && !dirty(driver.descriptorTable))
     }
 
+    /// A migration switches logging on while the ring runs (SET_FEATURES with LOG_ALL, SET_LOG_BASE,
+    /// SET_VRING_ADDR with the log flag, no restart). A request the device took before that and
+    /// completes after it, on another thread (the AIO reaper; here the test), marks the used ring too.
+    /// (Captured when the ring started, the log address stayed unset: the target's used index was one
+    /// behind for a request finished in the migration's final drain, and the guest waited for ever.)
+    @Test func aRequestFinishedAfterLoggingStartsMarksTheUsedRing() throws {
+        let held = VirtioHeldBackend(capacity: 1 << 20)
+        let backend = VhostUserBackend(name: "log-late", logger: { _ in }) { BlockDevice(backend: held) }
+        defer { backend.stop() }
+        let (backendEnd, frontendEnd) = try VhostUserChannel.pair()
+        try backend.serve(backendEnd)
+        let frontend = VhostUserFrontend(channel: frontendEnd)
+        let memory = try GuestMemory.create(layout: [(base: 0, size: 1 << 20)], name: "vu-log-late")
+        var driver = try VUTestDriver(memory: memory)
+
+        try frontend.setProtocolFeatures(VhostUserProtocolFeature.logSharedMemory | VhostUserProtocolFeature.replyAck)
+        try frontend.setOwner()
+        try frontend.setFeatures(VirtioFeature.version1 | VhostUserFeature.protocolFeatures)
+        let (regions, fds) = try VUTestDriverTable.table(memory)
+        try frontend.setMemoryTable(regions, fileDescriptors: fds)
+        let base = regions[0].userAddress
+        func address(flags: UInt32) -> VhostUserVringAddress {
+            VhostUserVringAddress(index: 0, flags: flags, descriptor: base + driver.descriptorTable, used: base + driver.usedRing,
+                                  available: base + driver.availRing, log: driver.usedRing)
+        }
+        try frontend.setVringNum(queue: 0, size: driver.size)
+        try frontend.setVringBase(queue: 0, base: 0)
+        try frontend.setVringAddress(address(flags: 0))
+        let kick = try EventFD(), call = try EventFD()
+        try frontend.setVringKick(queue: 0, fileDescriptor: kick.descriptor)
+        try frontend.setVringCall(queue: 0, fileDescriptor: call.descriptor)
+        try frontend.setVringEnable(queue: 0, enabled: true)
+        // A read the device takes and leaves in flight.
+        try driver.blockRequest(type: 0, sector: 0, data: 0x40000, length: 4096)
+        try kick.signal()
+        var tags: [UInt64] = []
+        for _ in 0..<500 where tags.isEmpty { usleep(10_000); tags = held.heldTags }
+        try #require(tags.count == 1, "the device submitted the read asynchronously")
+
+        // The migration starts: logging on, the ring keeps running.
+        try frontend.setFeatures(VirtioFeature.version1 | VhostUserFeature.logAll | VhostUserFeature.protocolFeatures)
+        let logFD = try MemFD.create(name: "vu-log-late-bitmap", size: 4096)
+        try frontend.setLogBase(size: 32, offset: 0, fileDescriptor: logFD)
+        try frontend.setVringAddress(address(flags: VhostUserVringAddress.flagLog))
+        // The read completes now, on this thread.
+        held.complete(tags[0])
+        held.endLastBatch()
+        #expect(driver.waitForUsed(1, call: call))
+        #expect(try frontend.getVringBase(queue: 0) == 1)
+        let log = try MemoryMapping(size: 4096, fd: logFD)
+        func dirty(_ address: UInt64) -> Bool {
+            let page = Int(address / 4096)
+            return log.base.load(fromByteOffset: page / 8, as: UInt8.self) & (1 << (page % 8)) != 0
+        }
+        #expect(dirty(0x40000), "the read's data, written after logging started")
+        #expect(dirty(driver.usedRing), "the used ring, written after logging started")
+    }
+
     @Test func replyAckReportsFailuresAndTheConnectionCloses() throws {
         let pair = try VUBlockPair()
         let (backendEnd, frontendEnd) = try VhostUserChannel.pair()

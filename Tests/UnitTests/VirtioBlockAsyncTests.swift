@@ -19,6 +19,7 @@ final class VirtioHeldBackend: BlockBackend, @unchecked Sendable {
     private var disk: [UInt8]
     private var held: [UInt64: (request: BlockIORequest, handler: AsyncIOHandler)] = [:]
     private var order: [UInt64] = []
+    private var lastHandler: AsyncIOHandler?
     private(set) var syncRequests = 0
 
     init(capacity: Int) {
@@ -36,6 +37,7 @@ final class VirtioHeldBackend: BlockBackend, @unchecked Sendable {
     func submitAsync(_ requests: [BlockIORequest], handler: AsyncIOHandler) -> Int {
         lock.withLock {
             let count = max(0, min(requests.count, limit - held.count))
+            lastHandler = handler
             for request in requests.prefix(count) {
                 held[request.tag] = (request, handler)
                 order.append(request.tag)
@@ -72,6 +74,9 @@ final class VirtioHeldBackend: BlockBackend, @unchecked Sendable {
     func completeUnknown(_ tag: UInt64, handler: AsyncIOHandler) { handler.asyncIOCompleted(tag: tag, result: 512) }
 
     func endBatch(_ handler: AsyncIOHandler) { handler.asyncIOBatchEnded() }
+
+    /// Ends the batch of the handler that submitted last (when the test cannot reach the device).
+    func endLastBatch() { lock.withLock { lastHandler }?.asyncIOBatchEnded() }
 
     func read(at offset: UInt64, into buffers: [UnsafeMutableRawBufferPointer]) throws {
         lock.withLock {
