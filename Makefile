@@ -75,11 +75,13 @@ debian-kernel-report: build
 # Every tier: unit (no KVM), integration (KVM + test guest), interop (QEMU runs the same guest), then
 # every fuzz target for a short bounded time (the corpus, then FUZZ_SMOKE_SECONDS of new inputs each).
 FUZZ_SMOKE_SECONDS ?= 20
+# Then SOAK_SMOKE_MINUTES of the soak (bench/soak, on the debug build; below).
 # Then the unit and integration tiers again under ASan (VMMs and I/O domains ASan-built too) and
 # TSan (the suites whose Godwit code runs in the test process; see scripts/sanitize.sh).
 test: guest build linux
 	$(SWIFT) test --no-parallel
 	scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
+	bench/soak --minutes $(SOAK_SMOKE_MINUTES) --no-build --godwit $(GODWIT) --skip-if-unavailable
 	scripts/sanitize.sh
 
 sanitize: guest build
@@ -89,6 +91,15 @@ sanitize: guest build
 FUZZ_SECONDS ?= 300
 fuzz: build
 	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# The soak (bench/soak, root): two test guests on two hosts (network namespaces) run blk-verify and
+# net-echo while they are paused, migrated back and forth, their I/O domains killed, their disks failed
+# over to the replica and their API hammered; it fails on any guest error, lost byte, crash or wrong API
+# answer. `make soak` runs 30 minutes on the release build; `make test` SOAK_SMOKE_MINUTES on the debug one.
+SOAK_SMOKE_MINUTES ?= 3
+.PHONY: soak
+soak: guest
+	bench/soak
 
 unit: build
 	$(SWIFT) test --filter UnitTests
