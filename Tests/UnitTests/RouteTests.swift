@@ -9,8 +9,14 @@ final class FlakyDisk: BlockBackend, ReplicaStorage, @unchecked Sendable {
     enum Mode { case healthy, failing, hanging }
     let lock = NSLock()
     var bytes: [UInt8]
-    var mode = Mode.healthy
-    var writes = 0
+    /// Set by the test while the route's threads read it: under the lock.
+    var mode: Mode {
+        get { lock.withLock { storedMode } }
+        set { lock.withLock { storedMode = newValue } }
+    }
+    private var storedMode = Mode.healthy
+    var writes: Int { lock.withLock { storedWrites } }
+    private var storedWrites = 0
     var flushes = 0
     var writeDelay: useconds_t = 0
     let release = DispatchSemaphore(value: 0)
@@ -24,7 +30,7 @@ final class FlakyDisk: BlockBackend, ReplicaStorage, @unchecked Sendable {
     init(size: Int, seed: UInt8 = 0) { bytes = (0..<size).map { UInt8(truncatingIfNeeded: $0 / 512) &+ seed } }
 
     private func gate() throws {
-        switch lock.withLock({ mode }) {
+        switch mode {
         case .healthy: return
         case .failing: throw SystemError(operation: "pread", errno: EIO, context: "flaky disk")
         case .hanging:
@@ -49,7 +55,7 @@ final class FlakyDisk: BlockBackend, ReplicaStorage, @unchecked Sendable {
         if writeDelay > 0 { usleep(writeDelay) }
         var position = Int(offset)
         lock.withLock {
-            writes += 1
+            storedWrites += 1
             for buffer in buffers {
                 for (i, b) in buffer.enumerated() { bytes[position + i] = b }
                 position += buffer.count
