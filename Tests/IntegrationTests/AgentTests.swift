@@ -333,7 +333,11 @@ struct AgentTests {
         let ready = Date().addingTimeInterval(90)
         while Date() < ready && !cluster.serial(0, "vm5").contains(where: { $0.job == "ready" }) { usleep(100_000) }
         try #require(cluster.serial(0, "vm5").contains { $0.job == "ready" }, "\(cluster.serial(0, "vm5").suffix(3))")
-        while Date() < ready, (try? cluster.status(0))?.vms.first(where: { $0.spec.id == "vm5" })?.state != "running" { usleep(100_000) }
+        func failable() -> Bool {
+            (try? cluster.status(0))?.vms.contains { $0.spec.id == "vm5" && $0.state == "running" && $0.replicaHost != nil } == true
+        }
+        while Date() < ready, !failable() { usleep(100_000) }
+        #expect(failable(), "the agent reports vm5 running with its replica: \(String(describing: try? cluster.status(0).vms))")
         usleep(1_000_000)
         let asked = try cluster.client(0).request("POST", "/vms/vm5/failover", body: [])
         #expect(asked.status == 204, "\(String(decoding: asked.body, as: UTF8.self))")
