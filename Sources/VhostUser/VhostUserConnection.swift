@@ -56,28 +56,19 @@ final class VhostUserRingSignals: VirtioInterrupt, @unchecked Sendable {
     }
 }
 
-/// The dirty log as a device's completion thread sees it: set while the frontend asks for logging
-/// (VHOST_F_LOG_ALL with a log base), read by the queues' `writeObserver`s.
-final class VhostUserLogSink: @unchecked Sendable {
+/// A value the connection's thread sets and the threads that complete requests read: the dirty log
+/// (set while the frontend asks for VHOST_F_LOG_ALL with a log base) and each ring's used-ring log
+/// address (SET_VRING_ADDR with VHOST_VRING_F_LOG). Both change while the rings run, so completions
+/// read them each time rather than capturing them when a ring starts.
+final class VhostUserShared<Value>: @unchecked Sendable {
     private let lock = Lock()
-    private var log: VhostUserDirtyLog?
+    private var stored: Value
 
-    var current: VhostUserDirtyLog? {
-        get { lock.withLock { log } }
-        set { lock.withLock { log = newValue } }
-    }
-}
+    init(_ value: Value) { stored = value }
 
-/// One ring's used-ring log address (SET_VRING_ADDR with VHOST_VRING_F_LOG), read by the threads that
-/// complete requests: the frontend switches logging on and off while the ring runs, so a value captured
-/// when the ring started would miss the used-ring writes of a migration's last requests.
-final class VhostUserUsedLog: @unchecked Sendable {
-    private let lock = Lock()
-    private var value: UInt64?
-
-    var address: UInt64? {
-        get { lock.withLock { value } }
-        set { lock.withLock { value = newValue } }
+    var value: Value {
+        get { lock.withLock { stored } }
+        set { lock.withLock { stored = newValue } }
     }
 }
 
@@ -111,13 +102,13 @@ final class VhostUserConnection: @unchecked Sendable {
     private var table: [VhostUserMemoryRegion] = []
     private var rings: [Ring]
     /// Each ring's used-ring log address, for writes a device completes on another thread.
-    private let usedLogs: [VhostUserUsedLog]
+    private let usedLogs: [VhostUserShared<UInt64?>]
     /// The queues the device runs on (by index), empty while it is not activated.
     private var active: [Int: Virtqueue] = [:]
     private var dirtyLog: VhostUserDirtyLog? { didSet { updateLogSink() } }
     private var logNotifier: FileDescriptor?
     /// `dirtyLog` while logging is on, for writes a device completes on another thread.
-    private let logSink = VhostUserLogSink()
+    private let logSink = VhostUserShared<VhostUserDirtyLog?>(nil)
     /// The inflight-tracking region (GET/SET_INFLIGHT_FD) and the queue geometry it was made for.
     private var inflight: (mapping: MemoryMapping, queueCount: Int, queueSize: UInt16)?
     /// Why the connection is closing (nil: the peer closed it).
@@ -132,7 +123,7 @@ final class VhostUserConnection: @unchecked Sendable {
         self.backend = backend
         loop = try vhostSystem { () throws(SystemError) in try EventLoop() }
         rings = Array(repeating: Ring(), count: device.queueCount)
-        usedLogs = (0..<device.queueCount).map { _ in VhostUserUsedLog() }
+        usedLogs = (0..<device.queueCount).map { _ in VhostUserShared<UInt64?>(nil) }
         let log: (String) -> Void = { [weak backend] message in backend?.log("connection \(id): \(message)") }
         signals = VhostUserRingSignals(queueCount: device.queueCount) { error in
             log("device stopped and needs a reset: \(error)")
@@ -142,7 +133,7 @@ final class VhostUserConnection: @unchecked Sendable {
     private func log(_ message: String) { backend?.log("connection \(id): \(message)") }
 
     private func updateLogSink() {
-        logSink.current = features & VhostUserFeature.logAll != 0 ? dirtyLog : nil
+        logSink.value = features & VhostUserFeature.logAll != 0 ? dirtyLog : nil
     }
 
     func start() throws {
@@ -277,7 +268,7 @@ final class VhostUserConnection: @unchecked Sendable {
             for i in rings.indices {
                 if let kick = rings[i].kick { loop.remove(kick) }
                 rings[i] = Ring()
-                usedLogs[i].address = nil
+                usedLogs[i].value = nil
             }
             return nil
 
@@ -319,7 +310,7 @@ final class VhostUserConnection: @unchecked Sendable {
             }
             let old = rings[i].address
             rings[i].address = address
-            usedLogs[i].address = address.flags & VhostUserVringAddress.flagLog != 0 ? address.log : nil
+            usedLogs[i].value = address.flags & VhostUserVringAddress.flagLog != 0 ? address.log : nil
             let sameRings = old.map { $0.descriptor == address.descriptor && $0.used == address.used
                 && $0.available == address.available } ?? false
             // Switching used-ring logging on or off must not stop a running ring.
@@ -556,9 +547,9 @@ final class VhostUserConnection: @unchecked Sendable {
                 let usedLog = usedLogs[i]
                 let usedBytes = 6 + 8 * UInt64(rings[i].size)
                 queue.writeObserver = { segments in
-                    guard let log = sink.current else { return }
+                    guard let log = sink.value else { return }
                     for segment in segments { log.mark(address: segment.address, length: UInt64(segment.length)) }
-                    if let address = usedLog.address { log.mark(address: address, length: usedBytes) }
+                    if let address = usedLog.value { log.mark(address: address, length: usedBytes) }
                     log.notify()
                 }
                 if let inflight, i < inflight.queueCount, rings[i].size <= inflight.queueSize {

@@ -482,15 +482,7 @@ final class VUPipe {
         let (regions, fds) = try VUTestDriverTable.table(memory)
         try frontend.setMemoryTable(regions, fileDescriptors: fds)
         let base = regions[0].userAddress
-        try frontend.setVringNum(queue: 0, size: driver.size)
-        try frontend.setVringBase(queue: 0, base: 0)
-        try frontend.setVringAddress(VhostUserVringAddress(index: 0, flags: VhostUserVringAddress.flagLog,
-                                                           descriptor: base + driver.descriptorTable, used: base + driver.usedRing,
-                                                           available: base + driver.availRing, log: driver.usedRing))
-        let kick = try EventFD(), call = try EventFD()
-        try frontend.setVringKick(queue: 0, fileDescriptor: kick.descriptor)
-        try frontend.setVringCall(queue: 0, fileDescriptor: call.descriptor)
-        try frontend.setVringEnable(queue: 0, enabled: true)
+        let (kick, call) = try vuStartRing(frontend, driver, userBase: base, flags: VhostUserVringAddress.flagLog)
 
         // A read request: the device writes the data buffer (page 0x40) and the status (page 0x12).
         try driver.blockRequest(type: 0, sector: 0, data: 0x40000, length: 4096)
@@ -499,10 +491,7 @@ final class VUPipe {
         // Stopping the ring orders everything the backend did before it (the frontend's final sync).
         #expect(try frontend.getVringBase(queue: 0) == 1)
         let log = try MemoryMapping(size: 4096, fd: logFD)
-        func dirty(_ address: UInt64) -> Bool {
-            let page = Int(address / 4096)
-            return log.base.load(fromByteOffset: page / 8, as: UInt8.self) & (1 << (page % 8)) != 0
-        }
+        func dirty(_ address: UInt64) -> Bool { vuPageIsDirty(log, address) }
         #expect(dirty(0x40000) && dirty(0x12000) && dirty(driver.usedRing))
         #expect(!dirty(0x10000) && !dirty(0x20000) && !dirty(driver.descriptorTable))
     }
@@ -528,17 +517,7 @@ final class VUPipe {
         let (regions, fds) = try VUTestDriverTable.table(memory)
         try frontend.setMemoryTable(regions, fileDescriptors: fds)
         let base = regions[0].userAddress
-        func address(flags: UInt32) -> VhostUserVringAddress {
-            VhostUserVringAddress(index: 0, flags: flags, descriptor: base + driver.descriptorTable, used: base + driver.usedRing,
-                                  available: base + driver.availRing, log: driver.usedRing)
-        }
-        try frontend.setVringNum(queue: 0, size: driver.size)
-        try frontend.setVringBase(queue: 0, base: 0)
-        try frontend.setVringAddress(address(flags: 0))
-        let kick = try EventFD(), call = try EventFD()
-        try frontend.setVringKick(queue: 0, fileDescriptor: kick.descriptor)
-        try frontend.setVringCall(queue: 0, fileDescriptor: call.descriptor)
-        try frontend.setVringEnable(queue: 0, enabled: true)
+        let (kick, call) = try vuStartRing(frontend, driver, userBase: base, flags: 0)
         // A read the device takes and leaves in flight.
         try driver.blockRequest(type: 0, sector: 0, data: 0x40000, length: 4096)
         try kick.signal()
@@ -550,17 +529,14 @@ final class VUPipe {
         try frontend.setFeatures(VirtioFeature.version1 | VhostUserFeature.logAll | VhostUserFeature.protocolFeatures)
         let logFD = try MemFD.create(name: "vu-log-late-bitmap", size: 4096)
         try frontend.setLogBase(size: 32, offset: 0, fileDescriptor: logFD)
-        try frontend.setVringAddress(address(flags: VhostUserVringAddress.flagLog))
+        try frontend.setVringAddress(vuRingAddress(driver, userBase: base, flags: VhostUserVringAddress.flagLog))
         // The read completes now, on this thread.
         held.complete(tags[0])
         held.endLastBatch()
         #expect(driver.waitForUsed(1, call: call))
         #expect(try frontend.getVringBase(queue: 0) == 1)
         let log = try MemoryMapping(size: 4096, fd: logFD)
-        func dirty(_ address: UInt64) -> Bool {
-            let page = Int(address / 4096)
-            return log.base.load(fromByteOffset: page / 8, as: UInt8.self) & (1 << (page % 8)) != 0
-        }
+        func dirty(_ address: UInt64) -> Bool { vuPageIsDirty(log, address) }
         #expect(dirty(0x40000), "the read's data, written after logging started")
         #expect(dirty(driver.usedRing), "the used ring, written after logging started")
     }
@@ -577,6 +553,30 @@ final class VUPipe {
         #expect(pair.backend.waitForClosedConnections(1, timeout: 5))
         #expect(pair.backend.closedConnections.first?.error?.contains("size 3 is not a power of two") == true)
     }
+}
+
+/// Ring 0's addresses for `driver` in a frontend whose guest RAM starts at `userBase`; the used ring logs at its guest address.
+func vuRingAddress(_ driver: VUTestDriver, userBase: UInt64, flags: UInt32) -> VhostUserVringAddress {
+    VhostUserVringAddress(index: 0, flags: flags, descriptor: userBase + driver.descriptorTable, used: userBase + driver.usedRing,
+                          available: userBase + driver.availRing, log: driver.usedRing)
+}
+
+/// Sets up and enables ring 0 from position 0; returns its kick and call eventfds.
+func vuStartRing(_ frontend: VhostUserFrontend, _ driver: VUTestDriver, userBase: UInt64, flags: UInt32) throws -> (kick: EventFD, call: EventFD) {
+    try frontend.setVringNum(queue: 0, size: driver.size)
+    try frontend.setVringBase(queue: 0, base: 0)
+    try frontend.setVringAddress(vuRingAddress(driver, userBase: userBase, flags: flags))
+    let kick = try EventFD(), call = try EventFD()
+    try frontend.setVringKick(queue: 0, fileDescriptor: kick.descriptor)
+    try frontend.setVringCall(queue: 0, fileDescriptor: call.descriptor)
+    try frontend.setVringEnable(queue: 0, enabled: true)
+    return (kick, call)
+}
+
+/// Whether the dirty log (one bit per 4 KiB page) marks the page of guest address `address`.
+func vuPageIsDirty(_ log: MemoryMapping, _ address: UInt64) -> Bool {
+    let page = Int(address / 4096)
+    return log.base.load(fromByteOffset: page / 8, as: UInt8.self) & (1 << (page % 8)) != 0
 }
 
 /// The memory table of a `GuestMemory`, as a VMM frontend sends it.
