@@ -25,6 +25,13 @@ int godwit_ioctl_val(int fd, unsigned long request, unsigned long arg) { return 
 int godwit_open(const char *path, int flags, unsigned int mode) { return open(path, flags | O_CLOEXEC, (mode_t)mode); }
 int godwit_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 int godwit_memfd_create_sealable(const char *name) { return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING); }
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21U << 26)
+#endif
+int godwit_memfd_create_huge_2m(const char *name, int sealable) {
+    return memfd_create(name, MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB | (sealable ? MFD_ALLOW_SEALING : 0));
+}
+const int GODWIT_MADV_HUGEPAGE = MADV_HUGEPAGE;
 int godwit_get_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
 int godwit_add_seals(int fd, int seals) { return fcntl(fd, F_ADD_SEALS, seals); }
 const int GODWIT_F_SEAL_SEAL = F_SEAL_SEAL;

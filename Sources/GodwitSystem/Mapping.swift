@@ -22,17 +22,36 @@ public final class MemoryMapping: @unchecked Sendable {
 
     deinit { munmap(base, size) }
 
+    /// Asks for transparent huge pages behind this mapping (madvise MADV_HUGEPAGE), as QEMU does for
+    /// guest RAM: the host honours it for memfd memory when its shmem_enabled setting is `advise` (or
+    /// more), and ignores it otherwise. Fewer, larger pages mean fewer page-table walks for the guest and
+    /// longer contiguous segments for direct I/O into guest buffers.
+    public func adviseHugePages() {
+        _ = madvise(base, size, GODWIT_MADV_HUGEPAGE)
+    }
+
     public var buffer: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: size) }
 }
 
 /// An anonymous memory file (memfd) that another process can map.
 public enum MemFD {
+    /// The huge page size `create(hugePages: true)` uses.
+    public static let hugePageSize: UInt64 = 2 << 20
+
     /// A memfd of `size` bytes. `sealed`: sealed against growing, shrinking and further sealing, as
     /// QEMU's `memory-backend-memfd` makes them, so that a process that maps it (an I/O domain) can never
     /// be made to touch memory past its end (SIGBUS).
-    public static func create(name: String, size: UInt64, sealed: Bool = false) throws(SystemError) -> FileDescriptor {
-        let raw = try systemCall("memfd_create", context: name) {
-            sealed ? godwit_memfd_create_sealable(name) : godwit_memfd_create(name)
+    ///
+    /// `hugePages`: 2 MiB hugetlbfs pages (`size` must be a multiple of 2 MiB); they come from the
+    /// host's reserved pool (`/proc/sys/vm/nr_hugepages`), and mapping the file fails with ENOMEM
+    /// when the pool has too few free pages.
+    public static func create(name: String, size: UInt64, sealed: Bool = false, hugePages: Bool = false) throws(SystemError) -> FileDescriptor {
+        if hugePages && size % hugePageSize != 0 {
+            throw SystemError(operation: "memfd_create", errno: EINVAL, context: "\(name): \(size) bytes is not a whole number of 2 MiB huge pages")
+        }
+        let raw = try systemCall("memfd_create", context: hugePages ? "\(name) (2 MiB huge pages)" : name) {
+            hugePages ? godwit_memfd_create_huge_2m(name, sealed ? 1 : 0)
+                : sealed ? godwit_memfd_create_sealable(name) : godwit_memfd_create(name)
         }
         let fd = FileDescriptor(owning: raw)
         try fd.truncate(to: size)

@@ -284,3 +284,28 @@ public enum VMMProcesses {
         return children(of: vmm).flatMap { children(of: $0) }
     }
 }
+
+/// The host's pool of 2 MiB huge pages (`/proc/sys/vm/nr_hugepages`), resized for a test and put back.
+public enum HugePagePool {
+    static let sysctl = "/proc/sys/vm/nr_hugepages"
+
+    /// A field of /proc/meminfo (`HugePages_Total`, `HugePages_Free`), or nil.
+    public static func meminfo(_ field: String) -> Int? {
+        let text = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8)) ?? ""
+        guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }) else { return nil }
+        return Int(line.dropFirst(field.count + 1).trimmingCharacters(in: .whitespaces))
+    }
+
+    /// Runs `body` with exactly `free` free huge pages in the pool (root only), then restores the pool's size.
+    public static func withFree<T>(_ free: Int, _ body: () throws -> T) throws -> T {
+        guard let total = meminfo("HugePages_Total"), let now = meminfo("HugePages_Free") else {
+            throw TestFailure("cannot read the huge page pool from /proc/meminfo")
+        }
+        try String(total - now + free).write(toFile: sysctl, atomically: false, encoding: .utf8)
+        defer { try? String(total).write(toFile: sysctl, atomically: false, encoding: .utf8) }
+        guard meminfo("HugePages_Free") == free else {
+            throw TestFailure("the kernel did not give the pool \(free) free huge pages (free: \(meminfo("HugePages_Free") ?? -1))")
+        }
+        return try body()
+    }
+}

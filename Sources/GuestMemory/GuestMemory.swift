@@ -10,6 +10,9 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Equatable, Sendabl
     case outOfRange(address: UInt64, length: UInt64)
     /// Regions overlap or are empty.
     case badLayout(String)
+    /// The host's pool of 2 MiB huge pages has fewer free pages than the RAM needs (`free`: nil when
+    /// /proc/meminfo cannot be read).
+    case hugePagesUnavailable(needed: UInt64, free: UInt64?)
 
     public var description: String {
         switch self {
@@ -17,6 +20,9 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Equatable, Sendabl
             return "guest range 0x\(String(address, radix: 16)) length \(length) is outside guest RAM"
         case let .badLayout(why):
             return "bad guest memory layout: \(why)"
+        case let .hugePagesUnavailable(needed, free):
+            let have = free.map { "\($0) are free" } ?? "the free count is unknown"
+            return "guest RAM needs \(needed) free 2 MiB huge pages but \(have) (reserve more in /proc/sys/vm/nr_hugepages)"
         }
     }
 }
@@ -89,18 +95,46 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Creates RAM for `layout` (guest base, size) in one memfd, each region at its own offset.
-    public static func create(layout: [(base: UInt64, size: UInt64)], name: String = "godwit-ram") throws -> GuestMemory {
+    ///
+    /// `hugePages`: the memfd is made of 2 MiB hugetlbfs pages (every region a multiple of 2 MiB), all
+    /// reserved from the host's pool when mapped: too few free huge pages is an error here, never a
+    /// SIGBUS later. Otherwise the RAM asks for transparent huge pages (`adviseHugePages`).
+    public static func create(layout: [(base: UInt64, size: UInt64)], name: String = "godwit-ram",
+                              hugePages: Bool = false) throws -> GuestMemory {
         try validate(layout)
+        if hugePages, let odd = layout.first(where: { $0.size % MemFD.hugePageSize != 0 || $0.base % MemFD.hugePageSize != 0 }) {
+            throw GuestMemoryError.badLayout("region at 0x\(String(odd.base, radix: 16)) of \(odd.size) bytes is not made of whole 2 MiB huge pages")
+        }
         let total = layout.reduce(UInt64(0)) { $0 + $1.size }
-        let fd = try MemFD.create(name: name, size: total, sealed: true)
+        let fd = try MemFD.create(name: name, size: total, sealed: true, hugePages: hugePages)
         var offset: UInt64 = 0
         var regions: [GuestRegion] = []
         for item in layout {
-            let mapping = try MemoryMapping(size: Int(item.size), fd: fd, offset: Int(offset))
+            let mapped: Result<MemoryMapping, SystemError> = Result { () throws(SystemError) in
+                try MemoryMapping(size: Int(item.size), fd: fd, offset: Int(offset))
+            }
+            if hugePages, case .failure(let error) = mapped, error.errno == ENOMEM {
+                throw GuestMemoryError.hugePagesUnavailable(needed: total / MemFD.hugePageSize, free: GuestMemory.freeHugePages())
+            }
+            let mapping = try mapped.get()
+            if !hugePages { mapping.adviseHugePages() }
             regions.append(GuestRegion(guestBase: item.base, size: item.size, backing: fd, backingOffset: offset, mapping: mapping))
             offset += item.size
         }
         return GuestMemory(regions: regions)
+    }
+
+    /// HugePages_Free from /proc/meminfo (the default huge page size is 2 MiB on x86), or nil.
+    static func freeHugePages() -> UInt64? {
+        guard let file = try? FileDescriptor.open("/proc/meminfo", flags: O_RDONLY) else { return nil }
+        var bytes = [UInt8](repeating: 0, count: 16384)
+        // In bounds: read fills at most bytes.count bytes of the buffer it is given.
+        guard let n = try? bytes.withUnsafeMutableBytes({ (b) throws(SystemError) -> Int in try file.read(into: b) }) else { return nil }
+        let text = String(decoding: bytes.prefix(n), as: UTF8.self)
+        for line in text.split(separator: "\n") where line.hasPrefix("HugePages_Free:") {
+            return UInt64(line.dropFirst("HugePages_Free:".count).filter { $0 != " " })
+        }
+        return nil
     }
 
     /// Another process's RAM, mapped from the file descriptors it passed (vhost-user SET_MEM_TABLE):

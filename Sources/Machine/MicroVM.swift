@@ -54,6 +54,9 @@ public struct MachineConfig: Sendable {
     public var commandLine: String
     public var cpus: Int
     public var memoryBytes: UInt64
+    /// Guest RAM in 2 MiB hugetlbfs pages from the host's reserved pool (Firecracker's `huge_pages: "2M"`);
+    /// otherwise a memfd of ordinary pages that asks for transparent huge pages.
+    public var hugePages = false
     public var disks: [DiskConfig]
     public var nets: [NetConfig] = []
     /// Where the guest's serial output goes (stdout or a file).
@@ -186,7 +189,7 @@ public final class MicroVM: @unchecked Sendable {
         guard config.cpus <= kvmMax else { throw MachineError.cpus(requested: config.cpus, max: kvmMax) }
         let regions = Layout.ramRegions(size: config.memoryBytes)
         do {
-            memory = try GuestMemory.create(layout: regions)
+            memory = try GuestMemory.create(layout: regions, hugePages: config.hugePages)
         } catch {
             throw MachineError.memory("cannot allocate \(config.memoryBytes >> 20) MiB: \(error)")
         }

@@ -123,7 +123,6 @@ public final class VMMService: VMMController, @unchecked Sendable {
     private func checkSupported(_ config: MachineConfiguration) throws {
         if config.smt == true { throw APIError.unsupported("smt", "true") }
         if let t = config.cpuTemplate, t != .none { throw APIError.unsupported("cpu_template", t.rawValue) }
-        if let h = config.hugePages, h != .none { throw APIError.unsupported("huge_pages", h.rawValue) }
         guard config.vcpuCount <= MachineConfig.maxCPUs else {
             throw APIError.badRequest("vcpu_count \(config.vcpuCount) is more than Godwit's \(MachineConfig.maxCPUs)")
         }
@@ -239,6 +238,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
         config.nets = interfaces.map { NetConfig(tap: $0.hostDevName, mac: $0.guestMac.flatMap(MACAddress.init), socket: $0.socket) }
         config.queueNotification = queueNotification
         config.incoming = incoming
+        config.hugePages = self.machine.hugePages == .twoMiB
         return config
     }
 

@@ -64,6 +64,9 @@ struct VMCommand: ParsableCommand {
     @Option(help: "Guest RAM, in MiB or with a K/M/G suffix (e.g. 256M, 1G).")
     var memory: String = "128M"
 
+    @Flag(help: "Back guest RAM with 2 MiB huge pages (hugetlbfs) from the host's reserved pool (/proc/sys/vm/nr_hugepages); the memory size must be a multiple of 2 MiB.")
+    var hugePages = false
+
     @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,direct] (in the VMM); iodomain=PATH[,readonly][,direct] (in an I/O domain the VMM starts, sandboxes and restarts); or socket=PATH (a disk an I/O domain or any vhost-user-blk backend serves). Repeat for more disks.",
                                valueName: "path|iodomain=path[,readonly][,direct]|socket=path"))
     var disk: [String] = []
@@ -277,7 +280,8 @@ struct VMCommand: ParsableCommand {
     /// `--incoming`: the VM the migration fills in, from the command line, through the API's calls.
     func configureIncoming(_ service: VMMService) throws {
         let bytes = try parseSize(memory)
-        try service.putMachineConfig(MachineConfiguration(vcpuCount: cpus, memSizeMib: Int(bytes >> 20)))
+        try service.putMachineConfig(MachineConfiguration(vcpuCount: cpus, memSizeMib: Int(bytes >> 20),
+                                                          hugePages: hugePages ? .twoMiB : nil))
         for (i, text) in disk.enumerated() {
             let d = try parseDisk(text)
             guard !d.inIODomain else { throw ValidationError("--incoming takes --disk PATH or socket=PATH (start the I/O domain yourself)") }
@@ -313,6 +317,10 @@ struct VMCommand: ParsableCommand {
                                    serialOutput: output, serialInput: input, kvmPath: kvmDevice)
         config.nets = nets
         config.initrdPath = initrd
+        if hugePages && bytes % (2 << 20) != 0 {
+            throw ValidationError("--huge-pages: --memory \(memory) is not a multiple of 2 MiB")
+        }
+        config.hugePages = hugePages
         guard let mode = MachineConfig.QueueNotification(rawValue: notify) else {
             throw ValidationError("--notify must be ioeventfd or exit, not '\(notify)'")
         }

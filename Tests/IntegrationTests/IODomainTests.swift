@@ -62,6 +62,33 @@ struct IODomainTests {
         #expect(mmio < 100, "4000 polled requests, only set-up register accesses exit: \(mmio)")
     }
 
+    /// `--huge-pages`: guest RAM in 2 MiB hugetlbfs pages, which the I/O domain maps too (vhost-user
+    /// SET_MEM_TABLE); the pool must hold every page up front, and too few is a clear set-up error.
+    @Test func guestRAMInHugePagesWithAnIODomainDisk() throws {
+        let domain = try Domain(slices: 1)
+        defer { domain.stop() }
+        let jobs = "godwit.job=blk-verify,size=2097152,mode=poll godwit.job=blk-bench,rw=read,bs=1048576,qd=4,n=64,mode=irq godwit.job=ready"
+        // 128 MiB is 64 pages: with exactly 64 free the guest runs (and takes them all), with 63 it cannot start.
+        let r = try HugePagePool.withFree(64) {
+            try runGodwit(jobs: jobs, memory: "128M", extra: ["--huge-pages", "--disk", "socket=\(domain.sockets[0])"])
+        }
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(r.lines(job: "blk-verify").first?["errors"] == "0", "\(r.stdout)")
+        #expect(r.lines(job: "blk-bench").first?["errors"] == "0", "\(r.stdout)")
+        #expect(r.lines(job: "ready").first?.int("mem_mib").map { $0 >= 120 && $0 <= 128 } == true, "\(r.stdout)")
+        let report = try BlockPattern.verify(imagePath: domain.image, offset: 0, size: 2 << 20)
+        #expect(report.bad.isEmpty, "\(report.bad.count) bad sectors")
+
+        let short = try HugePagePool.withFree(63) {
+            try runGodwit(jobs: jobs, memory: "128M", extra: ["--huge-pages", "--disk", "socket=\(domain.sockets[0])"])
+        }
+        #expect(short.status == 2, "\(short.stderr)")
+        #expect(short.stderr.contains("needs 64 free 2 MiB huge pages but 63 are free"), "\(short.stderr)")
+        let odd = try runGodwit(jobs: jobs, memory: "129M", extra: ["--huge-pages"])
+        #expect(odd.status != 0 && odd.stderr.contains("multiple of 2 MiB"), "\(odd.stderr)")
+        #expect(domain.process.isRunning, "the domain serves on")
+    }
+
     @Test func fourVMsShareOneDomainEachOnItsSlice() throws {
         let domain = try Domain(slices: 4)
         defer { domain.stop() }

@@ -69,6 +69,21 @@ struct MachineLayoutTests {
         #expect(throws: MachineError.self) { _ = try PVHBoot.write(commandLine: "a\0b", memoryMap: [], into: memory) }
     }
 
+    /// Huge-page RAM needs regions of whole 2 MiB pages; the RAM layout of any size that is a multiple of
+    /// 2 MiB gives exactly that, on both sides of the MMIO gap.
+    @Test func hugePageRAMNeedsWhole2MiBRegions() throws {
+        for size: UInt64 in [8 << 20, 256 << 20, (3 << 30) + (2 << 20), 6 << 30] {
+            for region in Layout.ramRegions(size: size) {
+                #expect(region.base % (2 << 20) == 0 && region.size % (2 << 20) == 0, "\(size): \(region)")
+            }
+        }
+        #expect(throws: GuestMemoryError.badLayout("region at 0x0 of 3145728 bytes is not made of whole 2 MiB huge pages")) {
+            try GuestMemory.create(layout: [(base: 0, size: 3 << 20)], hugePages: true)
+        }
+        #expect(GuestMemoryError.hugePagesUnavailable(needed: 64, free: 3).description
+                == "guest RAM needs 64 free 2 MiB huge pages but 3 are free (reserve more in /proc/sys/vm/nr_hugepages)")
+    }
+
     @Test func largeMemorySkipsTheMMIOGap() {
         let regions = Layout.ramRegions(size: 4 << 30)
         #expect(regions.count == 2)

@@ -16,6 +16,10 @@ int godwit_open(const char *path, int flags, unsigned int mode);
 int godwit_memfd_create(const char *name);
 /// memfd_create with MFD_CLOEXEC | MFD_ALLOW_SEALING (seals can be added later).
 int godwit_memfd_create_sealable(const char *name);
+/// memfd_create of 2 MiB hugetlbfs pages (MFD_HUGETLB | MFD_HUGE_2MB), sealable when `sealable` is not 0.
+int godwit_memfd_create_huge_2m(const char *name, int sealable);
+/// madvise(2)'s MADV_HUGEPAGE: back the range with transparent huge pages where the host allows it.
+extern const int GODWIT_MADV_HUGEPAGE;
 /// fcntl(F_GET_SEALS): the seals of a memfd (GODWIT_F_SEAL_*), or -1 with errno.
 int godwit_get_seals(int fd);
 /// fcntl(F_ADD_SEALS) (the memfd must have been created with MFD_ALLOW_SEALING).
