@@ -49,6 +49,13 @@ public final class AsyncIOContext: @unchecked Sendable {
     /// kernel refused the stop poll request).
     static let idleTimeoutNanoseconds: Int64 = 1_000_000_000
 
+    /// Requests per io_submit call. One: each request reaches the device queue on its own, as soon as
+    /// it is submitted, as qemu-storage-daemon does it. Measured on this project's 2-CPU machine (a
+    /// guest's 4 KiB random reads at queue depth 32 through an I/O domain, the same run): one per
+    /// call 70-84k IOPS, two or four per call 67k, the whole pass (~20) in one call 60-68k; handing
+    /// the kernel a batch makes it plug and dispatch the batch together, and completions then come
+    /// back in convoys that leave the device idle between them. The cost is a syscall per request.
+    static let submitChunk = 1
     /// How many requests may be in flight.
     public let depth: Int
     private let context: UInt64
@@ -167,9 +174,10 @@ public final class AsyncIOContext: @unchecked Sendable {
         let count = prepared.used.count
         var submitted = 0
         while submitted < count {
+            let chunk = min(count - submitted, AsyncIOContext.submitChunk)
             let rc = prepared.pointers.withUnsafeMutableBufferPointer { all in
-                // In bounds: submitted < count == all.count.
-                godwit_io_submit(context, count - submitted, all.baseAddress! + submitted)
+                // In bounds: submitted + chunk <= count == all.count.
+                godwit_io_submit(context, chunk, all.baseAddress! + submitted)
             }
             if rc == -Int(EINTR) { continue }
             guard rc > 0 else { break }
