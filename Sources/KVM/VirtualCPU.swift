@@ -187,7 +187,7 @@ public final class VirtualCPU: @unchecked Sendable {
         _ = try kvmCall { try descriptor.ioctl(GODWIT_KVM_SET_LAPIC, &s, "KVM_SET_LAPIC") }
     }
 
-    /// Reads up to 16 bytes of guest memory at guest-physical `address` — for diagnostics only.
+    /// The vCPU's TSC frequency in kHz (KVM_GET_TSC_KHZ), or nil when KVM cannot tell.
     public var tscKHz: Int32? {
         try? kvmCall { try descriptor.ioctl(GODWIT_KVM_GET_TSC_KHZ, value: 0, "KVM_GET_TSC_KHZ") }
     }
