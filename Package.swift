@@ -30,8 +30,8 @@ let package = Package(
         .target(name: "CNBD", linkerSettings: [.linkedLibrary("nbd")]),
         .target(name: "Cluster", dependencies: ["CGodwit", "GodwitSystem"], swiftSettings: swift5),
         .target(name: "NBD", dependencies: ["CGodwit", "CNBD", "GodwitSystem"], swiftSettings: swift5),
-        .target(name: "VMM", dependencies: ["API", "Machine", "Migration", "Virtio", "GodwitSystem"], swiftSettings: swift5),
-        .target(name: "Agent", dependencies: ["API", "Cluster", "NBD", "IODomain", "GodwitSystem"], swiftSettings: swift5),
+        .target(name: "VMM", dependencies: ["API", "Machine", "Migration", "Virtio", "VhostUser", "GodwitSystem"], swiftSettings: swift5),
+        .target(name: "Agent", dependencies: ["API", "Cluster", "NBD", "IODomain", "VhostUser", "GodwitSystem"], swiftSettings: swift5),
         .executableTarget(
             name: "godwit",
             dependencies: ["Machine", "Virtio", "VhostUser", "IODomain", "API", "VMM", "Migration", "NBD", "Agent", .product(name: "ArgumentParser", package: "swift-argument-parser")],

@@ -4,6 +4,7 @@ import Foundation
 import GodwitSystem
 import IODomain
 import NBD
+import VhostUser
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -376,6 +377,9 @@ public final class Agent: @unchecked Sendable {
             if let domain = lock.withLock({ iodomain }), !domain.isRunning {
                 event(nil, "iodomain-exited", detail: "pid \(domain.pid); restarting it")
                 let started = monotonicSeconds()
+                // The dead domain's server (in its namespaces) may still hold the VMs' sockets for a few ms.
+                let sockets = lock.withLock { state.vms.values.map(\.diskSocket) }
+                VhostUserListener.waitUntilUnserved(sockets, timeout: 2)
                 do {
                     try startIODomain()
                     event(nil, "iodomain-restarted", ms: (monotonicSeconds() - started) * 1000)

@@ -1,6 +1,7 @@
 import CGodwit
 import Foundation
 import GodwitSystem
+import VhostUser
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -143,6 +144,9 @@ public final class IODomainSupervisor: @unchecked Sendable {
             delay = Date().timeIntervalSince(started) > 1 ? 0.02 : min(delay * 2, 2)
             log("I/O domain \(domain.spec.name) (pid \(pid)) \(how); restarting in \(Int(delay * 1000)) ms")
             domain.exited(how)
+            // In its namespaces the domain's server is a child of the process waited for, and can outlive
+            // it by a few milliseconds; a new domain would find the socket still served and refuse to start.
+            VhostUserListener.waitUntilUnserved(domain.spec.sockets, timeout: 2)
             while true {
                 usleep(UInt32(delay * 1_000_000))
                 if isStopping {

@@ -164,6 +164,25 @@ public final class VhostUserListener: @unchecked Sendable {
     public let socket: FileDescriptor
     public let path: String
 
+    /// Whether some process accepts connections on `path` now.
+    public static func isServed(_ path: String) -> Bool {
+        (try? VhostUserChannel.connect(path: path)) != nil
+    }
+
+    /// Waits until nobody accepts on any of `paths`, or `timeout` seconds pass; returns whether all are
+    /// free. For a supervisor restarting a killed I/O domain: the domain's server runs inside its own
+    /// namespaces as a child of the process that was waited for, and can outlive it by a few
+    /// milliseconds, long enough for its replacement to find the sockets still served and refuse them.
+    @discardableResult
+    public static func waitUntilUnserved(_ paths: [String], timeout: Double) -> Bool {
+        let deadline = monotonicSeconds() + timeout
+        while paths.contains(where: isServed) {
+            if monotonicSeconds() > deadline { return false }
+            usleep(5000)
+        }
+        return true
+    }
+
     /// Binds and listens on `path`. A stale socket file (nobody accepts on it) is replaced; a live socket
     /// or a file that is not a socket is left alone and reported.
     public init(path: String, backlog: Int32 = 16) throws {
@@ -173,7 +192,7 @@ public final class VhostUserListener: @unchecked Sendable {
             guard (st.st_mode & S_IFMT) == S_IFSOCK else {
                 throw VhostUserError.system(SystemError(operation: "bind", errno: EEXIST, context: "\(path) (exists and is not a socket)"))
             }
-            if (try? VhostUserChannel.connect(path: path)) != nil {
+            if VhostUserListener.isServed(path) {
                 throw VhostUserError.system(SystemError(operation: "bind", errno: EADDRINUSE, context: "\(path) (another process serves it)"))
             }
             _ = unlink(path)
