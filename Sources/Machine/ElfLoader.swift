@@ -27,9 +27,18 @@ public struct ElfImage: Equatable, Sendable {
 
     /// Parses `bytes` as an ELF64 little-endian x86-64 executable.
     public static func parse(_ bytes: [UInt8]) throws(ElfError) -> ElfImage {
+        // In bounds: parse(size:read:) asks only for ranges inside `size` (= bytes.count).
+        try parse(size: bytes.count) { offset, count in Array(bytes[offset..<offset + count]) }
+    }
+
+    /// Parses an ELF64 file of `size` bytes read in pieces: `read(offset, count)` returns that range,
+    /// which is always inside `size`. Only the headers and notes are read, not the segments' contents
+    /// (`load(into:copying:)` brings those straight into guest memory).
+    static func parse(size: Int, read: (Int, Int) throws(ElfError) -> [UInt8]) throws(ElfError) -> ElfImage {
+        let bytes = try read(0, min(size, 64))
         let r = ByteReader(bytes)
         guard bytes.starts(with: [0x7f, 0x45, 0x4c, 0x46]) || bytes.count < 4 else { throw .notELF }
-        guard bytes.count >= 64 else { throw .truncated(what: "ELF header", need: 64, have: bytes.count) }
+        guard bytes.count >= 64 else { throw .truncated(what: "ELF header", need: 64, have: size) }
         guard bytes[4] == 2 else { throw .unsupported("class \(bytes[4]) (only ELF64)") }
         guard bytes[5] == 1 else { throw .unsupported("data encoding \(bytes[5]) (only little-endian)") }
         guard bytes[6] == 1 else { throw .unsupported("ELF version \(bytes[6])") }
@@ -42,18 +51,19 @@ public struct ElfImage: Equatable, Sendable {
         guard phentsize == 56 else { throw .invalid("program header size \(phentsize), expected 56") }
         guard phnum <= 128 else { throw .invalid("\(phnum) program headers") }
         let tableSize = UInt64(phnum * phentsize)
-        guard phoff <= UInt64(bytes.count), tableSize <= UInt64(bytes.count) - phoff else {
-            throw .truncated(what: "program headers at \(phoff)", need: Int(clamping: tableSize), have: bytes.count)
+        guard phoff <= UInt64(size), tableSize <= UInt64(size) - phoff else {
+            throw .truncated(what: "program headers at \(phoff)", need: Int(clamping: tableSize), have: size)
         }
+        let table = ByteReader(try read(Int(phoff), Int(tableSize)))
         var segments: [Segment] = []
         var pvhEntry: UInt32?
         var isLinux = false
         for i in 0..<phnum {
-            let at = Int(phoff) + i * phentsize
-            let pType = r.u32(at)!, offset = r.u64(at + 8)!, paddr = r.u64(at + 24)!
-            let filesz = r.u64(at + 32)!, memsz = r.u64(at + 40)!
-            guard offset <= UInt64(bytes.count), filesz <= UInt64(bytes.count) - offset else {
-                throw .invalid("segment \(i) (offset \(offset), size \(filesz)) extends past the end of the file (\(bytes.count) bytes)")
+            let at = i * phentsize
+            let pType = table.u32(at)!, offset = table.u64(at + 8)!, paddr = table.u64(at + 24)!
+            let filesz = table.u64(at + 32)!, memsz = table.u64(at + 40)!
+            guard offset <= UInt64(size), filesz <= UInt64(size) - offset else {
+                throw .invalid("segment \(i) (offset \(offset), size \(filesz)) extends past the end of the file (\(size) bytes)")
             }
             switch pType {
             case 1: // PT_LOAD
@@ -63,7 +73,7 @@ public struct ElfImage: Equatable, Sendable {
                     segments.append(Segment(physicalAddress: paddr, fileOffset: offset, fileSize: filesz, memorySize: memsz))
                 }
             case 4: // PT_NOTE
-                let notes = try parseNotes(r, from: Int(offset), size: Int(filesz))
+                let notes = try parseNotes(ByteReader(try read(Int(offset), Int(filesz))), from: 0, size: Int(filesz), fileOffset: Int(offset))
                 if let found = notes.pvhEntry { pvhEntry = found }
                 isLinux = isLinux || notes.linux
             default:
@@ -79,18 +89,19 @@ public struct ElfImage: Equatable, Sendable {
     }
 
     /// Finds the Xen PHYS32_ENTRY note in a PT_NOTE segment, and whether any note is Linux's.
-    static func parseNotes(_ r: ByteReader, from start: Int, size: Int) throws(ElfError) -> (pvhEntry: UInt32?, linux: Bool) {
+    /// `r` holds the segment from `start`; `fileOffset` is where the segment is in the file (for errors).
+    static func parseNotes(_ r: ByteReader, from start: Int, size: Int, fileOffset: Int) throws(ElfError) -> (pvhEntry: UInt32?, linux: Bool) {
         var at = start
         var pvhEntry: UInt32?
         var linux = false
         let end = start + size
         while at + 12 <= end {
             let namesz = Int(r.u32(at)!), descsz = Int(r.u32(at + 4)!), type = r.u32(at + 8)!
-            guard namesz <= 256, descsz <= 4096 else { throw .invalid("note at \(at) has sizes \(namesz)/\(descsz)") }
+            guard namesz <= 256, descsz <= 4096 else { throw .invalid("note at \(at - start + fileOffset) has sizes \(namesz)/\(descsz)") }
             let nameAt = at + 12
             let descAt = nameAt + ((namesz + 3) & ~3)
             let next = descAt + ((descsz + 3) & ~3)
-            guard next <= end else { throw .truncated(what: "note at \(at)", need: next - at, have: end - at) }
+            guard next <= end else { throw .truncated(what: "note at \(at - start + fileOffset)", need: next - at, have: end - at) }
             if namesz == 6, r.bytes[nameAt..<nameAt + 6].elementsEqual(Array("Linux".utf8) + [0]) { linux = true }
             if type == xenNoteType, namesz == 4, r.bytes[nameAt..<nameAt + 4].elementsEqual([0x58, 0x65, 0x6e, 0]) {
                 switch descsz {
@@ -109,6 +120,17 @@ public struct ElfImage: Equatable, Sendable {
 
     /// Copies the segments into guest memory, zeroing the rest of each; refuses VMM-owned areas.
     public func load(from bytes: [UInt8], into memory: GuestMemory) throws {
+        try load(into: memory) { s, destination in
+            // In bounds: parse() checked fileOffset + fileSize <= bytes.count, and destination holds fileSize bytes.
+            bytes.withUnsafeBytes { source in
+                destination.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[Int(s.fileOffset)..<Int(s.fileOffset + s.fileSize)]))
+            }
+        }
+    }
+
+    /// Places each segment in guest memory: `copy` fills the segment's first `fileSize` bytes (from the
+    /// file, at `fileOffset`); the rest up to `memorySize` is zeroed. Refuses VMM-owned areas.
+    func load(into memory: GuestMemory, copying copy: (Segment, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         for s in segments {
             for area in Layout.reserved where s.physicalAddress < area.end && s.physicalAddress + s.memorySize > area.start {
                 throw ElfError.invalid("segment at 0x\(String(s.physicalAddress, radix: 16)) overlaps \(area.name) at 0x\(String(area.start, radix: 16))")
@@ -117,10 +139,8 @@ public struct ElfImage: Equatable, Sendable {
                 throw ElfError.doesNotFit(address: s.physicalAddress, size: s.memorySize)
             }
             let destination = try memory.buffer(at: s.physicalAddress, length: Int(s.memorySize))
-            // In bounds: parse() checked fileOffset + fileSize <= bytes.count and fileSize <= memorySize.
-            bytes.withUnsafeBytes { source in
-                destination.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[Int(s.fileOffset)..<Int(s.fileOffset + s.fileSize)]))
-            }
+            // In bounds: parse() checked fileSize <= memorySize, the destination's length.
+            try copy(s, UnsafeMutableRawBufferPointer(rebasing: destination[0..<Int(s.fileSize)]))
             if s.memorySize > s.fileSize {
                 UnsafeMutableRawBufferPointer(rebasing: destination[Int(s.fileSize)...]).initializeMemory(as: UInt8.self, repeating: 0)
             }

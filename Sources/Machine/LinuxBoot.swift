@@ -215,7 +215,11 @@ enum KernelImage {
 
     static func parse(_ bytes: [UInt8]) throws -> KernelImage {
         if BzImage.matches(bytes) { return .bzImage(try BzImage.parse(bytes)) }
-        let image = try ElfImage.parse(bytes)
+        return try pvh(try ElfImage.parse(bytes))
+    }
+
+    /// A parsed ELF as a PVH kernel: it must have the PVH entry note.
+    static func pvh(_ image: ElfImage) throws -> KernelImage {
         guard let entry = image.pvhEntry else { throw ElfError.noPVHNote }
         return .pvh(image, entry: entry, linux: image.isLinux)
     }

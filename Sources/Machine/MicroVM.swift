@@ -168,18 +168,30 @@ public final class MicroVM: @unchecked Sendable {
             throw MachineError.cpus(requested: config.cpus, max: MachineConfig.maxCPUs)
         }
         try MicroVM.checkMemory(config.memoryBytes)
-        // Read and check the kernel before touching KVM: a bad file is the commonest mistake.
-        var kernel: (bytes: [UInt8], image: KernelImage)?
-        var initrdBytes: [UInt8]?
+        // Read and check the kernel before touching KVM: a bad file is the commonest mistake. An ELF
+        // kernel is parsed from its headers and notes; its segments and the initrd are read later straight
+        // into guest RAM (a vmlinux is mostly symbols: reading it whole would double the VMM's peak memory).
+        var kernel: (file: BootFile, bytes: [UInt8]?, image: KernelImage)?
+        var initrdFile: BootFile?
         if !config.incoming {
-            let kernelBytes = try MicroVM.readFile(config.kernelPath) { MachineError.kernel(path: config.kernelPath, reason: $0) }
+            let path = config.kernelPath
+            let file = try BootFile.open(path) { MachineError.kernel(path: path, reason: $0) }
             do {
-                kernel = (kernelBytes, try KernelImage.parse(kernelBytes))
+                if try file.read(at: 0, count: min(file.size, 4)) == BootFile.elfMagic {
+                    kernel = (file, nil, try KernelImage.pvh(try ElfImage.parse(size: file.size) { offset, count throws(ElfError) in
+                        do { return try file.read(at: offset, count: count) } catch { throw ElfError.invalid("\(error)") }
+                    }))
+                } else {
+                    let bytes = try file.read(at: 0, count: file.size)
+                    kernel = (file, bytes, try KernelImage.parse(bytes))
+                }
+            } catch let error as MachineError {
+                throw error
             } catch {
-                throw MachineError.kernel(path: config.kernelPath, reason: "\(error)")
+                throw MachineError.kernel(path: path, reason: "\(error)")
             }
             if let path = config.initrdPath {
-                initrdBytes = try MicroVM.readFile(path) { MachineError.initrd(path: path, reason: $0) }
+                initrdFile = try BootFile.open(path) { MachineError.initrd(path: path, reason: $0) }
             }
         }
 
@@ -244,20 +256,28 @@ public final class MicroVM: @unchecked Sendable {
             do {
                 switch kernel.image {
                 case let .pvh(image, pvhEntry, _):
-                    try image.load(from: kernel.bytes, into: memory)
-                    let initrd = try initrdBytes.map { bytes in
-                        (address: try MicroVM.placeInitrd(bytes, limit: UInt64(UInt32.max), floor: image.end, ramBelow4G: ramBelow4G, into: memory),
-                         size: UInt64(bytes.count))
+                    if let bytes = kernel.bytes {
+                        try image.load(from: bytes, into: memory)
+                    } else {
+                        // Each segment's file bytes straight from the file into guest RAM.
+                        try image.load(into: memory) { segment, destination in
+                            try kernel.file.read(at: Int(segment.fileOffset), into: destination)
+                        }
+                    }
+                    let initrd = try initrdFile.map { file in
+                        (address: try MicroVM.placeInitrd(file, limit: UInt64(UInt32.max), floor: image.end, ramBelow4G: ramBelow4G, into: memory),
+                         size: UInt64(file.size))
                     }
                     let startInfo = try PVHBoot.write(commandLine: guestCommandLine, memoryMap: memoryMap, initrd: initrd,
                                                       rsdp: Layout.acpiTables, into: memory)
                     entry = { CPUSetup.pvhEntryState(entry: pvhEntry, startInfo: startInfo, base: $0) }
                 case let .bzImage(image):
-                    try LinuxBoot.load(image, from: kernel.bytes, into: memory)
-                    let initrd = try initrdBytes.map { bytes in
-                        (address: try MicroVM.placeInitrd(bytes, limit: UInt64(image.initrdAddressMax), floor: image.loadAddress + image.initSize,
+                    // A bzImage was read whole (its payload is one compressed blob).
+                    try LinuxBoot.load(image, from: kernel.bytes ?? [], into: memory)
+                    let initrd = try initrdFile.map { file in
+                        (address: try MicroVM.placeInitrd(file, limit: UInt64(image.initrdAddressMax), floor: image.loadAddress + image.initSize,
                                                           ramBelow4G: ramBelow4G, into: memory),
-                         size: UInt64(bytes.count))
+                         size: UInt64(file.size))
                     }
                     let length = try writeCommandLine(guestCommandLine, into: memory)
                     let bootParams = try LinuxBoot.writeBootParams(image, commandLineLength: length, initrd: initrd, memoryMap: memoryMap,
@@ -314,24 +334,15 @@ public final class MicroVM: @unchecked Sendable {
     /// One string: the kernel honours only the last `clearcpuid=`.
     public static let pvmLinuxOptions = "noxsave clearcpuid=cx16,smap,popcnt,erms,fsrm,rep_good"
 
-    /// A kernel or initrd file, whole: at most 1 GiB, never empty.
-    static func readFile(_ path: String, refused: (String) -> MachineError) throws -> [UInt8] {
-        let fd: FileDescriptor
-        do { fd = try FileDescriptor.open(path, flags: O_RDONLY) } catch { throw refused("\(error)") }
-        let size = try fd.size()
-        guard size > 0 else { throw refused("the file is empty") }
-        guard size <= 1 << 30 else { throw refused("\(size) bytes is larger than 1 GiB") }
-        var bytes = [UInt8](repeating: 0, count: Int(size))
-        let n = try bytes.withUnsafeMutableBytes { try fd.preadFully(into: $0, offset: 0) }
-        guard n == Int(size) else { throw refused("short read (\(n) of \(size) bytes)") }
-        return bytes
-    }
-
-    /// Copies the initrd to the top of RAM below 4 GiB (and below the kernel's `limit`), above `floor`.
-    static func placeInitrd(_ bytes: [UInt8], limit: UInt64, floor: UInt64, ramBelow4G: UInt64, into memory: GuestMemory) throws -> UInt64 {
-        let address = try LinuxBoot.initrdAddress(size: UInt64(bytes.count), ramBelow4G: ramBelow4G, limit: limit, floor: floor)
-        do { try memory.writeBytes(bytes, at: address) } catch {
-            throw MachineError.setup("initrd of \(bytes.count) bytes at 0x\(String(address, radix: 16)): \(error)")
+    /// Reads the initrd straight into the top of RAM below 4 GiB (and below the kernel's `limit`), above `floor`.
+    static func placeInitrd(_ file: BootFile, limit: UInt64, floor: UInt64, ramBelow4G: UInt64, into memory: GuestMemory) throws -> UInt64 {
+        let address = try LinuxBoot.initrdAddress(size: UInt64(file.size), ramBelow4G: ramBelow4G, limit: limit, floor: floor)
+        do {
+            try file.read(at: 0, into: try memory.buffer(at: address, length: file.size))
+        } catch let error as MachineError {
+            throw error
+        } catch {
+            throw MachineError.setup("initrd of \(file.size) bytes at 0x\(String(address, radix: 16)): \(error)")
         }
         return address
     }
@@ -760,3 +771,37 @@ final class ExitCounter: @unchecked Sendable {
 }
 
 func hex2(_ b: UInt8) -> String { b < 16 ? "0" + String(b, radix: 16) : String(b, radix: 16) }
+
+/// A kernel or initrd file, open and read in pieces (1 byte to 1 GiB): a read that comes back short
+/// (the file shrank meanwhile) is an error, never a crash.
+struct BootFile {
+    static let elfMagic: [UInt8] = [0x7f, 0x45, 0x4c, 0x46]
+
+    let file: FileDescriptor
+    let size: Int
+    /// Makes the error for a refused file (names the path and whether it is the kernel or the initrd).
+    let refused: (String) -> MachineError
+
+    static func open(_ path: String, refused: @escaping (String) -> MachineError) throws -> BootFile {
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.open(path, flags: O_RDONLY) } catch { throw refused("\(error)") }
+        let size = try fd.size()
+        guard size > 0 else { throw refused("the file is empty") }
+        guard size <= 1 << 30 else { throw refused("\(size) bytes is larger than 1 GiB") }
+        return BootFile(file: fd, size: Int(size), refused: refused)
+    }
+
+    /// Bytes `offset..<offset + count`, which the caller keeps inside `size`.
+    func read(at offset: Int, count: Int) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        try bytes.withUnsafeMutableBytes { try read(at: offset, into: $0) }
+        return bytes
+    }
+
+    /// Fills `buffer` from `offset`.
+    func read(at offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
+        guard !buffer.isEmpty else { return }
+        let n = try file.preadFully(into: buffer, offset: UInt64(offset))
+        guard n == buffer.count else { throw refused("short read (\(n) of \(buffer.count) bytes at \(offset); did the file change?)") }
+    }
+}

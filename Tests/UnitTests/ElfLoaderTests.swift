@@ -36,6 +36,31 @@ struct ElfLoaderTests {
         #expect(try memory.readBytes(at: 0x100014, count: 1) == [0xaa])
     }
 
+    /// A kernel read in pieces (the VMM's path for a vmlinux): parsing reads the headers and notes only,
+    /// never a segment's contents, and the segments then go straight into guest memory.
+    @Test func readsOnlyHeadersAndNotesThenLoadsFromTheFile() throws {
+        var b = ElfBuilder()
+        b.code = [0xf4] + [UInt8](repeating: 0x90, count: 1 << 20)
+        let bytes = b.build()
+        var ranges: [Range<Int>] = []
+        let image = try ElfImage.parse(size: bytes.count) { offset, count in
+            ranges.append(offset..<offset + count)
+            return Array(bytes[offset..<offset + count])
+        }
+        #expect(image == (try ElfImage.parse(bytes)))
+        let code = Int(image.segments[0].fileOffset)..<Int(image.segments[0].fileOffset + image.segments[0].fileSize)
+        #expect(!ranges.contains { $0.overlaps(code) }, "read \(ranges), the segment is \(code)")
+        #expect(ranges.reduce(0) { $0 + $1.count } < 4096)
+
+        let memory = try GuestMemory.anonymous(layout: [(0, 4 << 20)])
+        try image.load(into: memory) { segment, destination in
+            // In bounds: destination holds fileSize bytes, which parse() checked are inside the file.
+            bytes.withUnsafeBytes { destination.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(segment.fileOffset)..<Int(segment.fileOffset + segment.fileSize)])) }
+        }
+        #expect(try memory.readBytes(at: 0x100000, count: 4) == [0xf4, 0x90, 0x90, 0x90])
+        #expect(try memory.readBytes(at: 0x100000 + UInt64(b.code.count), count: 16) == [UInt8](repeating: 0, count: 16))
+    }
+
     @Test func refusesEveryTruncation() throws {
         let bytes = ElfBuilder().build()
         for length in 0..<bytes.count - 12 {  // the last bytes are the note's descriptor
