@@ -24,6 +24,8 @@ public struct ElfImage: Equatable, Sendable {
     public var end: UInt64 { segments.map { $0.physicalAddress + $0.memorySize }.max() ?? 0 }
 
     static let xenNoteType: UInt32 = 18
+    /// The first four bytes of every ELF file.
+    static let magic: [UInt8] = [0x7f, 0x45, 0x4c, 0x46]
 
     /// Parses `bytes` as an ELF64 little-endian x86-64 executable.
     public static func parse(_ bytes: [UInt8]) throws(ElfError) -> ElfImage {
@@ -37,7 +39,7 @@ public struct ElfImage: Equatable, Sendable {
     static func parse(size: Int, read: (Int, Int) throws(ElfError) -> [UInt8]) throws(ElfError) -> ElfImage {
         let bytes = try read(0, min(size, 64))
         let r = ByteReader(bytes)
-        guard bytes.starts(with: [0x7f, 0x45, 0x4c, 0x46]) || bytes.count < 4 else { throw .notELF }
+        guard bytes.starts(with: magic) || bytes.count < 4 else { throw .notELF }
         guard bytes.count >= 64 else { throw .truncated(what: "ELF header", need: 64, have: size) }
         guard bytes[4] == 2 else { throw .unsupported("class \(bytes[4]) (only ELF64)") }
         guard bytes[5] == 1 else { throw .unsupported("data encoding \(bytes[5]) (only little-endian)") }

@@ -177,7 +177,7 @@ public final class MicroVM: @unchecked Sendable {
             let path = config.kernelPath
             let file = try BootFile.open(path) { MachineError.kernel(path: path, reason: $0) }
             do {
-                if try file.read(at: 0, count: min(file.size, 4)) == BootFile.elfMagic {
+                if try file.read(at: 0, count: min(file.size, 4)) == ElfImage.magic {
                     kernel = (file, nil, try KernelImage.pvh(try ElfImage.parse(size: file.size) { offset, count throws(ElfError) in
                         do { return try file.read(at: offset, count: count) } catch { throw ElfError.invalid("\(error)") }
                     }))
@@ -775,8 +775,6 @@ func hex2(_ b: UInt8) -> String { b < 16 ? "0" + String(b, radix: 16) : String(b
 /// A kernel or initrd file, open and read in pieces (1 byte to 1 GiB): a read that comes back short
 /// (the file shrank meanwhile) is an error, never a crash.
 struct BootFile {
-    static let elfMagic: [UInt8] = [0x7f, 0x45, 0x4c, 0x46]
-
     let file: FileDescriptor
     let size: Int
     /// Makes the error for a refused file (names the path and whether it is the kernel or the initrd).

@@ -317,7 +317,7 @@ struct VMCommand: ParsableCommand {
                                    serialOutput: output, serialInput: input, kvmPath: kvmDevice)
         config.nets = nets
         config.initrdPath = initrd
-        if hugePages && bytes % (2 << 20) != 0 {
+        if hugePages && bytes % MemFD.hugePageSize != 0 {
             throw ValidationError("--huge-pages: --memory \(memory) is not a multiple of 2 MiB")
         }
         config.hugePages = hugePages
