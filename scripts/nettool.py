@@ -24,8 +24,9 @@ JSON object as its last line of standard output (progress, if any, goes to stder
       first datagram to the last. With 8-byte sequence numbers in the payload (udp-send,
       the guest's net-send) it also reports gaps (sequence numbers never seen) and dups.
       {"datagrams", "bytes", "seconds", "pps", "mbps", "idle", "seq_gaps", "seq_dups"}
-  flood --dst IP:PORT --bytes B --size S
+  flood --dst IP:PORT --bytes B --size S [--seconds T]
       Like udp-send without pacing or retries: errors are counted, not retried.
+      Stops after B bytes or, with --seconds, after T seconds, whichever comes first.
       {"sent", "bytes", "seconds", "pps", "mbps", "errors"}
 
   malformed --iface BRIDGE --dst IP --dst-mac MAC [--fuzz N] [--seed S]
@@ -229,7 +230,10 @@ def send_loop(args, retry, pace_mbps):
     send = sock.send
     t0 = time.monotonic()
     bytes_per_s = pace_mbps * 1e6 / 8 if pace_mbps else 0
+    deadline = t0 + args.seconds if getattr(args, "seconds", None) else None
     while sent < count:
+        if deadline is not None and sent % 256 == 0 and time.monotonic() >= deadline:
+            break
         n = size if sent < count - 1 else last_len
         buf[:seqlen] = sent.to_bytes(8, "big")[:seqlen]
         try:
@@ -513,6 +517,7 @@ def main():
     p.add_argument("--dst", type=parse_dst, required=True)
     p.add_argument("--bytes", type=parse_size, required=True)
     p.add_argument("--size", type=payload_size, default=1472)
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.set_defaults(fn=flood)
 
     p = sub.add_parser("malformed", help="hostile frames at a guest (raw sockets, root)")

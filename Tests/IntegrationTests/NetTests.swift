@@ -66,7 +66,8 @@ struct NetTests {
         #expect(try waitForGuest(net, Self.guestA))
         let before = residentAnonymousKB(pid: vm.pid) ?? 0
         let (p, a) = net.inside("/usr/bin/python3", [TestEnvironment.repositoryRoot.appendingPathComponent("scripts/nettool.py").path,
-                                                     "flood", "--dst", "\(Self.guestA):9", "--bytes", String(1 << 30), "--size", "1400"])
+                                                     "flood", "--dst", "\(Self.guestA):9", "--bytes", String(1 << 40), "--size", "1400",
+                                                     "--seconds", "12"])
         let flood = try BackgroundProcess(p, a)
         defer { flood.terminate() }
         var peak = before
@@ -78,7 +79,11 @@ struct NetTests {
         }
         let sent = flood.wait(timeout: 120)
         #expect(sent.stdout.contains("\"bytes\""), "the flood ran: \(sent.stdout)\(sent.stderr)")
-        #expect(answered * 2 >= asked, "the guest answered \(answered) of \(asked) pings during the flood")
+        // A flood at full speed fills the TAP's queue, so the host drops some pings before the
+        // guest sees them (as a real NIC's would); a wedged or starved guest answers none.
+        print("flood: the guest answered \(answered) of \(asked) pings, \(sent.stdout)")
+        #expect(asked >= 8, "the flood lasted \(asked) pings")
+        #expect(answered * 4 >= asked, "the guest answered \(answered) of \(asked) pings during the flood")
         #expect(peak - before < 32 * 1024, "VMM private memory grew from \(before) kB to \(peak) kB")
         #expect(try waitForGuest(net, Self.guestA, tries: 5), "still answering after the flood")
         vm.terminate()
