@@ -222,13 +222,16 @@ void virtio_probe_args(char **argv, int argc)
 /* ------------------------------------------------------------ interrupts */
 
 /* Request (want = 1) or suppress used-ring interrupts: with EVENT_IDX the
- * used_event index (at last_used: the next entry interrupts; one behind: none
- * until it wraps), else the avail ring's NO_INTERRUPT flag. */
+ * used_event index (at last_used: the next entry interrupts; half the index
+ * space ahead: none, however many entries a device adds between two of its
+ * notification checks while the driver harvests), else the avail ring's
+ * NO_INTERRUPT flag. ("One behind" is not enough: a driver that harvests part
+ * of a batch moves it into the window the device checks at the batch's end.) */
 void vq_set_irq(struct vq *q, int want)
 {
     q->want_irq = (u8)want;
     if (q->event_idx)
-        *q->used_event = want ? q->last_used : (u16)(q->last_used - 1);
+        *q->used_event = want ? q->last_used : (u16)(q->last_used + 0x8000);
     else
         *q->avail_flags = want ? 0 : AVAIL_F_NO_INTERRUPT;
 }

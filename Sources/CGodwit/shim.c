@@ -45,12 +45,32 @@ const int GODWIT_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
 int godwit_errno(void) { return errno; }
 
 #include <pthread.h>
+#include <sched.h>
 void godwit_set_thread_name(const char *name) {
     char buf[16];
     strncpy(buf, name, 15);
     buf[15] = 0;
     pthread_setname_np(pthread_self(), buf);
 }
+int godwit_set_thread_affinity(const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++) {
+        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) return -EINVAL;
+        CPU_SET(cpus[i], &set);
+    }
+    return sched_setaffinity(0, sizeof set, &set) == 0 ? 0 : -errno;
+}
+int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++) {
+        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) return EINVAL;
+        CPU_SET(cpus[i], &set);
+    }
+    return pthread_setaffinity_np(thread, sizeof set, &set);
+}
+int godwit_cpu_count(void) { return (int)sysconf(_SC_NPROCESSORS_CONF); }
 void godwit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 uint16_t godwit_load16(const void *address) { return __atomic_load_n((const uint16_t *)address, __ATOMIC_RELAXED); }
 uint32_t godwit_load32(const void *address) { return __atomic_load_n((const uint32_t *)address, __ATOMIC_RELAXED); }

@@ -48,3 +48,36 @@ public func detachThread(name: String, _ body: @escaping () -> Void) -> Bool {
         return false
     }
 }
+
+/// CPU affinity: which host CPUs a thread may run on (`taskset`'s list syntax, e.g. "0", "1,3", "0-3").
+public enum CPUAffinity {
+    /// The CPUs in `list` ("N", "N-M", comma-separated), in order and without repeats; nil when the
+    /// list is malformed, empty, or names a CPU at or above `limit` (default: the CPUs this host has).
+    public static func parse(_ list: String, limit: Int = Int(godwit_cpu_count())) -> [Int]? {
+        var cpus: [Int] = []
+        for part in list.split(separator: ",", omittingEmptySubsequences: false) {
+            let bounds = part.split(separator: "-", omittingEmptySubsequences: false)
+            guard bounds.count == 1 || bounds.count == 2,
+                  let low = Int(bounds[0]), let high = Int(bounds[bounds.count - 1]),
+                  low >= 0, low <= high, high < limit else { return nil }
+            for cpu in low...high where !cpus.contains(cpu) { cpus.append(cpu) }
+        }
+        return cpus.isEmpty ? nil : cpus
+    }
+
+    /// Restricts `thread` to `cpus`.
+    public static func pin(_ thread: pthread_t, to cpus: [Int], name: String) throws(SystemError) {
+        let rc = cpus.map { Int32(clamping: $0) }.withUnsafeBufferPointer { godwit_set_affinity_of(thread, $0.baseAddress, Int32($0.count)) }
+        guard rc == 0 else {
+            throw SystemError(operation: "pthread_setaffinity_np", errno: rc, context: "\(name) on CPUs \(cpus.map(String.init).joined(separator: ","))")
+        }
+    }
+
+    /// Restricts the calling thread, and the threads it starts from now on, to `cpus`.
+    public static func pinCurrentThread(to cpus: [Int]) throws(SystemError) {
+        let rc = cpus.map { Int32(clamping: $0) }.withUnsafeBufferPointer { godwit_set_thread_affinity($0.baseAddress, Int32($0.count)) }
+        guard rc == 0 else {
+            throw SystemError(operation: "sched_setaffinity", errno: -rc, context: "CPUs \(cpus.map(String.init).joined(separator: ","))")
+        }
+    }
+}

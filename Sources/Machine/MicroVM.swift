@@ -69,6 +69,9 @@ public struct MachineConfig: Sendable {
     /// A VM whose memory and state will arrive by migration or from a snapshot: no kernel is loaded and
     /// no boot state set; `restore` fills it in before `run`.
     public var incoming = false
+    /// Host CPUs for the vCPU threads: vCPU i runs only on `vcpuAffinity[i % count]` (libvirt's
+    /// vcpupin, Cloud Hypervisor's `affinity`); empty: wherever the scheduler puts them.
+    public var vcpuAffinity: [Int] = []
 
     /// `exit`: every QueueNotify is an MMIO exit handled on the vCPU thread (the in-process baseline).
     /// `ioeventfd`: KVM signals an eventfd without leaving the kernel and the device thread runs the queue.
@@ -519,6 +522,12 @@ public final class MicroVM: @unchecked Sendable {
         for vcpu in vcpus {
             let thread = try startThread(name: "vcpu\(vcpu.id)", joinable: true) { [self] in self.vcpuLoop(vcpu) }
             stateLock.withLock { threads.append(thread) }
+            if !config.vcpuAffinity.isEmpty {
+                let cpu = config.vcpuAffinity[Int(vcpu.id) % config.vcpuAffinity.count]
+                do { try CPUAffinity.pin(thread, to: [cpu], name: "vCPU \(vcpu.id)") } catch {
+                    requestExit(.unhandledExit("cannot pin: \(error)"))
+                }
+            }
         }
         // A stop that came while threads were still starting may have missed a thread: kick again.
         if isStopped { kickAll() }

@@ -64,6 +64,9 @@ struct VMCommand: ParsableCommand {
     @Option(help: "Guest RAM, in MiB or with a K/M/G suffix (e.g. 256M, 1G).")
     var memory: String = "128M"
 
+    @Option(help: ArgumentHelp("Pin vCPU threads to host CPUs: vCPU i runs only on the i-th CPU of the list (round robin when the list is shorter), e.g. 2 or 2,3 or 2-3. Keeps polling vCPUs and I/O domain threads (godwit iodomain --cpu-affinity) off each other's CPUs.", valueName: "cpu-list"))
+    var vcpuAffinity: String?
+
     @Flag(help: "Back guest RAM with 2 MiB huge pages (hugetlbfs) from the host's reserved pool (/proc/sys/vm/nr_hugepages); the memory size must be a multiple of 2 MiB.")
     var hugePages = false
 
@@ -105,6 +108,9 @@ struct VMCommand: ParsableCommand {
         }
         if incoming != nil && (kernel != nil || configFile != nil) { throw ValidationError("--incoming takes no --kernel or --config-file") }
         if kernel != nil && configFile != nil { throw ValidationError("--kernel and --config-file exclude each other") }
+        if vcpuAffinity != nil && (apiSock != nil || configFile != nil || incoming != nil) {
+            throw ValidationError("--vcpu-affinity pins a VM booted with --kernel alone; it is not in the API (--api-sock, --config-file, --incoming) yet")
+        }
     }
 
     func run() throws {
@@ -117,7 +123,8 @@ struct VMCommand: ParsableCommand {
             var config = try makeConfig()
             supervisor = try startIODomains(&config)
             let vm = try MicroVM(config: config)
-            try VMCommand.lockDown(noSandbox: noSandbox, supervisor: supervisor?.pid, allowingOpen: false)
+            try VMCommand.lockDown(noSandbox: noSandbox, supervisor: supervisor?.pid, allowingOpen: false,
+                                   pinsThreads: !config.vcpuAffinity.isEmpty)
             let terminal = RawTerminal(enabled: serial == "stdio")
             let exit = try vm.run(stopOnSignals: true)
             terminal.restore()
@@ -139,16 +146,19 @@ struct VMCommand: ParsableCommand {
     /// Locks the VMM down once it holds everything it needs (/dev/kvm and the VM's descriptors, guest
     /// memory, disks, TAPs, sockets): no_new_privs, no capabilities, and a seccomp allow-list (any
     /// ioctl, for KVM; AF_UNIX sockets and connect, for vhost-user reconnects; kill and wait4 only for
-    /// the I/O domain supervisor). No exec from here on, and no open unless `allowingOpen` (API mode).
-    static func lockDown(noSandbox: Bool, supervisor: Int32?, allowingOpen: Bool) throws {
+    /// the I/O domain supervisor; sched_setaffinity when vCPUs are pinned). No exec from here on, and no
+    /// open unless `allowingOpen` (API mode).
+    static func lockDown(noSandbox: Bool, supervisor: Int32?, allowingOpen: Bool, pinsThreads: Bool = false) throws {
         if noSandbox {
             fputs("godwit: WARNING: --no-sandbox: this VMM runs with every privilege it was started with\n", stderr)
             return
         }
         let open = allowingOpen ? ["openat", "open"] : []
+        let pin = pinsThreads ? ["sched_setaffinity"] : []
         // memfd_create and ftruncate: the dirty log shared with I/O domains during a migration.
         var rules = Sandbox.rules(allowing: ["connect", "getsockname", "getpeername", "setsockopt", "memfd_create", "ftruncate"] + open,
                                   ioctls: .any)
+        rules += pin.map { .allow($0) }
         rules.append(.allow("socket", when: [.argument(0, equals: UInt64(AF_UNIX))]))
         if allowingOpen && !Sandbox.hasNetworkBroker {
             // API mode without namespaces: PUT /migration/send connects to the target over TCP. (In its
@@ -321,6 +331,12 @@ struct VMCommand: ParsableCommand {
             throw ValidationError("--huge-pages: --memory \(memory) is not a multiple of 2 MiB")
         }
         config.hugePages = hugePages
+        if let vcpuAffinity {
+            guard let cpus = CPUAffinity.parse(vcpuAffinity) else {
+                throw ValidationError("--vcpu-affinity '\(vcpuAffinity)' is not a list of this host's CPUs (0-\(godwit_cpu_count() - 1)), e.g. 1 or 0,2-3")
+            }
+            config.vcpuAffinity = cpus
+        }
         guard let mode = MachineConfig.QueueNotification(rawValue: notify) else {
             throw ValidationError("--notify must be ioeventfd or exit, not '\(notify)'")
         }

@@ -40,6 +40,9 @@ struct IODomainCommand: ParsableCommand {
     @Option(name: .customLong("poll-us"), help: "After a request, keep polling the ring (and the disk's completions) this many microseconds before sleeping (0: sleep at once).")
     var pollMicroseconds: Int = 0
 
+    @Option(help: ArgumentHelp("Run the domain's threads only on these host CPUs, e.g. 1 or 2-3 (keep them off the CPUs of polling vCPUs: godwit vm --vcpu-affinity).", valueName: "cpu-list"))
+    var cpuAffinity: String?
+
     @Flag(help: "Accept guest memory that is not sealed against shrinking (a frontend that truncates it could then crash this domain with SIGBUS). Godwit's and QEMU's memfds are sealed.")
     var allowUnsealedMemory = false
 
@@ -51,9 +54,16 @@ struct IODomainCommand: ParsableCommand {
             throw ValidationError("give at least one --device socket=PATH, --net or --control")
         }
         if !device.isEmpty && blk == nil { throw ValidationError("--device needs --blk") }
+        if let cpuAffinity, CPUAffinity.parse(cpuAffinity) == nil {
+            throw ValidationError("--cpu-affinity '\(cpuAffinity)' is not a list of this host's CPUs, e.g. 1 or 0,2-3")
+        }
     }
 
     func run() throws {
+        if let cpuAffinity, let cpus = CPUAffinity.parse(cpuAffinity) {
+            // Before the domain starts any thread: they all inherit it.
+            do { try CPUAffinity.pinCurrentThread(to: cpus) } catch { fail("--cpu-affinity: \(error)") }
+        }
         let specs = try device.map(parseDevice)
         let netSpecs = try net.map(parseNet)
         var block: FileBlockBackend?

@@ -15,14 +15,14 @@ struct IODomainTests {
         let sockets: [String]
         let process: BackgroundProcess
 
-        init(slices count: Int, namespaces: Bool = false) throws {
+        init(slices count: Int, namespaces: Bool = false, extra: [String] = []) throws {
             dir = try TestEnvironment.temporaryDirectory()
             image = dir.appendingPathComponent("device.img").path
             try TestEnvironment.makeImage(at: URL(fileURLWithPath: image), size: IODomainTests.slice * UInt64(count))
             let base = dir
             let paths = (0..<count).map { base.appendingPathComponent("vm\($0).sock").path }
             sockets = paths
-            var args = ["iodomain", "--blk", image]
+            var args = ["iodomain", "--blk", image] + extra
             for (i, socket) in paths.enumerated() {
                 args += ["--device", "socket=\(socket),offset=\(UInt64(i) * IODomainTests.slice),size=\(IODomainTests.slice)"]
             }
@@ -137,6 +137,49 @@ struct IODomainTests {
             let its = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(server)/ns/net")
             #expect(mine != its, "a network namespace of its own")
         }
+    }
+
+    /// `godwit iodomain --cpu-affinity` and `godwit vm --vcpu-affinity`: every thread of the domain and
+    /// every vCPU thread runs only on the CPU given (the last one of this host), and the guest's I/O works.
+    @Test func domainAndVCPUThreadsStayOnTheirCPUs() throws {
+        let cpu = String(ProcessInfo.processInfo.activeProcessorCount - 1)
+        let domain = try Domain(slices: 1, extra: ["--cpu-affinity", cpu])
+        defer { domain.stop() }
+        let vm = try BackgroundProcess(TestEnvironment.godwitPath, ["vm", "--kernel", TestEnvironment.guestPath, "--memory", "64M", "--cpus", "2",
+                                                                    "--vcpu-affinity", cpu, "--disk", "socket=\(domain.sockets[0])",
+                                                                    "--cmdline", "godwit.job=blk-verify,size=1048576,mode=irq godwit.job=idle,seconds=3"])
+        #expect(vm.waitForOutput { $0.contains("job=blk-verify") })
+        let vcpus = threads(of: vm.pid).filter { $0.name.hasPrefix("vcpu") }
+        #expect(vcpus.count == 2, "\(vcpus)")
+        #expect(vcpus.allSatisfy { $0.cpus == cpu }, "\(vcpus)")
+        let served = threads(of: domain.process.pid)
+        #expect(served.count >= 2 && served.allSatisfy { $0.cpus == cpu }, "\(served)")
+        let r = vm.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        let bad = try runGodwit(jobs: "", extra: ["--vcpu-affinity", "0-99999"])
+        #expect(bad.status == 64 && bad.stderr.contains("--vcpu-affinity"), "\(bad.stderr)")
+    }
+
+    /// The threads (name, Cpus_allowed_list) of `pid` and of its descendants.
+    func threads(of pid: Int32) -> [(name: String, cpus: String)] {
+        var result: [(name: String, cpus: String)] = []
+        var pids = [pid]
+        while let p = pids.popLast() {
+            for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(p)/task")) ?? [] {
+                guard let status = try? String(contentsOfFile: "/proc/\(p)/task/\(task)/status", encoding: .utf8) else { continue }
+                let field = { (key: String) in
+                    status.split(separator: "\n").first { $0.hasPrefix(key + ":") }.map { String($0.dropFirst(key.count + 1)).trimmingCharacters(in: .whitespaces) } ?? ""
+                }
+                result.append((field("Name"), field("Cpus_allowed_list")))
+            }
+            for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+                guard let child = Int32(entry),
+                      let status = try? String(contentsOfFile: "/proc/\(child)/status", encoding: .utf8),
+                      status.split(separator: "\n").contains(where: { $0 == "PPid:\t\(p)" }) else { continue }
+                pids.append(child)
+            }
+        }
+        return result
     }
 
     func childOf(_ parent: Int32) -> Int32? {

@@ -4,6 +4,7 @@
 #define CGODWIT_H
 
 #include <stdint.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <sys/types.h>
 #include <linux/kvm.h>
@@ -37,6 +38,13 @@ int godwit_set_nonblocking(int fd, int on);
 int godwit_errno(void);
 /// Names the calling thread (visible in ps/top); at most 15 characters are kept.
 void godwit_set_thread_name(const char *name);
+/// Restricts the calling thread (threads it creates later inherit it) to the `count` CPUs in `cpus`
+/// (sched_setaffinity(0, ...)); returns 0 or -errno (EINVAL for a CPU number outside 0..<CPU_SETSIZE).
+int godwit_set_thread_affinity(const int *cpus, int count);
+/// The same for `thread` (pthread_setaffinity_np); returns 0 or an errno value.
+int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count);
+/// How many CPUs the kernel knows (configured, online or not).
+int godwit_cpu_count(void);
 
 // Linux native AIO (<linux/aio_abi.h>) through raw syscalls: glibc has no wrappers and Swift
 // cannot call the variadic syscall(). Every function returns the result or -errno.
