@@ -52,15 +52,6 @@ void godwit_set_thread_name(const char *name) {
     buf[15] = 0;
     pthread_setname_np(pthread_self(), buf);
 }
-int godwit_set_thread_affinity(const int *cpus, int count) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    for (int i = 0; i < count; i++) {
-        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) return -EINVAL;
-        CPU_SET(cpus[i], &set);
-    }
-    return sched_setaffinity(0, sizeof set, &set) == 0 ? 0 : -errno;
-}
 int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count) {
     cpu_set_t set;
     CPU_ZERO(&set);

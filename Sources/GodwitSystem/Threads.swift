@@ -65,19 +65,16 @@ public enum CPUAffinity {
         return cpus.isEmpty ? nil : cpus
     }
 
-    /// Restricts `thread` to `cpus`.
+    /// Restricts `thread` (and the threads it starts from then on) to `cpus`.
     public static func pin(_ thread: pthread_t, to cpus: [Int], name: String) throws(SystemError) {
         let rc = cpus.map { Int32(clamping: $0) }.withUnsafeBufferPointer { godwit_set_affinity_of(thread, $0.baseAddress, Int32($0.count)) }
         guard rc == 0 else {
-            throw SystemError(operation: "pthread_setaffinity_np", errno: rc, context: "\(name) on CPUs \(cpus.map(String.init).joined(separator: ","))")
+            throw SystemError(operation: "sched_setaffinity", errno: rc, context: "\(name) on CPUs \(cpus.map(String.init).joined(separator: ","))")
         }
     }
 
     /// Restricts the calling thread, and the threads it starts from now on, to `cpus`.
     public static func pinCurrentThread(to cpus: [Int]) throws(SystemError) {
-        let rc = cpus.map { Int32(clamping: $0) }.withUnsafeBufferPointer { godwit_set_thread_affinity($0.baseAddress, Int32($0.count)) }
-        guard rc == 0 else {
-            throw SystemError(operation: "sched_setaffinity", errno: -rc, context: "CPUs \(cpus.map(String.init).joined(separator: ","))")
-        }
+        try pin(pthread_self(), to: cpus, name: "this thread")
     }
 }

@@ -172,23 +172,21 @@ struct IODomainTests {
                 }
                 result.append((field("Name"), field("Cpus_allowed_list")))
             }
-            for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
-                guard let child = Int32(entry),
-                      let status = try? String(contentsOfFile: "/proc/\(child)/status", encoding: .utf8),
-                      status.split(separator: "\n").contains(where: { $0 == "PPid:\t\(p)" }) else { continue }
-                pids.append(child)
-            }
+            pids += children(of: p)
         }
         return result
     }
 
-    func childOf(_ parent: Int32) -> Int32? {
-        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+    func childOf(_ parent: Int32) -> Int32? { children(of: parent).first }
+
+    /// The processes whose parent is `parent`.
+    func children(of parent: Int32) -> [Int32] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry in
             guard let pid = Int32(entry),
-                  let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { continue }
-            if status.split(separator: "\n").contains(where: { $0 == "PPid:\t\(parent)" }) { return pid }
+                  let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+                  status.split(separator: "\n").contains(where: { $0 == "PPid:\t\(parent)" }) else { return nil }
+            return pid
         }
-        return nil
     }
 
     /// `"socket"` in `PUT /drives`, as in Firecracker's schema: the API's VM gets its disk from the domain.

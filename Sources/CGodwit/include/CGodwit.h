@@ -38,10 +38,8 @@ int godwit_set_nonblocking(int fd, int on);
 int godwit_errno(void);
 /// Names the calling thread (visible in ps/top); at most 15 characters are kept.
 void godwit_set_thread_name(const char *name);
-/// Restricts the calling thread (threads it creates later inherit it) to the `count` CPUs in `cpus`
-/// (sched_setaffinity(0, ...)); returns 0 or -errno (EINVAL for a CPU number outside 0..<CPU_SETSIZE).
-int godwit_set_thread_affinity(const int *cpus, int count);
-/// The same for `thread` (pthread_setaffinity_np); returns 0 or an errno value.
+/// Restricts `thread` (threads it creates later inherit it) to the `count` CPUs in `cpus`
+/// (pthread_setaffinity_np); returns 0 or an errno value (EINVAL for a CPU outside 0..<CPU_SETSIZE).
 int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count);
 /// How many CPUs the kernel knows (configured, online or not).
 int godwit_cpu_count(void);
