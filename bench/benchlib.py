@@ -23,6 +23,38 @@ def wait_listening(port, timeout=10):
 
 
 
+def pin_option(ap):
+    """Adds --pin VCPU,IO (libvirt's vcpupin/emulatorpin): the vCPU thread on one CPU, the rest on another."""
+    ap.add_argument("--pin", default="auto", help="VCPU,IO: the vCPU thread on CPU VCPU, every other VMM and back-end thread "
+                    "on CPU IO, for every VMM alike; 'none': the scheduler places them; 'auto' (default): 0,1 with two or more CPUs")
+
+
+def parse_pin(value):
+    """--pin's value as (vcpu_cpu, io_cpu), or None to leave placement to the scheduler; exits on a bad value."""
+    if value == "auto":
+        return (0, 1) if os.cpu_count() >= 2 else None
+    if value == "none":
+        return None
+    try:
+        pin = tuple(int(c) for c in value.split(","))
+        assert len(pin) == 2 and all(0 <= c < os.cpu_count() for c in pin)
+        return pin
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--pin: VCPU,IO with two CPU numbers below {os.cpu_count()}, 'none' or 'auto', not {value!r}")
+
+
+def io_cpu(pin):
+    """The command prefix that keeps a process (and the threads it starts) on the I/O CPU of `pin`."""
+    return ["taskset", "-c", str(pin[1])] if pin else []
+
+
+def pin_qemu_vcpus(qmp, pin):
+    """Moves a QEMU's vCPU threads (QMP query-cpus-fast) to the vCPU CPU of `pin`."""
+    if pin:
+        for cpu in qmp.execute("query-cpus-fast"):
+            os.sched_setaffinity(cpu["thread-id"], {pin[0]})
+
+
 def stop(proc):
     if proc.poll() is None:
         proc.terminate()

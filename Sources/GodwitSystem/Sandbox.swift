@@ -153,8 +153,10 @@ public enum Sandbox {
         // I/O on descriptors already open
         "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
         "lseek", "fsync", "fdatasync", "fallocate", "close", "fstat", "newfstatat", "statx", "fcntl",
-        // native AIO on the O_DIRECT disk (AsyncIOContext; a drive swapped in after lock-down sets up its own)
-        "io_setup", "io_submit", "io_getevents", "io_destroy",
+        // the O_DIRECT disk's asynchronous I/O (AsyncIOContext): rings made before lock-down (restricted to
+        // reads and writes) are entered; io_uring_setup/io_uring_register fail after it, so a drive swapped
+        // in later sets up native AIO instead
+        "io_uring_enter", "io_setup", "io_submit", "io_getevents", "io_destroy",
         // sockets it holds: the vhost-user and control connections, the listening sockets
         "recvmsg", "sendmsg", "recvfrom", "sendto", "accept", "accept4", "shutdown", "getsockopt",
         // waiting

@@ -143,7 +143,7 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
     /// The open file (for tests and statistics; do not close it).
     public let file: FileDescriptor
 
-    /// The native AIO context for aligned direct I/O (nil: buffered, or the kernel refused io_setup).
+    /// The asynchronous I/O context for aligned direct I/O (nil: buffered, or the kernel refused it).
     public let asyncIO: AsyncIOContext?
     /// Serializes read-modify-write of partial direct-I/O blocks and the zero-range fallback flag.
     private let lock = Lock()
@@ -156,8 +156,10 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
     ///   (a power of two from 512 to 1 MiB, at least what the medium needs).
     /// - Parameter asyncDepth: with `direct`, how many requests the AIO context keeps in flight
     ///   (0: no AIO, every request synchronous).
+    /// - Parameter asyncEngines: the kernel interfaces the AIO context may use, in order of preference.
     public init(path: String, readOnly: Bool = false, direct: Bool = false,
-                directAlignment: UInt32? = nil, asyncDepth: Int = 512) throws(SystemError) {
+                directAlignment: UInt32? = nil, asyncDepth: Int = 512,
+                asyncEngines: [AsyncIOContext.Engine] = AsyncIOContext.Engine.automatic) throws(SystemError) {
         self.path = path
         self.readOnly = readOnly
         self.direct = direct
@@ -178,8 +180,9 @@ public final class FileBlockBackend: BlockBackend, @unchecked Sendable {
         self.blockSize = UInt32(alignment)
         self.capacity = size - size % alignment
         self.supportsDiscard = !readOnly && FileBlockBackend.probePunchHole(file, at: size)
-        // Without native AIO (io_setup refused, e.g. aio-max-nr reached) requests stay synchronous.
-        self.asyncIO = direct && asyncDepth > 0 ? try? AsyncIOContext(depth: asyncDepth) : nil
+        // Without an engine (io_uring_setup and io_setup refused, e.g. after lock-down with aio-max-nr
+        // reached) requests stay synchronous.
+        self.asyncIO = direct && asyncDepth > 0 ? try? AsyncIOContext(depth: asyncDepth, engines: asyncEngines) : nil
     }
 
     deinit {

@@ -37,6 +37,9 @@ struct IODomainCommand: ParsableCommand {
     @Flag(help: "Open the device with O_DIRECT.")
     var direct = false
 
+    @Option(name: .customLong("io-engine"), help: ArgumentHelp("How the O_DIRECT disk's requests reach the kernel: io_uring, aio (Linux native AIO) or auto (aio, else io_uring).", valueName: "engine"))
+    var ioEngine: String = "auto"
+
     @Option(name: .customLong("poll-us"), help: "After a request, keep polling the ring (and the disk's completions) this many microseconds before sleeping (0: sleep at once).")
     var pollMicroseconds: Int = 0
 
@@ -54,6 +57,9 @@ struct IODomainCommand: ParsableCommand {
             throw ValidationError("give at least one --device socket=PATH, --net or --control")
         }
         if !device.isEmpty && blk == nil { throw ValidationError("--device needs --blk") }
+        if ioEngine != "auto" && AsyncIOContext.Engine(rawValue: ioEngine) == nil {
+            throw ValidationError("--io-engine '\(ioEngine)' is not io_uring, aio or auto")
+        }
         if let cpuAffinity, CPUAffinity.parse(cpuAffinity) == nil {
             throw ValidationError("--cpu-affinity '\(cpuAffinity)' is not a list of this host's CPUs, e.g. 1 or 0,2-3")
         }
@@ -69,9 +75,16 @@ struct IODomainCommand: ParsableCommand {
         var block: FileBlockBackend?
         if let blk {
             do {
-                block = try FileBlockBackend(path: blk, readOnly: !specs.isEmpty && specs.allSatisfy(\.readOnly) && control == nil, direct: direct)
+                let engines = AsyncIOContext.Engine(rawValue: ioEngine).map { [$0] } ?? AsyncIOContext.Engine.automatic
+                block = try FileBlockBackend(path: blk, readOnly: !specs.isEmpty && specs.allSatisfy(\.readOnly) && control == nil,
+                                             direct: direct, asyncEngines: engines)
             } catch {
                 fail("\(blk): \(error)")
+            }
+            if direct, let block {
+                let engine = block.asyncIO.map { "O_DIRECT requests through \($0.engine.rawValue)" }
+                    ?? "no asynchronous I/O engine (--io-engine \(ioEngine) refused): requests run synchronously"
+                fputs("godwit iodomain: \(blk): \(engine)\n", stderr)
             }
         }
         let service = IODomainService(block: block, requireSealedMemory: !allowUnsealedMemory,

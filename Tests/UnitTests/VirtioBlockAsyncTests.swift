@@ -352,15 +352,17 @@ final class VirtioBackgroundCall: @unchecked Sendable {
         #expect(try restarted.popAvailable() == nil)
     }
 
-    /// The real engine: aligned O_DIRECT requests on Linux native AIO, many in flight, data checked.
-    @Test func nativeAIOKeepsManyRequestsInFlight() throws {
+    /// The real engines: aligned O_DIRECT requests on io_uring and on Linux native AIO, many in flight
+    /// (one and two buffers each), data checked.
+    @Test(arguments: AsyncIOContext.Engine.allCases)
+    func realEnginesKeepManyRequestsInFlight(engine: AsyncIOContext.Engine) throws {
         let image = try VirtioTempImage(size: 4 << 20, pattern: { _ in 0 })
         let backend: FileBlockBackend
-        do { backend = try FileBlockBackend(path: image.path, direct: true, directAlignment: 4096) } catch {
+        do { backend = try FileBlockBackend(path: image.path, direct: true, directAlignment: 4096, asyncEngines: [engine]) } catch {
             // A temporary directory without O_DIRECT (some tmpfs): nothing to test here.
             return
         }
-        try #require(backend.asyncIO != nil, "io_setup failed on this host")
+        try #require(backend.asyncIO?.engine == engine, "\(engine.rawValue) was refused on this host")
         let harness = try VirtioBlockHarness(backend: backend, queueSize: 128)
         let driver = harness.driver
         func aligned(_ count: Int) throws -> UInt64 { (try driver.allocate(count + 4096) + 4095) & ~4095 }
@@ -463,12 +465,13 @@ final class VirtioBackgroundCall: @unchecked Sendable {
         #expect(harness.device.statistics.requests == 4)
     }
 
-    /// Polling with the real engine: the polling thread reaps completions itself.
-    @Test func nativeAIOCompletionsArePolled() throws {
+    /// Polling with the real engines: the polling thread reaps completions itself.
+    @Test(arguments: AsyncIOContext.Engine.allCases)
+    func realEngineCompletionsArePolled(engine: AsyncIOContext.Engine) throws {
         let image = try VirtioTempImage(size: 1 << 20)
         let backend: FileBlockBackend
-        do { backend = try FileBlockBackend(path: image.path, direct: true, directAlignment: 4096) } catch { return }
-        try #require(backend.asyncIO != nil, "io_setup failed on this host")
+        do { backend = try FileBlockBackend(path: image.path, direct: true, directAlignment: 4096, asyncEngines: [engine]) } catch { return }
+        try #require(backend.asyncIO?.engine == engine, "\(engine.rawValue) was refused on this host")
         let harness = try VirtioBlockHarness(backend: backend)
         let driver = harness.driver
         harness.device.pollingStarted(0)

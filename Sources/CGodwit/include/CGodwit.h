@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <linux/kvm.h>
 
 // Syscalls Swift cannot call directly (variadic in libc).
@@ -64,6 +65,28 @@ long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, 
 /// Whether the context's completion ring (mapped in user space at `context`) may hold events: a
 /// cheap check before io_getevents when polling. 1 when it cannot tell.
 int godwit_aio_ring_has_events(uint64_t context);
+
+// io_uring (uring.c), through raw syscalls. Every function returns the result or -errno. A ring is
+// made disabled, restricted to NOP/READ/WRITE/READV/WRITEV without SQE flags, then enabled: it can
+// only read and write descriptors the process holds. No SQPOLL: submissions happen in io_uring_enter.
+struct godwit_uring;
+
+enum { GODWIT_URING_READ = 0, GODWIT_URING_WRITE = 1, GODWIT_URING_NOP = 2 };
+/// io_uring_setup for `entries` submissions (a completion queue twice as large), restricted and enabled.
+int godwit_uring_open(unsigned entries, struct godwit_uring **ring);
+void godwit_uring_close(struct godwit_uring *ring);
+/// Fills and publishes the next SQE (-EBUSY when the queue is full): a read or write of `iovecs` at
+/// `offset` of `fd` (the plain form for one buffer), or a NOP.
+int godwit_uring_prep(struct godwit_uring *ring, int operation, int fd, uint64_t offset, const struct iovec *iovecs,
+                      int iovec_count, uint64_t data);
+/// Takes back up to `count` of the last published SQEs the kernel has not consumed.
+void godwit_uring_unprep(struct godwit_uring *ring, unsigned count);
+/// io_uring_enter: submits `submit` SQEs and, if `wait` > 0, waits until that many completions are there.
+long godwit_uring_enter(struct godwit_uring *ring, unsigned submit, unsigned wait);
+/// Takes up to `max` completions from the ring (user data and result of each); returns how many.
+int godwit_uring_reap(struct godwit_uring *ring, int max, uint64_t *datas, int64_t *results);
+/// Whether completions are waiting in the ring.
+int godwit_uring_has_completions(const struct godwit_uring *ring);
 
 // A full memory barrier (guest memory is shared with running vCPUs and other processes).
 void godwit_fence(void);
