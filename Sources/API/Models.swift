@@ -139,20 +139,37 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
     public var trackDirtyPages: Bool?
     public var cpuTemplate: CpuTemplate?
     public var hugePages: HugePages?
+    /// Godwit's extension: host CPUs for the vCPU threads, vCPU i on the i-th (round robin); nil: unpinned.
+    public var vcpuAffinity: [Int]?
+
+    /// The most CPUs `vcpu_affinity` lists, and the CPU numbers it may name (the kernel's CPU_SETSIZE).
+    public static let maxAffinityCPUs = 1024
 
     public init(vcpuCount: Int = 1, memSizeMib: Int = 128, smt: Bool? = nil, trackDirtyPages: Bool? = nil,
-                cpuTemplate: CpuTemplate? = nil, hugePages: HugePages? = nil) {
+                cpuTemplate: CpuTemplate? = nil, hugePages: HugePages? = nil, vcpuAffinity: [Int]? = nil) {
         self.vcpuCount = vcpuCount
         self.memSizeMib = memSizeMib
         self.smt = smt
         self.trackDirtyPages = trackDirtyPages
         self.cpuTemplate = cpuTemplate
         self.hugePages = hugePages
+        self.vcpuAffinity = vcpuAffinity
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case vcpuCount = "vcpu_count", memSizeMib = "mem_size_mib", smt, trackDirtyPages = "track_dirty_pages"
-        case cpuTemplate = "cpu_template", hugePages = "huge_pages"
+        case cpuTemplate = "cpu_template", hugePages = "huge_pages", vcpuAffinity = "vcpu_affinity"
+    }
+
+    /// Checks a `vcpu_affinity` list on its own (whether the host has the CPUs is checked at start).
+    static func checkAffinity(_ cpus: [Int]?) throws {
+        guard let cpus else { return }
+        guard !cpus.isEmpty, cpus.count <= maxAffinityCPUs else {
+            throw APIError.badRequest("vcpu_affinity lists \(cpus.count) CPUs: give 1 to \(maxAffinityCPUs), or null for no pinning")
+        }
+        if let bad = cpus.first(where: { !(0..<maxAffinityCPUs).contains($0) }) {
+            throw APIError.badRequest("vcpu_affinity: CPU \(bad) is not a CPU number (0 to \(maxAffinityCPUs - 1))")
+        }
     }
 
     public init(from decoder: Decoder) throws {
@@ -163,9 +180,11 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
         cpuTemplate = try c.decodeIfPresent(CpuTemplate.self, forKey: .cpuTemplate)
         hugePages = try c.decodeIfPresent(HugePages.self, forKey: .hugePages)
+        vcpuAffinity = try c.decodeIfPresent([Int].self, forKey: .vcpuAffinity)
     }
 
     public func validate() throws {
+        try MachineConfiguration.checkAffinity(vcpuAffinity)
         try Check.range("vcpu_count", vcpuCount, MachineConfiguration.vcpuRange)
         if smt == true && vcpuCount > 1 && vcpuCount % 2 != 0 {
             throw APIError.badRequest("vcpu_count = \(vcpuCount): with smt enabled the vCPU count must be 1 or even")
@@ -185,6 +204,7 @@ public struct MachineConfiguration: Codable, Equatable, Sendable {
         if let v = update.trackDirtyPages { result.trackDirtyPages = v }
         if let v = update.cpuTemplate { result.cpuTemplate = v }
         if let v = update.hugePages { result.hugePages = v }
+        if let v = update.vcpuAffinity { result.vcpuAffinity = v }
         try result.validate()
         return result
     }
@@ -198,15 +218,17 @@ public struct MachineConfigurationUpdate: Codable, Equatable, Sendable {
     public var trackDirtyPages: Bool?
     public var cpuTemplate: CpuTemplate?
     public var hugePages: HugePages?
+    public var vcpuAffinity: [Int]?
 
     public init(vcpuCount: Int? = nil, memSizeMib: Int? = nil, smt: Bool? = nil, trackDirtyPages: Bool? = nil,
-                cpuTemplate: CpuTemplate? = nil, hugePages: HugePages? = nil) {
+                cpuTemplate: CpuTemplate? = nil, hugePages: HugePages? = nil, vcpuAffinity: [Int]? = nil) {
         self.vcpuCount = vcpuCount
         self.memSizeMib = memSizeMib
         self.smt = smt
         self.trackDirtyPages = trackDirtyPages
         self.cpuTemplate = cpuTemplate
         self.hugePages = hugePages
+        self.vcpuAffinity = vcpuAffinity
     }
 
     typealias CodingKeys = MachineConfiguration.CodingKeys
@@ -219,10 +241,12 @@ public struct MachineConfigurationUpdate: Codable, Equatable, Sendable {
         trackDirtyPages = try c.decodeIfPresent(Bool.self, forKey: .trackDirtyPages)
         cpuTemplate = try c.decodeIfPresent(CpuTemplate.self, forKey: .cpuTemplate)
         hugePages = try c.decodeIfPresent(HugePages.self, forKey: .hugePages)
+        vcpuAffinity = try c.decodeIfPresent([Int].self, forKey: .vcpuAffinity)
     }
 
     /// Checks the fields present on their own; `MachineConfiguration.applying(_:)` checks the result.
     public func validate() throws {
+        try MachineConfiguration.checkAffinity(vcpuAffinity)
         if let vcpuCount { try Check.range("vcpu_count", vcpuCount, MachineConfiguration.vcpuRange) }
         if let memSizeMib {
             try Check.range("mem_size_mib", memSizeMib, MachineConfiguration.minMemoryMiB...MachineConfiguration.maxMemoryMiB, " MiB")

@@ -62,6 +62,15 @@ int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count) {
     return pthread_setaffinity_np(thread, sizeof set, &set);
 }
 int godwit_cpu_count(void) { return (int)sysconf(_SC_NPROCESSORS_CONF); }
+int godwit_allowed_cpus(int *cpus, int capacity) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -errno;
+    int n = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n < capacity; cpu++) {
+        if (CPU_ISSET(cpu, &set)) cpus[n++] = cpu;
+    }
+    return n;
+}
 void godwit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 uint16_t godwit_load16(const void *address) { return __atomic_load_n((const uint16_t *)address, __ATOMIC_RELAXED); }
 uint32_t godwit_load32(const void *address) { return __atomic_load_n((const uint32_t *)address, __ATOMIC_RELAXED); }

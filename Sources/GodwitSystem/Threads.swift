@@ -73,6 +73,20 @@ public enum CPUAffinity {
         }
     }
 
+    /// The CPUs the calling thread may run on now (its affinity, within the process's cpuset).
+    public static func allowedCPUs() throws(SystemError) -> [Int] {
+        var cpus = [Int32](repeating: 0, count: 1024)
+        let n = cpus.withUnsafeMutableBufferPointer { godwit_allowed_cpus($0.baseAddress, Int32($0.count)) }
+        guard n >= 0 else { throw SystemError(operation: "sched_getaffinity", errno: -n) }
+        return cpus.prefix(Int(n)).map(Int.init)
+    }
+
+    /// The CPUs of `wanted` the calling thread may not run on (each would fail `pin`).
+    public static func unavailable(_ wanted: [Int]) throws(SystemError) -> [Int] {
+        let allowed = Set(try allowedCPUs())
+        return wanted.filter { !allowed.contains($0) }
+    }
+
     /// Restricts the calling thread, and the threads it starts from now on, to `cpus`.
     public static func pinCurrentThread(to cpus: [Int]) throws(SystemError) {
         try pin(pthread_self(), to: cpus, name: "this thread")

@@ -165,12 +165,26 @@ public final class MicroVM: @unchecked Sendable {
     /// The CPUID each vCPU was given (a migration target must give the same).
     public private(set) var cpuidTables: [[CPUIDEntry]] = []
 
+    /// Refuses vCPU CPUs this process may not run on (outside its affinity or cpuset): caught before
+    /// the guest runs, not as a pin that fails while vCPU threads start.
+    static func checkAffinity(_ cpus: [Int]) throws {
+        guard !cpus.isEmpty else { return }
+        let refused: [Int]
+        do { refused = try CPUAffinity.unavailable(cpus) } catch { throw MachineError.setup("vCPU affinity: \(error)") }
+        guard refused.isEmpty else {
+            let allowed = (try? CPUAffinity.allowedCPUs())?.map(String.init).joined(separator: ",") ?? "?"
+            throw MachineError.setup("vCPU affinity: this process may not run on CPU \(refused.map(String.init).joined(separator: ",")) "
+                                     + "(it may use \(allowed))")
+        }
+    }
+
     public init(config: MachineConfig) throws {
         self.config = config
         guard (1...MachineConfig.maxCPUs).contains(config.cpus) else {
             throw MachineError.cpus(requested: config.cpus, max: MachineConfig.maxCPUs)
         }
         try MicroVM.checkMemory(config.memoryBytes)
+        try MicroVM.checkAffinity(config.vcpuAffinity)
         // Read and check the kernel before touching KVM: a bad file is the commonest mistake. An ELF
         // kernel is parsed from its headers and notes; its segments and the initrd are read later straight
         // into guest RAM (a vmlinux is mostly symbols: reading it whole would double the VMM's peak memory).

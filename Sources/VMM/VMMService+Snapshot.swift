@@ -87,7 +87,11 @@ extension VMMService {
         let config: MachineConfig = try lock.withLock {
             try requireNotStarted("PUT /snapshot/load")
             // The snapshot's own configuration: the same machine, drives and NICs (paths must still exist).
-            if let m = file.header.config.machineConfig { machine = m }
+            // Except vCPU placement, which belongs to this host: the loading VMM's own vcpu_affinity stays.
+            if var m = file.header.config.machineConfig {
+                m.vcpuAffinity = machine.vcpuAffinity
+                machine = m
+            }
             drives = file.header.config.drives ?? []
             interfaces = file.header.config.networkInterfaces ?? []
             bootSource = file.header.config.bootSource

@@ -197,10 +197,13 @@ public final class VMMService: VMMController, @unchecked Sendable {
 
     // MARK: Actions
 
-    /// Called once the VM is built, before it runs: the CLI locks the VMM down here.
-    public var lockDownAfterStart: (() throws -> Void)?
-    /// Set once `lockDownAfterStart` ran (a VMM whose incoming migration failed builds the next VM locked down).
+    /// Called once the VM is built, before it runs: the CLI locks the VMM down here (`pinsThreads`: the
+    /// VM's vCPU threads are pinned, so sched_setaffinity must stay allowed).
+    public var lockDownAfterStart: ((_ pinsThreads: Bool) throws -> Void)?
+    /// Set once `lockDownAfterStart` ran (a VMM whose incoming migration failed builds the next VM locked
+    /// down), with whether that lock-down let threads be pinned.
     private var lockedDown = false
+    private var lockedDownPinning = false
     /// The fence deadline (`PUT /fence`) and its watcher.
     let fence = FenceWatch()
 
@@ -239,6 +242,7 @@ public final class VMMService: VMMController, @unchecked Sendable {
         config.queueNotification = queueNotification
         config.incoming = incoming
         config.hugePages = self.machine.hugePages == .twoMiB
+        config.vcpuAffinity = self.machine.vcpuAffinity ?? []
         return config
     }
 
@@ -252,9 +256,16 @@ public final class VMMService: VMMController, @unchecked Sendable {
             instance.startsPaused = startsPaused
             // Locked down before `prepare` reads a snapshot or an incoming migration stream: untrusted
             // input is parsed inside the sandbox, and the lock-down is off a migration's critical path.
+            let pins = !config.vcpuAffinity.isEmpty
+            if lock.withLock({ lockedDown && pins && !lockedDownPinning }) {
+                throw APIError.badRequest("vcpu_affinity: this VMM was locked down for an earlier VM without pinning; start a new VMM process")
+            }
             if let lockDown = lock.withLock({ lockedDown ? nil : lockDownAfterStart }) {
-                try lockDown()
-                lock.withLock { lockedDown = true }
+                try lockDown(pins)
+                lock.withLock {
+                    lockedDown = true
+                    lockedDownPinning = pins
+                }
             }
             try prepare?(instance)
         } catch {

@@ -108,8 +108,8 @@ struct VMCommand: ParsableCommand {
         }
         if incoming != nil && (kernel != nil || configFile != nil) { throw ValidationError("--incoming takes no --kernel or --config-file") }
         if kernel != nil && configFile != nil { throw ValidationError("--kernel and --config-file exclude each other") }
-        if vcpuAffinity != nil && (apiSock != nil || configFile != nil || incoming != nil) {
-            throw ValidationError("--vcpu-affinity pins a VM booted with --kernel alone; it is not in the API (--api-sock, --config-file, --incoming) yet")
+        if vcpuAffinity != nil && (apiSock != nil || configFile != nil) {
+            throw ValidationError("--vcpu-affinity goes with --kernel or --incoming; through the API or a config file, give machine-config's vcpu_affinity")
         }
     }
 
@@ -238,7 +238,9 @@ struct VMCommand: ParsableCommand {
         let service = VMMService(serialOutput: output, serialInput: input, kvmPath: kvmDevice, queueNotification: mode)
         // The API may still swap drive files after boot (PATCH /drives), so this lock-down keeps open.
         let noSandbox = self.noSandbox
-        service.lockDownAfterStart = { try VMCommand.lockDown(noSandbox: noSandbox, supervisor: nil, allowingOpen: true) }
+        service.lockDownAfterStart = { pins in
+            try VMCommand.lockDown(noSandbox: noSandbox, supervisor: nil, allowingOpen: true, pinsThreads: pins)
+        }
         service.defaultMigrationKey = migrationKeyFile
         let done = DispatchSemaphore(value: 0)
         let exitBox = ExitBox()
@@ -290,8 +292,14 @@ struct VMCommand: ParsableCommand {
     /// `--incoming`: the VM the migration fills in, from the command line, through the API's calls.
     func configureIncoming(_ service: VMMService) throws {
         let bytes = try parseSize(memory)
+        let affinity = try vcpuAffinity.map { text in
+            guard let cpus = CPUAffinity.parse(text) else {
+                throw ValidationError("--vcpu-affinity '\(text)' is not a list of this host's CPUs (0-\(godwit_cpu_count() - 1)), e.g. 1 or 0,2-3")
+            }
+            return cpus
+        }
         try service.putMachineConfig(MachineConfiguration(vcpuCount: cpus, memSizeMib: Int(bytes >> 20),
-                                                          hugePages: hugePages ? .twoMiB : nil))
+                                                          hugePages: hugePages ? .twoMiB : nil, vcpuAffinity: affinity))
         for (i, text) in disk.enumerated() {
             let d = try parseDisk(text)
             guard !d.inIODomain else { throw ValidationError("--incoming takes --disk PATH or socket=PATH (start the I/O domain yourself)") }

@@ -258,13 +258,15 @@ final class APIHarness: @unchecked Sendable {
     let disk: String
     let process: BackgroundProcess
 
-    init() throws {
+    /// `launcher`: a command that runs the VMM (e.g. `["/usr/bin/taskset", "-c", "0"]`).
+    init(launcher: [String] = []) throws {
         dir = try TestEnvironment.temporaryDirectory()
         socket = dir.appendingPathComponent("api.sock").path
         serial = dir.appendingPathComponent("serial.log").path
         disk = dir.appendingPathComponent("disk.img").path
         try TestEnvironment.makeImage(at: URL(fileURLWithPath: disk), size: 16 << 20)
-        process = try BackgroundProcess(TestEnvironment.godwitPath, ["vm", "--api-sock", socket, "--serial", serial])
+        let vmm = [TestEnvironment.godwitPath, "vm", "--api-sock", socket, "--serial", serial]
+        process = try BackgroundProcess(launcher.first ?? vmm[0], Array(launcher.dropFirst()) + (launcher.isEmpty ? Array(vmm.dropFirst()) : vmm))
         for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
     }
 

@@ -182,6 +182,40 @@ struct IODomainTests {
         #expect(bad.status == 64 && bad.stderr.contains("--vcpu-affinity"), "\(bad.stderr)")
     }
 
+    /// machine-config's `vcpu_affinity` pins an API-booted VM's vCPU threads; a CPU the VMM process may
+    /// not use (here: started under `taskset` on one CPU) is refused before the guest runs, through the
+    /// API (400) and on the command line (exit 2), each naming the CPU.
+    @Test(.enabled(if: ProcessInfo.processInfo.activeProcessorCount >= 2))
+    func vcpuAffinityThroughTheAPIAndCPUsTheVMMMayNotUse() throws {
+        let last = ProcessInfo.processInfo.activeProcessorCount - 1
+        let api = try APIHarness()
+        defer { api.stop() }
+        try api.configure(jobs: "godwit.job=idle,seconds=2")
+        #expect(try api.call("PUT", "/machine-config", ["vcpu_count": 2, "mem_size_mib": 128, "vcpu_affinity": []]).status == 400)
+        #expect(try api.call("PUT", "/machine-config", ["vcpu_count": 2, "mem_size_mib": 128, "vcpu_affinity": [5000]]).status == 400)
+        #expect(try api.call("PUT", "/machine-config", ["vcpu_count": 2, "mem_size_mib": 128, "vcpu_affinity": [last]]).status == 204)
+        #expect(try api.call("GET", "/machine-config").body.contains("\"vcpu_affinity\":[\(last)]"))
+        #expect(try api.call("PUT", "/actions", ["action_type": "InstanceStart"]).status == 204)
+        var vcpus: [(name: String, cpus: String)] = []
+        for _ in 0..<300 where vcpus.count < 2 {
+            vcpus = threads(of: api.process.pid).filter { $0.name.hasPrefix("vcpu") }
+            usleep(10_000)
+        }
+        #expect(vcpus.count == 2 && vcpus.allSatisfy { $0.cpus == String(last) }, "\(vcpus)")
+        let r = api.process.wait(timeout: 60)
+        #expect(r.status == 0, "\(r.stderr)")
+
+        let confined = try APIHarness(launcher: ["/usr/bin/taskset", "-c", "0"])
+        defer { confined.stop() }
+        try confined.configure(jobs: "godwit.job=idle,seconds=1")
+        #expect(try confined.call("PATCH", "/machine-config", ["vcpu_affinity": [last]]).status == 204)
+        let refused = try confined.call("PUT", "/actions", ["action_type": "InstanceStart"])
+        #expect(refused.status == 400 && refused.body.contains("may not run on CPU \(last)"), "\(refused.body)")
+        let cli = try runProcess("/usr/bin/taskset", ["-c", "0", TestEnvironment.godwitPath, "vm", "--kernel", TestEnvironment.guestPath,
+                                                      "--memory", "64M", "--vcpu-affinity", String(last), "--cmdline", "godwit.job=ready"])
+        #expect(cli.status == 2 && cli.stderr.contains("may not run on CPU \(last)"), "\(cli.status) \(cli.stderr)")
+    }
+
     /// The threads (name, Cpus_allowed_list) of `pid` and of its descendants.
     func threads(of pid: Int32) -> [(name: String, cpus: String)] {
         var result: [(name: String, cpus: String)] = []

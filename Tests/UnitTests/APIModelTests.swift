@@ -175,6 +175,21 @@ struct APIModelTests {
         #expect(throws: Never.self) { try MachineConfiguration(vcpuCount: 32, memSizeMib: 1 << 20).validate() }
         expectInvalid({ try MachineConfigurationUpdate(vcpuCount: 64).validate() }, "vcpu_count = 64")
         expectInvalid({ try MachineConfigurationUpdate(memSizeMib: 0).validate() }, "mem_size_mib = 0")
+        expectInvalid({ try MachineConfiguration(vcpuCount: 1, memSizeMib: 128, vcpuAffinity: []).validate() }, "vcpu_affinity", "0 CPUs")
+        expectInvalid({ try MachineConfiguration(vcpuCount: 1, memSizeMib: 128, vcpuAffinity: [0, 1024]).validate() }, "CPU 1024")
+        expectInvalid({ try MachineConfigurationUpdate(vcpuAffinity: [-1]).validate() }, "CPU -1")
+        expectInvalid({ try MachineConfigurationUpdate(vcpuAffinity: Array(repeating: 0, count: 1025)).validate() }, "1025 CPUs")
+        #expect(throws: Never.self) { try MachineConfiguration(vcpuCount: 4, memSizeMib: 128, vcpuAffinity: [1023, 0]).validate() }
+    }
+
+    /// `vcpu_affinity` (Godwit's extension) decodes, encodes and merges like the other fields.
+    @Test func vcpuAffinityRoundTrips() throws {
+        let machine = try decode(MachineConfiguration.self, #"{"vcpu_count": 2, "mem_size_mib": 128, "vcpu_affinity": [3, 1]}"#)
+        #expect(machine.vcpuAffinity == [3, 1])
+        let encoded = String(decoding: try JSONEncoder().encode(machine), as: UTF8.self)
+        #expect(encoded.contains("\"vcpu_affinity\":[3,1]"))
+        #expect(try MachineConfiguration(vcpuCount: 2, memSizeMib: 128).applying(MachineConfigurationUpdate(vcpuAffinity: [0])).vcpuAffinity == [0])
+        expectDecodeFault(MachineConfiguration.self, #"{"vcpu_count": 1, "mem_size_mib": 128, "vcpu_affinity": "0-1"}"#, "vcpu_affinity")
     }
 
     @Test func patchMergesAndChecksTheWhole() throws {

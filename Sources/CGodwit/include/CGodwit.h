@@ -44,6 +44,9 @@ void godwit_set_thread_name(const char *name);
 int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count);
 /// How many CPUs the kernel knows (configured, online or not).
 int godwit_cpu_count(void);
+/// The CPUs the calling thread may run on (sched_getaffinity), at most `capacity` of them, in order;
+/// returns how many, or -errno.
+int godwit_allowed_cpus(int *cpus, int capacity);
 
 // Linux native AIO (<linux/aio_abi.h>) through raw syscalls: glibc has no wrappers and Swift
 // cannot call the variadic syscall(). Every function returns the result or -errno.
