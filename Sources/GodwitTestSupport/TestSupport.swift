@@ -309,3 +309,30 @@ public enum HugePagePool {
         return try body()
     }
 }
+
+/// The threads (name, Cpus_allowed_list) of process `pid` and of its descendants, from /proc.
+public func threads(of pid: Int32) -> [(name: String, cpus: String)] {
+    var result: [(name: String, cpus: String)] = []
+    var pids = [pid]
+    while let p = pids.popLast() {
+        for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(p)/task")) ?? [] {
+            guard let status = try? String(contentsOfFile: "/proc/\(p)/task/\(task)/status", encoding: .utf8) else { continue }
+            let field = { (key: String) in
+                status.split(separator: "\n").first { $0.hasPrefix(key + ":") }.map { String($0.dropFirst(key.count + 1)).trimmingCharacters(in: .whitespaces) } ?? ""
+            }
+            result.append((field("Name"), field("Cpus_allowed_list")))
+        }
+        pids += children(of: p)
+    }
+    return result
+}
+
+/// The processes whose parent is `parent`, from /proc.
+public func children(of parent: Int32) -> [Int32] {
+    ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry in
+        guard let pid = Int32(entry),
+              let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              status.split(separator: "\n").contains(where: { $0 == "PPid:\t\(parent)" }) else { return nil }
+        return pid
+    }
+}

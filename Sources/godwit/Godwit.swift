@@ -108,7 +108,7 @@ struct VMCommand: ParsableCommand {
         }
         if incoming != nil && (kernel != nil || configFile != nil) { throw ValidationError("--incoming takes no --kernel or --config-file") }
         if kernel != nil && configFile != nil { throw ValidationError("--kernel and --config-file exclude each other") }
-        if vcpuAffinity != nil && (apiSock != nil || configFile != nil) {
+        if vcpuAffinity != nil && incoming == nil && (apiSock != nil || configFile != nil) {
             throw ValidationError("--vcpu-affinity goes with --kernel or --incoming; through the API or a config file, give machine-config's vcpu_affinity")
         }
     }

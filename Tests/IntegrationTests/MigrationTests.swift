@@ -19,7 +19,8 @@ struct MigrationTests {
         /// The target's own API socket (so it can migrate the guest on), when asked for.
         let apiSocket: String?
 
-        init(cpus: Int = 2, memory: String = "256M", key: String = MigrationTests.key, disks: [String] = [], api: Bool = false) throws {
+        init(cpus: Int = 2, memory: String = "256M", key: String = MigrationTests.key, disks: [String] = [], api: Bool = false,
+             extra: [String] = []) throws {
             dir = try TestEnvironment.temporaryDirectory()
             serial = dir.appendingPathComponent("serial.log").path
             let keyFile = dir.appendingPathComponent("key").path
@@ -31,7 +32,7 @@ struct MigrationTests {
             for d in disks { args += ["--disk", d] }
             apiSocket = api ? dir.appendingPathComponent("api.sock").path : nil
             if let apiSocket { args += ["--api-sock", apiSocket] }
-            process = try BackgroundProcess(TestEnvironment.godwitPath, args)
+            process = try BackgroundProcess(TestEnvironment.godwitPath, args + extra)
             #expect(process.waitForOutput(timeout: 10) { _ in true } || true)
             for _ in 0..<200 {
                 if (try? String(contentsOfFile: "/proc/self/net/tcp", encoding: .utf8))?.contains(String(format: ":%04X", port)) == true { break }
@@ -75,7 +76,9 @@ struct MigrationTests {
     }
 
     @Test func anIdleGuestMovesAndKeepsItsClockAndBootID() throws {
-        let target = try Target()
+        // The target places its vCPUs itself (--vcpu-affinity with --incoming).
+        let cpu = String(ProcessInfo.processInfo.activeProcessorCount - 1)
+        let target = try Target(extra: ["--vcpu-affinity", cpu])
         defer { target.stop() }
         let api = try source(jobs: "godwit.job=idle,seconds=6")
         defer { api.stop() }
@@ -90,6 +93,8 @@ struct MigrationTests {
         let source = api.process.wait(timeout: 30)
         #expect(source.status == 0, "the source VMM exits once the target owns the guest: \(source.stderr)")
         #expect(source.stderr.contains("completed: downtime"), "\(source.stderr)")
+        let vcpus = threads(of: target.process.pid).filter { $0.name.hasPrefix("vcpu") }
+        #expect(vcpus.count == 2 && vcpus.allSatisfy { $0.cpus == cpu }, "the target's vCPUs on CPU \(cpu): \(vcpus)")
         let r = target.process.wait(timeout: 60)
         #expect(r.status == 0, "\(r.stderr)")
         let before = try api.serialLines()
