@@ -62,15 +62,7 @@ int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count) {
     return pthread_setaffinity_np(thread, sizeof set, &set);
 }
 int godwit_cpu_count(void) { return (int)sysconf(_SC_NPROCESSORS_CONF); }
-int godwit_allowed_cpus(int *cpus, int capacity) {
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) != 0) return -errno;
-    int n = 0;
-    for (int cpu = 0; cpu < CPU_SETSIZE && n < capacity; cpu++) {
-        if (CPU_ISSET(cpu, &set)) cpus[n++] = cpu;
-    }
-    return n;
-}
+
 void godwit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 uint16_t godwit_load16(const void *address) { return __atomic_load_n((const uint16_t *)address, __ATOMIC_RELAXED); }
 uint32_t godwit_load32(const void *address) { return __atomic_load_n((const uint32_t *)address, __ATOMIC_RELAXED); }
@@ -454,6 +446,38 @@ long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, 
 struct godwit_aio_ring {
     unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length;
 };
+
+void godwit_iocb_set_resfd(void *iocb, int fd) {
+    struct iocb *cb = iocb;
+    cb->aio_flags |= IOCB_FLAG_RESFD;
+    cb->aio_resfd = (uint32_t)fd;
+}
+
+int godwit_aio_ring_usable(uint64_t context) {
+    const struct godwit_aio_ring *ring = (const struct godwit_aio_ring *)(uintptr_t)context;
+    return ring != NULL && ring->magic == 0xa10a10a1 && ring->incompat_features == 0 && ring->nr > 0
+        && ring->header_length == sizeof(struct godwit_aio_ring);
+}
+
+long godwit_aio_ring_reap(uint64_t context, long max, uint64_t *datas, int64_t *results) {
+    // As libaio's user-space reaping and QEMU's linux-aio: events between head and tail are complete
+    // (the kernel publishes tail after writing them); head is handed back once they are copied.
+    struct godwit_aio_ring *ring = (struct godwit_aio_ring *)(uintptr_t)context;
+    const struct io_event *events = (const struct io_event *)(ring + 1);
+    unsigned nr = ring->nr;
+    unsigned head = __atomic_load_n(&ring->head, __ATOMIC_RELAXED);
+    unsigned tail = __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+    if (head >= nr || tail >= nr) return -EIO;  // not a ring the kernel keeps: refuse rather than read out of it
+    long n = 0;
+    while (head != tail && n < max) {
+        datas[n] = events[head].data;
+        results[n] = events[head].res;
+        n++;
+        head = (head + 1) % nr;
+    }
+    __atomic_store_n(&ring->head, head, __ATOMIC_RELEASE);
+    return n;
+}
 
 int godwit_aio_ring_has_events(uint64_t context) {
     const struct godwit_aio_ring *ring = (const struct godwit_aio_ring *)(uintptr_t)context;

@@ -62,7 +62,9 @@ public final class AsyncIOContext: @unchecked Sendable {
     /// The kernel side of a context.
     private enum Kernel {
         case uring(OpaquePointer)
-        case aio(context: UInt64, iocbs: UnsafeMutableRawPointer, stopIOCB: UnsafeMutableRawPointer)
+        /// `userRing`: completions are taken from the context's ring in user space (no io_getevents) and
+        /// every iocb signals `wakeUp` (IOCB_FLAG_RESFD), which the reaper waits on.
+        case aio(context: UInt64, iocbs: UnsafeMutableRawPointer, stopIOCB: UnsafeMutableRawPointer, userRing: Bool)
     }
 
     /// The reaper's largest batch of events.
@@ -85,7 +87,8 @@ public final class AsyncIOContext: @unchecked Sendable {
     /// The kernel interface in use.
     public let engine: Engine
     private let kernel: Kernel
-    private let stop: EventFD
+    /// Wakes the reaper: close() signals it; with native AIO's user-space ring, every completion too.
+    private let wakeUp: EventFD
 
     private struct Slot {
         var handler: AsyncIOHandler?
@@ -128,7 +131,8 @@ public final class AsyncIOContext: @unchecked Sendable {
                 if rc == 0 {
                     let iocbs = UnsafeMutableRawPointer.allocate(byteCount: GODWIT_IOCB_SIZE * depth, alignment: 16)
                     let stopIOCB = UnsafeMutableRawPointer.allocate(byteCount: GODWIT_IOCB_SIZE, alignment: 16)
-                    made = (.linuxAIO, .aio(context: context, iocbs: iocbs, stopIOCB: stopIOCB))
+                    made = (.linuxAIO, .aio(context: context, iocbs: iocbs, stopIOCB: stopIOCB,
+                                            userRing: godwit_aio_ring_usable(context) != 0))
                 } else {
                     failure = SystemError(operation: "io_setup", errno: -rc, context: "\(depth) events")
                 }
@@ -139,7 +143,7 @@ public final class AsyncIOContext: @unchecked Sendable {
         self.engine = engine
         self.kernel = kernel
         do {
-            stop = try EventFD(nonBlocking: true)
+            wakeUp = try EventFD()
         } catch {
             AsyncIOContext.release(kernel, destroyingAIO: true)
             throw error
@@ -147,9 +151,9 @@ public final class AsyncIOContext: @unchecked Sendable {
         slots = Array(repeating: Slot(), count: depth)
         freeSlots = Array((0..<depth).reversed())
 
-        if case let .aio(context, _, stopIOCB) = kernel {
-            // The stop request: a poll on `stop` that completes when close() writes it, waking the reaper.
-            godwit_iocb_prep_poll_in(stopIOCB, stop.descriptor.rawValue, AsyncIOContext.stopToken)
+        if case let .aio(context, _, stopIOCB, false) = kernel {
+            // The stop request: a poll on `wakeUp` that completes when close() writes it, waking the reaper.
+            godwit_iocb_prep_poll_in(stopIOCB, wakeUp.descriptor.rawValue, AsyncIOContext.stopToken)
             var one: UnsafeMutableRawPointer? = stopIOCB
             _ = godwit_io_submit(context, 1, &one)  // refused (old kernel): the reaper's time-out takes over
         }
@@ -164,7 +168,7 @@ public final class AsyncIOContext: @unchecked Sendable {
         }, box)
         guard created == 0 else {
             // deinit gives the ring and iocbs back; the AIO context is destroyed here (no reaper will).
-            if case let .aio(context, _, _) = kernel { _ = godwit_io_destroy(context) }
+            if case let .aio(context, _, _, _) = kernel { _ = godwit_io_destroy(context) }
             Unmanaged<AsyncIOContext>.fromOpaque(box).release()
             throw SystemError(operation: "pthread_create", errno: created, context: "AIO reaper")
         }
@@ -177,7 +181,7 @@ public final class AsyncIOContext: @unchecked Sendable {
         switch kernel {
         case let .uring(ring):
             godwit_uring_close(ring)
-        case let .aio(context, iocbs, stopIOCB):
+        case let .aio(context, iocbs, stopIOCB, _):
             if destroyingAIO { _ = godwit_io_destroy(context) }
             iocbs.deallocate()
             stopIOCB.deallocate()
@@ -224,11 +228,12 @@ public final class AsyncIOContext: @unchecked Sendable {
                 slot.handler = handler
                 slot.tag = request.tag
                 slots[index] = slot
-                if case let .aio(_, iocbs, _) = kernel {
+                if case let .aio(_, iocbs, _, userRing) = kernel {
                     // In bounds: index < depth, and iocbs holds depth iocbs.
                     let iocb = iocbs + index * GODWIT_IOCB_SIZE
                     godwit_iocb_prep_rw(iocb, request.fd, request.isWrite ? 1 : 0, request.offset, iovecs,
                                         Int32(request.buffers.count), UInt64(index))
+                    if userRing { godwit_iocb_set_resfd(iocb, wakeUp.descriptor.rawValue) }
                     pointers.append(iocb)
                 }
             }
@@ -238,7 +243,7 @@ public final class AsyncIOContext: @unchecked Sendable {
         let count = prepared.used.count
         var submitted = 0
         switch kernel {
-        case let .aio(context, _, _):
+        case let .aio(context, _, _, _):
             while submitted < count {
                 let chunk = min(count - submitted, AsyncIOContext.submitChunk)
                 let rc = prepared.pointers.withUnsafeMutableBufferPointer { all in
@@ -309,7 +314,7 @@ public final class AsyncIOContext: @unchecked Sendable {
     /// thread); returns how many there were.
     public func pollCompletions() -> Int {
         switch kernel {
-        case let .aio(context, _, _): guard godwit_aio_ring_has_events(context) != 0 else { return 0 }
+        case let .aio(context, _, _, _): guard godwit_aio_ring_has_events(context) != 0 else { return 0 }
         case let .uring(ring): guard godwit_uring_has_completions(ring) != 0 else { return 0 }
         }
         return withUnsafeTemporaryAllocation(of: UInt64.self, capacity: AsyncIOContext.batch) { datas in
@@ -317,7 +322,9 @@ public final class AsyncIOContext: @unchecked Sendable {
                 // In bounds: both buffers hold `batch` entries, the most either call is asked for.
                 let n: Int
                 switch kernel {
-                case let .aio(context, _, _):
+                case let .aio(context, _, _, true):
+                    n = reapLock.withLock { godwit_aio_ring_reap(context, AsyncIOContext.batch, datas.baseAddress, results.baseAddress) }
+                case let .aio(context, _, _, false):
                     n = godwit_io_getevents(context, 0, AsyncIOContext.batch, datas.baseAddress, results.baseAddress, 0)
                 case let .uring(ring):
                     n = reapRing(ring, datas.baseAddress!, results.baseAddress!)
@@ -366,7 +373,7 @@ public final class AsyncIOContext: @unchecked Sendable {
         }
         switch kernel {
         case .aio:
-            try? stop.signal()
+            try? wakeUp.signal()
         case let .uring(ring):
             // The stop request: a NOP whose completion wakes the reaper.
             submitLock.withLock {
@@ -394,7 +401,13 @@ public final class AsyncIOContext: @unchecked Sendable {
                 results.withUnsafeMutableBufferPointer { r in
                     // In bounds: both arrays hold `batch` entries, the most either call is asked for.
                     switch kernel {
-                    case let .aio(context, _, _):
+                    case let .aio(context, _, _, true):
+                        let ready = reapLock.withLock { godwit_aio_ring_reap(context, AsyncIOContext.batch, d.baseAddress, r.baseAddress) }
+                        if ready != 0 { return ready }
+                        // Nothing there: wait until a completion (or close) signals the eventfd, then look again.
+                        if case .failure(let error) = Result(catching: { try wakeUp.wait() }) { return -Int((error as? SystemError)?.errno ?? EIO) }
+                        return 0
+                    case let .aio(context, _, _, false):
                         return godwit_io_getevents(context, 1, AsyncIOContext.batch, d.baseAddress, r.baseAddress,
                                                    AsyncIOContext.idleTimeoutNanoseconds)
                     case let .uring(ring):
@@ -417,6 +430,6 @@ public final class AsyncIOContext: @unchecked Sendable {
         }
         // Native AIO: waits for anything still in flight (the kernel cancels or finishes it) and frees
         // the context; a ring goes with the object (deinit), as a late submit may still look at it.
-        if case let .aio(context, _, _) = kernel { _ = godwit_io_destroy(context) }
+        if case let .aio(context, _, _, _) = kernel { _ = godwit_io_destroy(context) }
     }
 }

@@ -73,18 +73,19 @@ public enum CPUAffinity {
         }
     }
 
-    /// The CPUs the calling thread may run on now (its affinity, within the process's cpuset).
-    public static func allowedCPUs() throws(SystemError) -> [Int] {
-        var cpus = [Int32](repeating: 0, count: 1024)
-        let n = cpus.withUnsafeMutableBufferPointer { godwit_allowed_cpus($0.baseAddress, Int32($0.count)) }
-        guard n >= 0 else { throw SystemError(operation: "sched_getaffinity", errno: -n) }
-        return cpus.prefix(Int(n)).map(Int.init)
-    }
-
-    /// The CPUs of `wanted` the calling thread may not run on (each would fail `pin`).
+    /// The CPUs of `wanted` a thread of this process cannot be pinned to (outside the process's cpuset,
+    /// offline, or not a CPU of this host), found by pinning a short-lived thread to each in turn: the
+    /// same call `pin` makes, so what passes here pins later. (A thread may be pinned outside the
+    /// affinity its process was started with, e.g. by taskset: only the cpuset limits it.)
     public static func unavailable(_ wanted: [Int]) throws(SystemError) -> [Int] {
-        let allowed = Set(try allowedCPUs())
-        return wanted.filter { !allowed.contains($0) }
+        // Written by the probe only; read after pthread_join, which orders the two.
+        final class Refused: @unchecked Sendable { var cpus: [Int] = [] }
+        let refused = Refused()
+        let probe = try startThread(name: "affinity-probe", joinable: true) {
+            for cpu in wanted where (try? pinCurrentThread(to: [cpu])) == nil { refused.cpus.append(cpu) }
+        }
+        pthread_join(probe, nil)
+        return refused.cpus
     }
 
     /// Restricts the calling thread, and the threads it starts from now on, to `cpus`.

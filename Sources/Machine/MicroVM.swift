@@ -165,16 +165,15 @@ public final class MicroVM: @unchecked Sendable {
     /// The CPUID each vCPU was given (a migration target must give the same).
     public private(set) var cpuidTables: [[CPUIDEntry]] = []
 
-    /// Refuses vCPU CPUs this process may not run on (outside its affinity or cpuset): caught before
-    /// the guest runs, not as a pin that fails while vCPU threads start.
+    /// Refuses vCPU CPUs no thread of this process can be pinned to (outside its cpuset, offline, not
+    /// a CPU of this host): caught before the guest runs, not as a pin that fails while vCPU threads start.
     static func checkAffinity(_ cpus: [Int]) throws {
         guard !cpus.isEmpty else { return }
         let refused: [Int]
         do { refused = try CPUAffinity.unavailable(cpus) } catch { throw MachineError.setup("vCPU affinity: \(error)") }
         guard refused.isEmpty else {
-            let allowed = (try? CPUAffinity.allowedCPUs())?.map(String.init).joined(separator: ",") ?? "?"
-            throw MachineError.setup("vCPU affinity: this process may not run on CPU \(refused.map(String.init).joined(separator: ",")) "
-                                     + "(it may use \(allowed))")
+            throw MachineError.setup("vCPU affinity: this process's threads cannot run on CPU \(refused.map(String.init).joined(separator: ",")) "
+                                     + "(not in its cpuset, offline, or not a CPU of this host)")
         }
     }
 

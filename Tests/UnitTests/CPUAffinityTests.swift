@@ -34,6 +34,18 @@ struct CPUAffinityTests {
         #expect(seen.error.contains("sched_setaffinity"), "a bad CPU is an error naming the call: \(seen.error)")
     }
 
+    /// The probe names exactly the CPUs a thread cannot be pinned to, and leaves the caller's affinity alone.
+    @Test func findsTheCPUsNoThreadCanUse() throws {
+        let before = try String(contentsOfFile: "/proc/thread-self/status", encoding: .utf8)
+            .split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+        let last = ProcessInfo.processInfo.activeProcessorCount - 1
+        #expect(try CPUAffinity.unavailable([0, last]) == [])
+        #expect(try CPUAffinity.unavailable([last, 1000, 1023]) == [1000, 1023])
+        let after = try String(contentsOfFile: "/proc/thread-self/status", encoding: .utf8)
+            .split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+        #expect(before == after)
+    }
+
     final class Box: @unchecked Sendable {
         var value = ""
         var error = ""

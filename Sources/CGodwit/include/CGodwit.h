@@ -44,9 +44,7 @@ void godwit_set_thread_name(const char *name);
 int godwit_set_affinity_of(pthread_t thread, const int *cpus, int count);
 /// How many CPUs the kernel knows (configured, online or not).
 int godwit_cpu_count(void);
-/// The CPUs the calling thread may run on (sched_getaffinity), at most `capacity` of them, in order;
-/// returns how many, or -errno.
-int godwit_allowed_cpus(int *cpus, int capacity);
+
 
 // Linux native AIO (<linux/aio_abi.h>) through raw syscalls: glibc has no wrappers and Swift
 // cannot call the variadic syscall(). Every function returns the result or -errno.
@@ -68,6 +66,15 @@ long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, 
 /// Whether the context's completion ring (mapped in user space at `context`) may hold events: a
 /// cheap check before io_getevents when polling. 1 when it cannot tell.
 int godwit_aio_ring_has_events(uint64_t context);
+/// Makes the iocb signal eventfd `fd` when it completes (IOCB_FLAG_RESFD).
+void godwit_iocb_set_resfd(void *iocb, int fd);
+/// Whether the context's completion ring has the layout user-space reaping needs (magic, no
+/// incompatible features).
+int godwit_aio_ring_usable(uint64_t context);
+/// Takes up to `max` completions from the context's ring in user space (no io_getevents), as libaio
+/// and QEMU do; the caller serialises reapers and never calls io_getevents meanwhile. Returns the
+/// count or -EIO for a ring that does not look like the kernel's.
+long godwit_aio_ring_reap(uint64_t context, long max, uint64_t *datas, int64_t *results);
 
 // io_uring (uring.c), through raw syscalls. Every function returns the result or -errno. A ring is
 // made disabled, restricted to NOP/READ/WRITE/READV/WRITEV without SQE flags, then enabled: it can
