@@ -86,6 +86,8 @@ public final class AsyncIOContext: @unchecked Sendable {
     public let depth: Int
     /// The kernel interface in use.
     public let engine: Engine
+    /// Whether native AIO completions are read from the ring in user space (false: io_getevents).
+    public var reapsInUserSpace: Bool { if case .aio(_, _, _, true) = kernel { return true } else { return false } }
     private let kernel: Kernel
     /// Wakes the reaper: close() signals it; with native AIO's user-space ring, every completion too.
     private let wakeUp: EventFD
@@ -111,8 +113,10 @@ public final class AsyncIOContext: @unchecked Sendable {
     private var pollers = 0
 
     /// Creates a context for `depth` requests in flight on the first of `engines` the kernel accepts,
-    /// and starts its reaper thread.
-    public init(depth: Int = 512, engines: [Engine] = Engine.automatic) throws(SystemError) {
+    /// and starts its reaper thread. `userSpaceReaping` false makes native AIO take completions with
+    /// io_getevents even where its ring could be read directly (what a ring of an unknown layout gets;
+    /// for tests).
+    public init(depth: Int = 512, engines: [Engine] = Engine.automatic, userSpaceReaping: Bool = true) throws(SystemError) {
         guard depth > 0, depth <= 32768 else { throw SystemError(operation: "io_setup", errno: EINVAL, context: "depth \(depth)") }
         var made: (Engine, Kernel)?
         var failure = SystemError(operation: "io_setup", errno: EINVAL, context: "no engine asked for")
@@ -132,7 +136,7 @@ public final class AsyncIOContext: @unchecked Sendable {
                     let iocbs = UnsafeMutableRawPointer.allocate(byteCount: GODWIT_IOCB_SIZE * depth, alignment: 16)
                     let stopIOCB = UnsafeMutableRawPointer.allocate(byteCount: GODWIT_IOCB_SIZE, alignment: 16)
                     made = (.linuxAIO, .aio(context: context, iocbs: iocbs, stopIOCB: stopIOCB,
-                                            userRing: godwit_aio_ring_usable(context) != 0))
+                                            userRing: userSpaceReaping && godwit_aio_ring_usable(context) != 0))
                 } else {
                     failure = SystemError(operation: "io_setup", errno: -rc, context: "\(depth) events")
                 }

@@ -30,11 +30,13 @@ private final class Collector: AsyncIOHandler, @unchecked Sendable {
     /// Each engine reads and writes a plain (buffered) file: results are byte counts; a request on a
     /// descriptor that is not open is refused (native AIO: io_submit fails) or completes with -EBADF
     /// (io_uring), and the context goes on working.
-    @Test(arguments: AsyncIOContext.Engine.allCases)
-    func readsWritesAndBadDescriptors(engine: AsyncIOContext.Engine) throws {
-        let context = try AsyncIOContext(depth: 8, engines: [engine])
+    /// (Native AIO twice: completions read from its ring in user space, and with io_getevents.)
+    @Test(arguments: [(AsyncIOContext.Engine.ioUring, true), (.linuxAIO, true), (.linuxAIO, false)])
+    func readsWritesAndBadDescriptors(engine: AsyncIOContext.Engine, userSpace: Bool) throws {
+        let context = try AsyncIOContext(depth: 8, engines: [engine], userSpaceReaping: userSpace)
         #expect(context.engine == engine)
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-aio-\(getpid())-\(engine.rawValue)").path
+        if engine == .linuxAIO { #expect(context.reapsInUserSpace == userSpace, "this kernel's AIO ring has the known layout") }
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-aio-\(getpid())-\(engine.rawValue)-\(userSpace)").path
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
         try #require(fd >= 0)
         defer { close(fd); unlink(path) }
@@ -69,13 +71,13 @@ private final class Collector: AsyncIOHandler, @unchecked Sendable {
     }
 
     /// More requests than the depth: the rest are refused, not queued.
-    @Test(arguments: AsyncIOContext.Engine.allCases)
-    func aFullContextRefusesTheRest(engine: AsyncIOContext.Engine) throws {
-        let context = try AsyncIOContext(depth: 2, engines: [engine])
+    @Test(arguments: [(AsyncIOContext.Engine.ioUring, true), (.linuxAIO, true), (.linuxAIO, false)])
+    func aFullContextRefusesTheRest(engine: AsyncIOContext.Engine, userSpace: Bool) throws {
+        let context = try AsyncIOContext(depth: 2, engines: [engine], userSpaceReaping: userSpace)
         defer { context.close() }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 512)
         defer { buffer.deallocate() }
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-aio-full-\(getpid())-\(engine.rawValue)").path
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("godwit-aio-full-\(getpid())-\(engine.rawValue)-\(userSpace)").path
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
         try #require(fd >= 0)
         defer { close(fd); unlink(path) }
