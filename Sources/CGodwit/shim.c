@@ -403,7 +403,7 @@ int godwit_io_destroy(uint64_t context) {
 }
 
 void godwit_iocb_prep_rw(void *iocb, int fd, int is_write, uint64_t offset, const void *iovecs, int iovec_count,
-                         uint64_t data) {
+                         uint64_t data, int resfd) {
     struct iocb *cb = iocb;
     memset(cb, 0, sizeof *cb);
     cb->aio_data = data;
@@ -412,6 +412,10 @@ void godwit_iocb_prep_rw(void *iocb, int fd, int is_write, uint64_t offset, cons
     cb->aio_buf = (uint64_t)(uintptr_t)iovecs;
     cb->aio_nbytes = (uint64_t)iovec_count;
     cb->aio_offset = (int64_t)offset;
+    if (resfd >= 0) {
+        cb->aio_flags = IOCB_FLAG_RESFD;
+        cb->aio_resfd = (uint32_t)resfd;
+    }
 }
 
 void godwit_iocb_prep_poll_in(void *iocb, int fd, uint64_t data) {
@@ -446,12 +450,6 @@ long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, 
 struct godwit_aio_ring {
     unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length;
 };
-
-void godwit_iocb_set_resfd(void *iocb, int fd) {
-    struct iocb *cb = iocb;
-    cb->aio_flags |= IOCB_FLAG_RESFD;
-    cb->aio_resfd = (uint32_t)fd;
-}
 
 int godwit_aio_ring_usable(uint64_t context) {
     const struct godwit_aio_ring *ring = (const struct godwit_aio_ring *)(uintptr_t)context;

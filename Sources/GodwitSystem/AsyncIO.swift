@@ -102,7 +102,8 @@ public final class AsyncIOContext: @unchecked Sendable {
     private let lock = Condition()
     /// Serialises io_uring submissions (filling SQEs and io_uring_enter): one producer at a time.
     private let submitLock = Lock()
-    /// Serialises io_uring reaping (the completion queue's head): one consumer at a time.
+    /// Serialises user-space reaping (the head of io_uring's completion queue or of native AIO's ring):
+    /// one consumer at a time.
     private let reapLock = Lock()
     private var slots: [Slot]
     private var freeSlots: [Int]
@@ -232,13 +233,16 @@ public final class AsyncIOContext: @unchecked Sendable {
                 slot.handler = handler
                 slot.tag = request.tag
                 slots[index] = slot
-                if case let .aio(_, iocbs, _, userRing) = kernel {
+                switch kernel {
+                case let .aio(_, iocbs, _, userRing):
                     // In bounds: index < depth, and iocbs holds depth iocbs.
                     let iocb = iocbs + index * GODWIT_IOCB_SIZE
                     godwit_iocb_prep_rw(iocb, request.fd, request.isWrite ? 1 : 0, request.offset, iovecs,
-                                        Int32(request.buffers.count), UInt64(index))
-                    if userRing { godwit_iocb_set_resfd(iocb, wakeUp.descriptor.rawValue) }
+                                        Int32(request.buffers.count), UInt64(index), userRing ? wakeUp.descriptor.rawValue : -1)
                     pointers.append(iocb)
+                case .uring:
+                    // The slot's iovecs stay until the slot is freed at completion.
+                    pointers.append(UnsafeMutableRawPointer(iovecs))
                 }
             }
             return (pointers, used)
@@ -259,7 +263,7 @@ public final class AsyncIOContext: @unchecked Sendable {
                 submitted += rc
             }
         case let .uring(ring):
-            submitted = submitLock.withLock { submitToRing(ring, requests, slots: prepared.used) }
+            submitted = submitLock.withLock { submitToRing(ring, requests, iovecs: prepared.pointers, slots: prepared.used) }
         }
         if submitted < count {
             // Slots of requests the kernel did not take go back (they were never in the kernel).
@@ -273,19 +277,19 @@ public final class AsyncIOContext: @unchecked Sendable {
         return submitted
     }
 
-    /// Fills an SQE per request (its slot's iovecs) and enters the ring, `submitChunk` at a time;
+    /// Fills an SQE per request (its slot's `iovecs`) and enters the ring, `submitChunk` at a time;
     /// returns how many the kernel took. Called with `submitLock` held.
-    private func submitToRing(_ ring: OpaquePointer, _ requests: [AsyncIORequest], slots used: [Int]) -> Int {
+    private func submitToRing(_ ring: OpaquePointer, _ requests: [AsyncIORequest], iovecs: [UnsafeMutableRawPointer?],
+                              slots used: [Int]) -> Int {
         var submitted = 0
         while submitted < used.count {
             let chunk = min(used.count - submitted, AsyncIOContext.submitChunk)
             var filled = 0
             for k in submitted..<(submitted + chunk) {
                 let request = requests[k]
-                // The slot's iovecs were filled under `lock` and stay until the slot is freed at completion.
-                let iovecs = lock.withLock { slots[used[k]].iovecs }
                 guard godwit_uring_prep(ring, request.isWrite ? Int32(GODWIT_URING_WRITE) : Int32(GODWIT_URING_READ), request.fd,
-                                        request.offset, iovecs, Int32(request.buffers.count), UInt64(used[k])) == 0 else { break }
+                                        request.offset, iovecs[k]?.assumingMemoryBound(to: iovec.self), Int32(request.buffers.count),
+                                        UInt64(used[k])) == 0 else { break }
                 filled += 1
             }
             guard filled > 0 else { break }
@@ -299,9 +303,18 @@ public final class AsyncIOContext: @unchecked Sendable {
         return submitted
     }
 
-    /// Takes what the completion queue holds (at most `batch`) into `datas`/`results`.
-    private func reapRing(_ ring: OpaquePointer, _ datas: UnsafeMutablePointer<UInt64>, _ results: UnsafeMutablePointer<Int64>) -> Int {
-        reapLock.withLock { Int(godwit_uring_reap(ring, Int32(AsyncIOContext.batch), datas, results)) }
+    /// Takes the completions that are ready (at most `batch`) into `datas`/`results` without waiting:
+    /// from the ring in user space (under `reapLock`: one consumer at a time), or with a zero-time
+    /// io_getevents for native AIO without the user-space ring. Returns the count or -errno.
+    private func takeReady(_ datas: UnsafeMutablePointer<UInt64>, _ results: UnsafeMutablePointer<Int64>) -> Int {
+        switch kernel {
+        case let .aio(context, _, _, true):
+            return reapLock.withLock { godwit_aio_ring_reap(context, AsyncIOContext.batch, datas, results) }
+        case let .aio(context, _, _, false):
+            return godwit_io_getevents(context, 0, AsyncIOContext.batch, datas, results, 0)
+        case let .uring(ring):
+            return reapLock.withLock { Int(godwit_uring_reap(ring, Int32(AsyncIOContext.batch), datas, results)) }
+        }
     }
 
     /// A thread starts polling (`pollCompletions`) and takes over from the reaper until `endPolling`.
@@ -323,16 +336,8 @@ public final class AsyncIOContext: @unchecked Sendable {
         }
         return withUnsafeTemporaryAllocation(of: UInt64.self, capacity: AsyncIOContext.batch) { datas in
             withUnsafeTemporaryAllocation(of: Int64.self, capacity: AsyncIOContext.batch) { results in
-                // In bounds: both buffers hold `batch` entries, the most either call is asked for.
-                let n: Int
-                switch kernel {
-                case let .aio(context, _, _, true):
-                    n = reapLock.withLock { godwit_aio_ring_reap(context, AsyncIOContext.batch, datas.baseAddress, results.baseAddress) }
-                case let .aio(context, _, _, false):
-                    n = godwit_io_getevents(context, 0, AsyncIOContext.batch, datas.baseAddress, results.baseAddress, 0)
-                case let .uring(ring):
-                    n = reapRing(ring, datas.baseAddress!, results.baseAddress!)
-                }
+                // In bounds: both buffers hold `batch` entries, the most `takeReady` takes.
+                let n = takeReady(datas.baseAddress!, results.baseAddress!)
                 guard n > 0 else { return 0 }
                 dispatch(count: n, datas: UnsafeBufferPointer(datas), results: UnsafeBufferPointer(results))
                 return n
@@ -404,23 +409,20 @@ public final class AsyncIOContext: @unchecked Sendable {
             let n = datas.withUnsafeMutableBufferPointer { d in
                 results.withUnsafeMutableBufferPointer { r in
                     // In bounds: both arrays hold `batch` entries, the most either call is asked for.
-                    switch kernel {
-                    case let .aio(context, _, _, true):
-                        let ready = reapLock.withLock { godwit_aio_ring_reap(context, AsyncIOContext.batch, d.baseAddress, r.baseAddress) }
-                        if ready != 0 { return ready }
-                        // Nothing there: wait until a completion (or close) signals the eventfd, then look again.
-                        if case .failure(let error) = Result(catching: { try wakeUp.wait() }) { return -Int((error as? SystemError)?.errno ?? EIO) }
-                        return 0
-                    case let .aio(context, _, _, false):
+                    if case let .aio(context, _, _, false) = kernel {
+                        // Waits for and takes completions in one call.
                         return godwit_io_getevents(context, 1, AsyncIOContext.batch, d.baseAddress, r.baseAddress,
                                                    AsyncIOContext.idleTimeoutNanoseconds)
-                    case let .uring(ring):
-                        let ready = reapRing(ring, d.baseAddress!, r.baseAddress!)
-                        if ready > 0 { return ready }
-                        // Nothing there: wait for one completion (a stop NOP included), then look again.
-                        let rc = godwit_uring_enter(ring, 0, 1)
+                    }
+                    let ready = takeReady(d.baseAddress!, r.baseAddress!)
+                    if ready != 0 { return ready }
+                    // Nothing there: wait until a completion (or close) can be there, then look again.
+                    if case let .uring(ring) = kernel {
+                        let rc = godwit_uring_enter(ring, 0, 1)  // one completion, the stop NOP included
                         return rc < 0 && rc != -Int(EINTR) ? rc : 0
                     }
+                    if case .failure(let error) = Result(catching: { try wakeUp.wait() }) { return -Int((error as? SystemError)?.errno ?? EIO) }
+                    return 0
                 }
             }
             if n < 0 && n != -Int(EINTR) {

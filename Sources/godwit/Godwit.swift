@@ -289,17 +289,20 @@ struct VMCommand: ParsableCommand {
         exitNow(exit.processExitStatus)
     }
 
+    /// `--vcpu-affinity` as CPU numbers (nil when not given).
+    func parsedVCPUAffinity() throws -> [Int]? {
+        guard let vcpuAffinity else { return nil }
+        guard let cpus = CPUAffinity.parse(vcpuAffinity) else {
+            throw ValidationError("--vcpu-affinity '\(vcpuAffinity)' is not a list of this host's CPUs (0-\(godwit_cpu_count() - 1)), e.g. 1 or 0,2-3")
+        }
+        return cpus
+    }
+
     /// `--incoming`: the VM the migration fills in, from the command line, through the API's calls.
     func configureIncoming(_ service: VMMService) throws {
         let bytes = try parseSize(memory)
-        let affinity = try vcpuAffinity.map { text in
-            guard let cpus = CPUAffinity.parse(text) else {
-                throw ValidationError("--vcpu-affinity '\(text)' is not a list of this host's CPUs (0-\(godwit_cpu_count() - 1)), e.g. 1 or 0,2-3")
-            }
-            return cpus
-        }
         try service.putMachineConfig(MachineConfiguration(vcpuCount: cpus, memSizeMib: Int(bytes >> 20),
-                                                          hugePages: hugePages ? .twoMiB : nil, vcpuAffinity: affinity))
+                                                          hugePages: hugePages ? .twoMiB : nil, vcpuAffinity: try parsedVCPUAffinity()))
         for (i, text) in disk.enumerated() {
             let d = try parseDisk(text)
             guard !d.inIODomain else { throw ValidationError("--incoming takes --disk PATH or socket=PATH (start the I/O domain yourself)") }
@@ -339,12 +342,7 @@ struct VMCommand: ParsableCommand {
             throw ValidationError("--huge-pages: --memory \(memory) is not a multiple of 2 MiB")
         }
         config.hugePages = hugePages
-        if let vcpuAffinity {
-            guard let cpus = CPUAffinity.parse(vcpuAffinity) else {
-                throw ValidationError("--vcpu-affinity '\(vcpuAffinity)' is not a list of this host's CPUs (0-\(godwit_cpu_count() - 1)), e.g. 1 or 0,2-3")
-            }
-            config.vcpuAffinity = cpus
-        }
+        config.vcpuAffinity = try parsedVCPUAffinity() ?? []
         guard let mode = MachineConfig.QueueNotification(rawValue: notify) else {
             throw ValidationError("--notify must be ioeventfd or exit, not '\(notify)'")
         }

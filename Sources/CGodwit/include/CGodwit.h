@@ -53,9 +53,10 @@ extern const size_t GODWIT_IOCB_SIZE;
 /// io_setup(nr_events): writes the new context to `context`.
 int godwit_io_setup(unsigned int nr_events, uint64_t *context);
 int godwit_io_destroy(uint64_t context);
-/// Fills the iocb at `iocb` for a vectored read (`is_write` 0) or write at `offset` of `fd`.
+/// Fills the iocb at `iocb` for a vectored read (`is_write` 0) or write at `offset` of `fd`; with
+/// `resfd` >= 0 its completion also signals that eventfd (IOCB_FLAG_RESFD).
 void godwit_iocb_prep_rw(void *iocb, int fd, int is_write, uint64_t offset, const void *iovecs, int iovec_count,
-                         uint64_t data);
+                         uint64_t data, int resfd);
 /// Fills the iocb at `iocb` for IOCB_CMD_POLL (POLLIN) on `fd`: completes when `fd` becomes readable.
 void godwit_iocb_prep_poll_in(void *iocb, int fd, uint64_t data);
 /// io_submit of `count` iocbs (pointers in `iocbs`): how many were queued, or -errno.
@@ -66,8 +67,6 @@ long godwit_io_getevents(uint64_t context, long min, long max, uint64_t *datas, 
 /// Whether the context's completion ring (mapped in user space at `context`) may hold events: a
 /// cheap check before io_getevents when polling. 1 when it cannot tell.
 int godwit_aio_ring_has_events(uint64_t context);
-/// Makes the iocb signal eventfd `fd` when it completes (IOCB_FLAG_RESFD).
-void godwit_iocb_set_resfd(void *iocb, int fd);
 /// Whether the context's completion ring has the layout user-space reaping needs (magic, no
 /// incompatible features).
 int godwit_aio_ring_usable(uint64_t context);
