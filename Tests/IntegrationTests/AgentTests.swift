@@ -31,7 +31,12 @@ final class AgentCluster {
         dir = try TestEnvironment.temporaryDirectory()
         net = try ClusterNetwork(hosts: hosts + 1, subnet: AgentCluster.nextSubnet)
         let network = net
-        etcd = try EtcdServer(address: net.addresses[0]) { try network.start(host: 0, $0, $1) }
+        do {
+            etcd = try EtcdServer(address: net.addresses[0]) { try network.start(host: 0, $0, $1) }
+        } catch {
+            network.tearDown()
+            throw error
+        }
         let token = dir.appendingPathComponent("token")
         try Data("test-token-0123456789abcdef".utf8).write(to: token)
         let key = dir.appendingPathComponent("migration.key")

@@ -23,11 +23,19 @@ final class EtcdServer {
             "--initial-cluster", "test=http://\(address):\(peer)", "--log-level", "error"]
         process = try spawn?("/usr/bin/etcd", arguments) ?? BackgroundProcess("/usr/bin/etcd", arguments)
         let etcd = try EtcdClient(endpoint: endpoint, timeout: 2)
-        for _ in 0..<300 {
-            if (try? etcd.get("/probe")) != nil || (try? etcd.put("/probe", "1")) != nil { return }
+        // Up to a minute: once in CI (a loaded machine) every probe failed for 15 s although etcd's log
+        // said it had become leader; why is not known (not reproduced here, even under CPU load), so the
+        // failure now says what the last probe got.
+        var lastError: (any Error)?
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
+            do { _ = try etcd.put("/probe", "1"); return } catch { lastError = error }
             usleep(50_000)
         }
-        throw TestFailure("etcd did not start: \(process.stderrSoFar.suffix(500))")
+        let log = process.stderrSoFar
+        process.terminate()
+        _ = process.wait(timeout: 10)
+        throw TestFailure("etcd did not answer within 60 s (last probe: \(lastError.map { "\($0)" } ?? "none")): \(log.suffix(1500))")
     }
 
     func stop() {
