@@ -33,8 +33,7 @@ final class EtcdServer {
             usleep(50_000)
         }
         let log = process.stderrSoFar
-        process.terminate()
-        _ = process.wait(timeout: 10)
+        stop()
         throw TestFailure("etcd did not answer within 60 s (last probe: \(lastError.map { "\($0)" } ?? "none")): \(log.suffix(1500))")
     }
 
