@@ -457,7 +457,7 @@ public final class MicroVM: @unchecked Sendable {
                 try slot.notifiers(queue: queue, vm: vmRef, notifyAddress: address + VirtioMmioTransport.Register.queueNotify)
             }
         } catch {
-            throw MachineError.disk(path: socket, reason: "vhost-user: \(error)")
+            throw MachineError.disk(path: socket, reason: "\(error)")  // its text names vhost-user already
         }
         // A backend that dies (an I/O domain restarted by its supervisor) is reconnected, with back-off,
         // for as long as the VM runs; the guest sees latency, not an error.
