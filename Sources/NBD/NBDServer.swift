@@ -6,11 +6,28 @@ import Glibc
 #endif
 
 /// Blocking reads and writes of whole messages on a connected stream socket.
+///
+/// Reads go through a buffer (one `read` takes every request the client has sent so far, instead of
+/// two calls per request), and replies can be held back while the reader has more requests in hand
+/// (`write(_:more:)`), so that a burst of requests is answered with one `sendmsg`: on loopback each
+/// send costs the receiver a wake-up, most of a page-cache write's cost.
 final class NBDSocket: @unchecked Sendable {
     let descriptor: FileDescriptor
     private let writeLock = Lock()
+    /// Replies held back (guarded by `writeLock`).
+    private var held: [UInt8] = []
+    /// Bytes read but not taken yet: `inbox[inboxStart..<inboxEnd]`. Only the connection's reader uses it.
+    private let inbox = UnsafeMutableRawBufferPointer.allocate(byteCount: NBDSocket.inboxCapacity, alignment: 16)
+    private var inboxStart = 0
+    private var inboxEnd = 0
+
+    static let inboxCapacity = 128 << 10
+    /// Replies are held back up to this many bytes.
+    static let heldLimit = 64 << 10
 
     init(_ descriptor: FileDescriptor) { self.descriptor = descriptor }
+
+    deinit { inbox.deallocate() }
 
     /// Limits each blocking read to `seconds` (nil: no limit).
     func setReceiveTimeout(_ seconds: Double?) {
@@ -18,11 +35,39 @@ final class NBDSocket: @unchecked Sendable {
         _ = setsockopt(descriptor.rawValue, SOL_SOCKET, SO_RCVTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    /// Bytes read from the socket and not taken yet.
+    var buffered: Int { inboxEnd - inboxStart }
+
+    /// The buffered bytes (valid until the next read).
+    var bufferedBytes: UnsafeRawBufferPointer {
+        // In bounds: 0 <= inboxStart <= inboxEnd <= inbox.count.
+        UnsafeRawBufferPointer(rebasing: inbox[inboxStart..<inboxEnd])
+    }
+
     func read(into buffer: UnsafeMutableRawBufferPointer, operation: String) throws(NBDError) {
         var done = 0
         while done < buffer.count {
-            let n = Glibc.read(descriptor.rawValue, buffer.baseAddress! + done, buffer.count - done)
-            if n > 0 { done += n; continue }
+            if inboxStart < inboxEnd {
+                let n = min(inboxEnd - inboxStart, buffer.count - done)
+                // In bounds: n bytes are buffered and n <= buffer.count - done.
+                UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: inbox[inboxStart..<(inboxStart + n)]))
+                inboxStart += n
+                done += n
+                continue
+            }
+            // Nothing buffered: this read may wait for the client, which may wait for the replies held back.
+            try flush()
+            let wanted = buffer.count - done
+            let direct = wanted >= NBDSocket.inboxCapacity / 2  // a large payload goes straight to its place
+            inboxStart = 0
+            inboxEnd = 0
+            let n = direct ? Glibc.read(descriptor.rawValue, buffer.baseAddress! + done, wanted)
+                           : Glibc.read(descriptor.rawValue, inbox.baseAddress!, inbox.count)
+            if n > 0 {
+                if direct { done += n } else { inboxEnd = n }
+                continue
+            }
             if n == 0 { throw .peerClosed }
             let code = godwit_errno()
             if code == EINTR { continue }
@@ -39,20 +84,18 @@ final class NBDSocket: @unchecked Sendable {
         return bytes
     }
 
-    /// Writes every piece in order as one message (other writers wait).
-    func write(_ pieces: [UnsafeRawBufferPointer]) throws(NBDError) {
+    /// Writes every piece in order as one message (other writers wait). `more`: the caller has another
+    /// reply coming right after this one, so a small one may be held back (a later write, or the reader
+    /// before it waits, sends it).
+    func write(_ pieces: [UnsafeRawBufferPointer], more: Bool = false) throws(NBDError) {
         let result: Result<Void, NBDError> = writeLock.withLock {
-            for piece in pieces {
-                var done = 0
-                while done < piece.count {
-                    let n = send(descriptor.rawValue, piece.baseAddress! + done, piece.count - done, Int32(MSG_NOSIGNAL))
-                    if n > 0 { done += n; continue }
-                    let code = godwit_errno()
-                    if code == EINTR { continue }
-                    return .failure(code == EPIPE || code == ECONNRESET ? .peerClosed : .system(SystemError(operation: "send", errno: code, context: "NBD")))
-                }
+            let size = pieces.reduce(held.count) { $0 + $1.count }
+            if more && size <= NBDSocket.heldLimit {
+                for piece in pieces { held.append(contentsOf: piece) }
+                return .success(())
             }
-            return .success(())
+            defer { held.removeAll(keepingCapacity: true) }
+            return held.withUnsafeBytes { h in sendAll([h] + pieces) }
         }
         try result.get()
     }
@@ -60,6 +103,47 @@ final class NBDSocket: @unchecked Sendable {
     func write(_ bytes: [UInt8]) throws(NBDError) {
         let result = bytes.withUnsafeBytes { b in Result { () throws(NBDError) in try write([b]) } }
         try result.get()
+    }
+
+    /// Sends the replies held back.
+    func flush() throws(NBDError) {
+        let result: Result<Void, NBDError> = writeLock.withLock {
+            guard !held.isEmpty else { return .success(()) }
+            defer { held.removeAll(keepingCapacity: true) }
+            return held.withUnsafeBytes { h in sendAll([h]) }
+        }
+        try result.get()
+    }
+
+    /// One `sendmsg` for all the pieces (more when the socket takes part of them). With `writeLock` held.
+    private func sendAll(_ pieces: [UnsafeRawBufferPointer]) -> Result<Void, NBDError> {
+        var vectors = pieces.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var first = 0
+        while first < vectors.count {
+            // In bounds: first < vectors.count, and the message covers vectors[first...].
+            let n = vectors.withUnsafeMutableBufferPointer { v -> Int in
+                var message = msghdr()
+                message.msg_iov = v.baseAddress! + first
+                message.msg_iovlen = v.count - first
+                return sendmsg(descriptor.rawValue, &message, Int32(MSG_NOSIGNAL))
+            }
+            if n <= 0 {
+                let code = n == 0 ? EPIPE : godwit_errno()
+                if code == EINTR { continue }
+                return .failure(code == EPIPE || code == ECONNRESET ? .peerClosed : .system(SystemError(operation: "sendmsg", errno: code, context: "NBD")))
+            }
+            var sent = n
+            while first < vectors.count, sent >= vectors[first].iov_len {
+                sent -= vectors[first].iov_len
+                first += 1
+            }
+            if sent > 0 {
+                // A piece went out in part: the rest of it goes next.
+                vectors[first].iov_base = vectors[first].iov_base + sent
+                vectors[first].iov_len -= sent
+            }
+        }
+        return .success(())
     }
 
     func shutdown() { _ = Glibc.shutdown(descriptor.rawValue, Int32(Glibc.SHUT_RDWR)) }
@@ -336,6 +420,17 @@ public final class NBDServer: @unchecked Sendable {
         var data: [UInt8]
     }
 
+    /// Whether the next request, with its data, is already in the socket's buffer (so the reader takes
+    /// it without waiting, and a reply may be held back for the next one).
+    private static func hasRequestBuffered(_ socket: NBDSocket) -> Bool {
+        let bytes = socket.bufferedBytes
+        guard bytes.count >= NBDProtocol.requestLength else { return false }
+        let type = UInt16(bytes[6]) << 8 | UInt16(bytes[7])
+        guard type == NBDProtocol.Command.write else { return true }
+        let length = Int(UInt32(bytes[24]) << 24 | UInt32(bytes[25]) << 16 | UInt32(bytes[26]) << 8 | UInt32(bytes[27]))
+        return bytes.count - NBDProtocol.requestLength >= length
+    }
+
     /// The requests of one connection between its reader and its workers.
     private final class RequestQueue: @unchecked Sendable {
         let condition = Condition()
@@ -367,7 +462,9 @@ public final class NBDServer: @unchecked Sendable {
                     }
                     guard let request = next else { return }
                     let started = monotonicSeconds()
-                    do throws(NBDError) { try execute(request, socket: socket, export: export, storage: storage, generation: generation) } catch {
+                    do throws(NBDError) {
+                        try execute(request, socket: socket, export: export, storage: storage, generation: generation, more: false)
+                    } catch {
                         condition.withLock { if queue.failure == nil { queue.failure = error } }
                         socket.shutdown()
                     }
@@ -395,7 +492,7 @@ public final class NBDServer: @unchecked Sendable {
             guard magic == NBDProtocol.requestMagic else { throw .badMagic(expected: UInt64(NBDProtocol.requestMagic), got: UInt64(magic)) }
             var request = Request(flags: header.loadBE(at: 4), type: header.loadBE(at: 6), cookie: header.loadBE(at: 8),
                                   offset: header.loadBE(at: 16), length: header.loadBE(at: 24), data: [])
-            if request.type == NBDProtocol.Command.disconnect { return }
+            if request.type == NBDProtocol.Command.disconnect { return try socket.flush() }
             if request.type == NBDProtocol.Command.write {
                 // The data follows whatever we think of the request; a length we will not read is a violation.
                 guard request.length <= NBDProtocol.maxPayload else {
@@ -416,7 +513,8 @@ public final class NBDServer: @unchecked Sendable {
             if inline {
                 let started = monotonicSeconds()
                 let outcome = Result { () throws(NBDError) in
-                    try execute(request, socket: socket, export: export, storage: storage, generation: generation)
+                    try execute(request, socket: socket, export: export, storage: storage, generation: generation,
+                                more: NBDServer.hasRequestBuffered(socket))
                 }
                 let took = (monotonicSeconds() - started) * 1e6
                 condition.withLock {
@@ -446,8 +544,9 @@ public final class NBDServer: @unchecked Sendable {
         }
     }
 
-    /// Performs a request and sends its reply.
-    private func execute(_ request: Request, socket: NBDSocket, export: String, storage: NBDStorage, generation: UInt64) throws(NBDError) {
+    /// Performs a request and sends its reply (`more`: may be held back, another request is in hand).
+    private func execute(_ request: Request, socket: NBDSocket, export: String, storage: NBDStorage, generation: UInt64,
+                         more: Bool) throws(NBDError) {
         var code: UInt32 = 0
         var readData: [UInt8] = []
         let length = UInt64(request.length)
@@ -506,7 +605,7 @@ public final class NBDServer: @unchecked Sendable {
         header.appendBE(code)
         header.appendBE(request.cookie)
         let result = header.withUnsafeBytes { h in
-            readData.withUnsafeBytes { d in Result { () throws(NBDError) in try socket.write([h, d]) } }
+            readData.withUnsafeBytes { d in Result { () throws(NBDError) in try socket.write([h, d], more: more) } }
         }
         try result.get()
     }

@@ -47,6 +47,9 @@ private final class TestClient {
         var fds: [Int32] = [0, 0]
         guard godwit_socketpair(&fds) == 0 else { throw SystemError(operation: "socketpair", errno: errno) }
         fd = fds[0]
+        // A reply that never comes fails the test after 10 s instead of hanging it.
+        var limit = timeval(tv_sec: 10, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
         let serverEnd = FileDescriptor(owning: fds[1])
         let t = Thread { [self] in
             serverResult = server.serve(connection: serverEnd)
@@ -113,6 +116,12 @@ private final class TestClient {
     }
 
     func request(_ type: UInt16, flags: UInt16 = 0, cookie: UInt64, offset: UInt64, length: UInt32, data: [UInt8] = [], magic: UInt32 = NBDProtocol.requestMagic) {
+        send(TestClient.message(type, flags: flags, cookie: cookie, offset: offset, length: length, data: data, magic: magic))
+    }
+
+    /// A request's bytes on the wire (to send several at once).
+    static func message(_ type: UInt16, flags: UInt16 = 0, cookie: UInt64, offset: UInt64, length: UInt32, data: [UInt8] = [],
+                        magic: UInt32 = NBDProtocol.requestMagic) -> [UInt8] {
         var m = [UInt8]()
         m.appendBE(magic)
         m.appendBE(flags)
@@ -120,7 +129,7 @@ private final class TestClient {
         m.appendBE(cookie)
         m.appendBE(offset)
         m.appendBE(length)
-        send(m + data)
+        return m + data
     }
 
     /// A simple reply: error and cookie (read data is read by the caller).
@@ -215,6 +224,52 @@ struct NBDServerTests {
             #expect(seen.insert(r.cookie).inserted, "cookie \(r.cookie) answered twice")
         }
         #expect(seen.count == 48)
+    }
+
+    /// Requests that arrive together are read with one call and answered with one; a reply held back is
+    /// sent before the server waits for more, whatever the sizes (a payload larger than the read buffer,
+    /// one split over two sends, a read reply larger than the socket takes at once).
+    @Test func requestsInOneSendAndRepliesHeldBack() throws {
+        let storage = MemoryStorage(size: 4 << 20)
+        let server = NBDServer(exports: ["": storage])
+        let client = try TestClient(server)
+        #expect(client.go("") != nil)
+        let small = (0..<4096).map { UInt8(truncatingIfNeeded: $0 ^ 0xA5) }
+        let large = (0..<(100 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        // Two writes (one larger than half the read buffer), a read of the first, a FLUSH: one send.
+        client.send(TestClient.message(NBDProtocol.Command.write, cookie: 1, offset: 0, length: 4096, data: small)
+                    + TestClient.message(NBDProtocol.Command.write, cookie: 2, offset: 8192, length: UInt32(large.count), data: large)
+                    + TestClient.message(NBDProtocol.Command.read, cookie: 3, offset: 0, length: 4096)
+                    + TestClient.message(NBDProtocol.Command.flush, cookie: 4, offset: 0, length: 0))
+        var seen: Set<UInt64> = []
+        for _ in 0..<4 {
+            let r = try #require(client.reply(), "every reply comes, none is held back for ever")
+            #expect(r.error == 0, "cookie \(r.cookie)")
+            if r.cookie == 3 { #expect(client.read(4096) == small) }
+            seen.insert(r.cookie)
+        }
+        #expect(seen == [1, 2, 3, 4])
+        #expect(Array(storage.bytes[8192..<(8192 + large.count)]) == large)
+        // A write whose header and half its data come first, the rest 50 ms later.
+        let split = TestClient.message(NBDProtocol.Command.write, cookie: 5, offset: 65536, length: 8192, data: large.prefix(8192).map { $0 })
+        client.send(Array(split[..<(28 + 4096)]))
+        usleep(50_000)
+        client.send(Array(split[(28 + 4096)...]))
+        #expect(client.reply().map { $0 == (0, 5) } == true)
+        #expect(Array(storage.bytes[65536..<(65536 + 8192)]) == Array(large.prefix(8192)))
+        // A 2 MiB read after a 4 KiB one, in one send: the large reply goes out in pieces.
+        client.send(TestClient.message(NBDProtocol.Command.read, cookie: 6, offset: 0, length: 4096)
+                    + TestClient.message(NBDProtocol.Command.read, cookie: 7, offset: 1 << 20, length: 2 << 20))
+        for _ in 0..<2 {
+            let r = try #require(client.reply())
+            #expect(r.error == 0)
+            let length = r.cookie == 7 ? 2 << 20 : 4096
+            let offset = r.cookie == 7 ? 1 << 20 : 0
+            #expect(client.read(length) == Array(storage.bytes[offset..<(offset + length)]), "cookie \(r.cookie)")
+        }
+        client.request(NBDProtocol.Command.disconnect, cookie: 8, offset: 0, length: 0)
+        #expect(client.serverClosed())
+        #expect(client.serverResult == nil)
     }
 
     @Test func optionsAndUnknownExports() throws {
