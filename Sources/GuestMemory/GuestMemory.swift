@@ -172,10 +172,41 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 
+    /// Where each region is, as plain values: the hot path (`buffer(at:)`, a dozen calls per block
+    /// request) walks these instead of the region objects, which costs a retain and a release each.
+    /// Valid while `regions` (which own the mappings) are; never changed after `init`.
+    private struct Span {
+        let guestBase: UInt64
+        let size: UInt64
+        let host: UnsafeMutableRawPointer
+    }
+    private let spans: UnsafeMutableBufferPointer<Span>
+
     init(regions: [GuestRegion]) {
         self.regions = regions.sorted { $0.guestBase < $1.guestBase }
         let end = self.regions.last.map { $0.guestBase + $0.size } ?? 0
         writeTracker = WriteTracker(pages: Int((end + 4095) / 4096))
+        spans = .allocate(capacity: self.regions.count)
+        for (i, region) in self.regions.enumerated() {
+            // In bounds: i < regions.count, the capacity.
+            (spans.baseAddress! + i).initialize(to: Span(guestBase: region.guestBase, size: region.size, host: region.hostBase))
+        }
+    }
+
+    deinit { spans.deallocate() }
+
+    /// The host address of `[address, address + length)` when it lies inside one region.
+    @inline(__always)
+    private func host(_ address: UInt64, _ length: Int) -> UnsafeMutableRawPointer? {
+        guard length >= 0 else { return nil }
+        for i in 0..<spans.count {
+            // In bounds: i < spans.count.
+            let span = spans[i]
+            guard address >= span.guestBase else { continue }
+            let offset = address - span.guestBase
+            if offset <= span.size && UInt64(length) <= span.size - offset { return span.host + Int(offset) }
+        }
+        return nil
     }
 
     /// The pages this process touches while tracking is on: KVM's dirty log sees only the guest's own
@@ -192,13 +223,10 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Host view of a guest range that lies inside one region.
     public func buffer(at address: UInt64, length: Int) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
-        guard length >= 0 else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }
-        for region in regions where region.contains(address, UInt64(length)) {
-            if writeTracker.isOn { writeTracker.mark(address: address, length: UInt64(length)) }
-            // In bounds: contains() checked address >= guestBase and offset + length <= size.
-            return UnsafeMutableRawBufferPointer(start: region.hostBase + Int(address - region.guestBase), count: length)
-        }
-        throw .outOfRange(address: address, length: UInt64(length))
+        // In bounds: host() found the whole range inside one region.
+        guard let start = host(address, length) else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }
+        if writeTracker.isOn { writeTracker.mark(address: address, length: UInt64(length)) }
+        return UnsafeMutableRawBufferPointer(start: start, count: length)
     }
 
     /// Counts a write to `[address, address + length)` made after its `buffer(at:)` was taken (a
@@ -209,12 +237,9 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Like `buffer(at:length:)`, but not counted by the write tracker: for the migration's own reads.
     public func untrackedBuffer(at address: UInt64, length: Int) throws(GuestMemoryError) -> UnsafeMutableRawBufferPointer {
-        guard length >= 0 else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }
-        for region in regions where region.contains(address, UInt64(length)) {
-            // In bounds: contains() checked address >= guestBase and offset + length <= size.
-            return UnsafeMutableRawBufferPointer(start: region.hostBase + Int(address - region.guestBase), count: length)
-        }
-        throw .outOfRange(address: address, length: UInt64(length))
+        // In bounds: host() found the whole range inside one region.
+        guard let start = host(address, length) else { throw .outOfRange(address: address, length: UInt64(bitPattern: Int64(length))) }
+        return UnsafeMutableRawBufferPointer(start: start, count: length)
     }
 
     public func read(at address: UInt64, into destination: UnsafeMutableRawBufferPointer) throws(GuestMemoryError) {

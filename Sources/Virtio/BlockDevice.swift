@@ -318,7 +318,9 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
     /// synchronously. A malformed chain stops the device. With the lock held.
     private func takeAvailableLocked(_ queue: Virtqueue, _ memory: GuestMemory, _ interrupt: VirtioInterrupt) -> Bool {
         var completed = false
-        var started: [(request: BlockIORequest, pending: InFlightRequest)] = []
+        // Two parallel arrays rather than an array of pairs: the backend takes `requests` as they are.
+        var requests: [BlockIORequest] = []
+        var pendings: [InFlightRequest] = []
         while true {
             let chain: DescriptorChain
             do {
@@ -334,7 +336,8 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
                     try complete(chain, status: status, queue: queue, memory: memory)
                     completed = true
                 case .async(let request, let pending):
-                    started.append((request, pending))
+                    requests.append(request)
+                    pendings.append(pending)
                 }
             } catch {
                 stop(error, interrupt)
@@ -342,22 +345,21 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
             }
         }
         // Chains taken before a malformed one still run: they must not be lost.
-        if !started.isEmpty && submitLocked(started, interrupt: interrupt) { completed = true }
+        if !requests.isEmpty && submitLocked(requests, pendings, interrupt: interrupt) { completed = true }
         return completed
     }
 
     /// Starts `requests` on the backend; those it does not take run synchronously now. Returns whether
     /// any completed synchronously (the caller then decides on a notification). Called with the lock held.
-    private func submitLocked(_ requests: [(request: BlockIORequest, pending: InFlightRequest)],
-                              interrupt: VirtioInterrupt) -> Bool {
-        for item in requests { inFlight[item.request.tag] = item.pending }
+    private func submitLocked(_ requests: [BlockIORequest], _ pendings: [InFlightRequest], interrupt: VirtioInterrupt) -> Bool {
+        for i in requests.indices { inFlight[requests[i].tag] = pendings[i] }
         inFlightPeak = max(inFlightPeak, inFlight.count)
         // Completions of started requests wait for the lock, which is held until the caller returns.
-        let startedCount = backend.submitAsync(requests.map(\.request), handler: self)
+        let startedCount = backend.submitAsync(requests, handler: self)
         var completed = false
-        for item in requests[startedCount...] {
-            inFlight[item.request.tag] = nil
-            let request = item.request
+        for i in startedCount..<requests.count {
+            inFlight[requests[i].tag] = nil
+            let request = requests[i]
             var status = Status.ok
             do {
                 if case .transfer = request.command {
@@ -373,7 +375,7 @@ public final class BlockDevice: VirtioDevice, AsyncIOHandler, @unchecked Sendabl
                 status = Status.ioError
             }
             do {
-                try finish(item.pending, status: status)
+                try finish(pendings[i], status: status)
                 completed = true
             } catch {
                 stop(error, interrupt)
