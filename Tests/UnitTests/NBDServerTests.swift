@@ -14,10 +14,12 @@ private final class MemoryStorage: NBDStorage, @unchecked Sendable {
     let readOnly: Bool
     var flushes = 0
     var failWrites = false
-    var size: UInt64 { UInt64(bytes.count) }
+    /// Fixed at creation (`bytes` never changes length): read by the server's threads without the lock.
+    let size: UInt64
 
     init(size: Int, readOnly: Bool = false) {
         bytes = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        self.size = UInt64(size)
         self.readOnly = readOnly
     }
 
