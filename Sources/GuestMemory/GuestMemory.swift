@@ -46,11 +46,6 @@ public final class GuestRegion: @unchecked Sendable {
         self.mapping = mapping
     }
 
-    func contains(_ address: UInt64, _ length: UInt64) -> Bool {
-        guard address >= guestBase else { return false }
-        let offset = address - guestBase
-        return offset <= size && length <= size - offset
-    }
 }
 
 /// Guest-physical memory: the RAM regions of one VM, with bounds-checked access.
@@ -195,18 +190,24 @@ public final class GuestMemory: @unchecked Sendable {
 
     deinit { spans.deallocate() }
 
-    /// The host address of `[address, address + length)` when it lies inside one region.
+    /// The host address of `[address, address + length)` when it lies inside one region (the one bounds
+    /// rule every access goes through).
     @inline(__always)
-    private func host(_ address: UInt64, _ length: Int) -> UnsafeMutableRawPointer? {
-        guard length >= 0 else { return nil }
+    private func host(_ address: UInt64, _ length: UInt64) -> UnsafeMutableRawPointer? {
         for i in 0..<spans.count {
             // In bounds: i < spans.count.
             let span = spans[i]
             guard address >= span.guestBase else { continue }
             let offset = address - span.guestBase
-            if offset <= span.size && UInt64(length) <= span.size - offset { return span.host + Int(offset) }
+            if offset <= span.size && length <= span.size - offset { return span.host + Int(offset) }
         }
         return nil
+    }
+
+    /// `host` for a signed length (negative: nowhere).
+    @inline(__always)
+    private func host(_ address: UInt64, _ length: Int) -> UnsafeMutableRawPointer? {
+        length >= 0 ? host(address, UInt64(length)) : nil
     }
 
     /// The pages this process touches while tracking is on: KVM's dirty log sees only the guest's own
@@ -218,7 +219,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// True when `[address, address+length)` lies inside one region.
     public func contains(_ address: UInt64, length: UInt64) -> Bool {
-        regions.contains { $0.contains(address, length) }
+        host(address, length) != nil
     }
 
     /// Host view of a guest range that lies inside one region.

@@ -102,7 +102,11 @@ extension Array where Element == UInt8 {
         Swift.withUnsafeBytes(of: value.bigEndian) { append(contentsOf: $0) }
     }
 
-    /// The big-endian integer at `offset`; the caller has checked `offset + size <= count`.
+}
+
+extension RandomAccessCollection where Element == UInt8, Index == Int {
+    /// The big-endian integer at index `offset` (of bytes received or buffered); the caller has checked
+    /// that `offset + size` bytes are there.
     func loadBE<T: FixedWidthInteger>(at offset: Int, as: T.Type = T.self) -> T {
         var value: T = 0
         for i in 0..<MemoryLayout<T>.size { value = value << 8 | T(self[offset + i]) }

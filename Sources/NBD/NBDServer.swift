@@ -35,9 +35,6 @@ final class NBDSocket: @unchecked Sendable {
         _ = setsockopt(descriptor.rawValue, SOL_SOCKET, SO_RCVTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
     }
 
-    /// Bytes read from the socket and not taken yet.
-    var buffered: Int { inboxEnd - inboxStart }
-
     /// The buffered bytes (valid until the next read).
     var bufferedBytes: UnsafeRawBufferPointer {
         // In bounds: 0 <= inboxStart <= inboxEnd <= inbox.count.
@@ -425,10 +422,8 @@ public final class NBDServer: @unchecked Sendable {
     private static func hasRequestBuffered(_ socket: NBDSocket) -> Bool {
         let bytes = socket.bufferedBytes
         guard bytes.count >= NBDProtocol.requestLength else { return false }
-        let type = UInt16(bytes[6]) << 8 | UInt16(bytes[7])
-        guard type == NBDProtocol.Command.write else { return true }
-        let length = Int(UInt32(bytes[24]) << 24 | UInt32(bytes[25]) << 16 | UInt32(bytes[26]) << 8 | UInt32(bytes[27]))
-        return bytes.count - NBDProtocol.requestLength >= length
+        guard bytes.loadBE(at: 6, as: UInt16.self) == NBDProtocol.Command.write else { return true }
+        return bytes.count - NBDProtocol.requestLength >= Int(bytes.loadBE(at: 24, as: UInt32.self))
     }
 
     /// The requests of one connection between its reader and its workers.
